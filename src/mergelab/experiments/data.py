@@ -355,7 +355,7 @@ def split_indices(n: int, fractions: dict[str, float], seed: int) -> dict[str, n
     for i, (k, frac) in enumerate(fractions.items()):
         last = i == len(fractions) - 1 and abs(total - 1) < 1e-9
         m = n - start if last else int(round(frac * n))
-        out[k] = np.sort(perm[start:start + m])
+        out[k] = perm[start:start + m]  # random order: a prefix is a random subset
         start += m
     return out
 
