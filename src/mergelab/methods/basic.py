@@ -79,10 +79,9 @@ def slerp_pair(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, 
     if t == 1.0:
         return v1.clone()
     a, b = v0.double().flatten(), v1.double().flatten()
-    na, nb = a.norm(), b.norm()
-    ua = a / na if na > eps else a
-    ub = b / nb if nb > eps else b
-    dot = float(torch.dot(ua, ub))
+    na, nb = float(a.norm()), float(b.norm())
+    dot = float(torch.dot(a, b)) / ((na if na > eps else 1.0) * (nb if nb > eps else 1.0))
+    del a, b
     if abs(dot) > dot_threshold:
         return (1.0 - t) * v0 + t * v1
     theta = math.acos(max(-1.0, min(1.0, dot)))

@@ -85,8 +85,8 @@ def trim_mask(tau: Tensor, density: float) -> Tensor:
     k = int(density * n)
     if k == 0:
         return torch.zeros_like(tau, dtype=torch.bool)
-    t = kth_largest(lambda: (c.abs() for c in _flat_chunks(tau)), k)
     a = tau.abs()
+    t = kth_largest(lambda: (a,), k)
     mask = a > t
     need = k - int(mask.sum())
     if need > 0:
@@ -132,10 +132,10 @@ def disjoint_merge(weighted: Sequence[Tensor], weights: Sequence[float], gamma: 
     num = torch.zeros_like(gamma)
     den = torch.zeros_like(gamma) if normalize else None
     for w, x in zip(weights, weighted):
-        keep = (x != 0) & (torch.sign(x) == gamma)
-        num += torch.where(keep, x, 0.0)
+        keep = (x * gamma) > 0  # non-zero and of the elected sign
+        num += x * keep
         if den is not None:
-            den += keep * w
+            den.add_(keep, alpha=w)
     if den is not None:
         den[den == 0] = 1.0
         num /= den
@@ -199,17 +199,18 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
         b = flat_base[s:e]
         weighted = []
         for i in range(n_models):
-            tau = flat[i][s:e] - b
+            tau = flat[i][s:e] - b  # a fresh temporary: masked and scaled in place
             if masks[i] is not None:
-                tau = torch.where(masks[i][s:e], tau, 0.0)
+                tau.masked_fill_(~masks[i][s:e], 0.0)
             elif thresholds is not None and thresholds[i] is not None:
-                tau = torch.where(tau.abs() >= thresholds[i], tau, 0.0)
+                tau.masked_fill_(tau.abs() < thresholds[i], 0.0)
             elif keep_iters[i] is not None:
-                keep = next(keep_iters[i])
-                tau = torch.where(keep, tau, 0.0)
+                tau.masked_fill_(~next(keep_iters[i]), 0.0)
                 if rescale:
-                    tau = tau / density[i]
-            weighted.append(tau * weight[i] if weight[i] != 1.0 else tau)
+                    tau.div_(density[i])
+            if weight[i] != 1.0:
+                tau.mul_(weight[i])
+            weighted.append(tau)
         if consensus:
             gamma = elect_sign(weighted, majority, zero_sign)
             out[s:e] = disjoint_merge(weighted, weight, gamma, normalize)
