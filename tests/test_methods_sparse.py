@@ -291,6 +291,10 @@ def test_tall_masks_variant_names_and_ties_base_merge():
     kw = spec.resolve({"base_merge": "ties", "density": 0.5, "merge": "sum", "output": "masks"}, [{}] * 3)
     out = spec(xs, base, ctx=ctx, **kw)
     assert list(out) == ["cola", "sst2", "rte"]
+    paths = TensorContext(name="w", model_names=["/m/a/cola/", "/m/b/sst2", "rte"])
+    assert list(spec(xs, base, ctx=paths, **kw)) == ["cola", "sst2", "rte"]
+    dup = TensorContext(name="w", model_names=["/a/m", "/b/m", "c"])
+    assert list(spec(xs, base, ctx=dup, **kw)) == ["0", "1", "2"]
     tau_mtl = run("ties", xs, base, g={"density": 0.5, "normalize": False}) - base
     for name, x in zip(out, xs):
         assert torch.equal(out[name], (x - base).abs() >= (tau_mtl - (x - base)).abs())

@@ -382,8 +382,9 @@ def _tall_prepass(params: dict, stream):
 
 
 def _variant_names(ctx: TensorContext, n: int) -> list[str]:
-    names = [str(x) for x in ctx.model_names] if len(ctx.model_names) == n else []
-    if len(set(names)) != n:
+    # the last path component of each model name (the engine writes one folder per variant)
+    names = [str(x).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] for x in ctx.model_names]
+    if len(names) != n or len(set(names)) != n or not all(names):
         names = [str(i) for i in range(n)]
     return names
 
