@@ -44,7 +44,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                   batch=32, lr=0.05, ft_lr=0.02, train_limit=3000, val_limit=200, test_limit=300,
                   stat_batches=2, stat_batch=64, fisher_examples=64,
                   settings=list(SETTINGS), methods=["task_arithmetic", "ties_tall"],
-                  alignments=["weight"], corrections=["none", "repair", "tact"],
+                  alignments=["none", "weight"], corrections=["none", "repair", "tact"],
                   grid_ta=[0.3, 0.7, 1.0], grid_ties=[0.7, 1.0], ties_density=0.5, barrier_points=5),
     "quick": dict(model={"arch": "vgg", "cfg": (32, "M", 64, "M", 128, 128), "dense": (128,), "norm": "ln"},
                   pre_steps=1500, probe_steps=100, ft_steps=400, scratch_steps=800,
