@@ -290,8 +290,10 @@ def _packet(func) -> str:
 class _Recorder(TorchDispatchMode):
     """Records ATen ops (and leaf-module calls) in order.
 
-    ``keep='all'`` stores full op records (tracing); ``keep='values'`` stores cloned outputs;
-    ``want={op index: [output indices]}`` stores only those outputs.
+    ``keep='all'`` stores full op records (tracing); ``keep='values'`` also cloned outputs;
+    ``want={(op name, occurrence): [output indices]}`` stores only those outputs (keyed by
+    the op's name and how many ops of that name ran before it, so that unrelated ops, e.g.
+    an attention-mask branch taken for one batch and not another, do not shift the sites).
     """
 
     def __init__(self, keep="all", want=None):
@@ -299,6 +301,7 @@ class _Recorder(TorchDispatchMode):
         self.keep, self.want = keep, want
         self.records: list = []
         self.values: list = []
+        self.counts: dict = {}
         self.names: list[str] = []
         self.depth = 0
 
@@ -320,8 +323,12 @@ class _Recorder(TorchDispatchMode):
         self.records.append(_Op(name, func, args, kwargs or {}, ins, outs, module))
         if self.keep == "values":
             self.values.append([o.detach().clone() for o in outs])
-        elif self.want is not None and i in self.want:
-            self.values.append((i, [outs[j].detach().clone() for j in self.want[i]]))
+        elif self.want is not None:
+            k = self.counts.get(name, 0)
+            self.counts[name] = k + 1
+            js = self.want.get((name, k))
+            if js is not None and all(j < len(outs) for j in js):
+                self.values.append(((name, k), [outs[j].detach().clone() for j in js]))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -808,7 +815,7 @@ def _compare(ref_vals, new_vals, info: _TraceInfo, perm, names2):
             exp = apply_exprs(a, ex, perm) if any(e is not None for e in ex) else a
             if exp.shape != b.shape:
                 return i, j, float("inf")
-            if not a.is_floating_point():
+            if not (a.is_floating_point() or a.is_complex()):
                 if not torch.equal(exp, b):
                     return i, j, float("inf")
                 continue
