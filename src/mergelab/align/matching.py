@@ -187,24 +187,28 @@ class _Units:
         return out, new - old
 
 
-def _objective(pa, pb, perm) -> float:
-    s = 0.0
-    for (xa, ax), (xb, _) in zip(pa, pb):
-        s += float((xa * _permute_piece(xb, ax, perm)).sum(dtype=torch.float64))
-    return s
+def _objective(pa, pbp) -> float:
+    return sum(float((xa * xb).sum(dtype=torch.float64)) for (xa, _), xb in zip(pa, pbp))
 
 
-def _weight_costs(unit, pa, pb, perm, spec) -> dict:
+def _weight_costs(unit, pa, pbp, perm) -> dict:
+    """Cost matrices C[i, j] = <A_i, B_j with all other axes permuted> for the unit's groups.
+
+    ``pbp`` holds B's pieces fully permuted by ``perm``; undoing the permutation of the
+    axis itself is a column reordering of the product.
+    """
     names = {unit[1], *unit[2]}
     costs: dict = {}
-    for (xa, ax), (xb, _) in zip(pa, pb):
+    for (xa, ax), xb in zip(pa, pbp):
         for k, g in enumerate(ax):
             if g not in names:
                 continue
             n = xa.shape[k]
             a = xa.movedim(k, 0).reshape(n, -1)
-            b = _permute_piece(xb, ax, perm, skip=k).movedim(k, 0).reshape(n, -1)
-            c = (a @ b.T).double().numpy()
+            b = xb.movedim(k, 0).reshape(n, -1)
+            cp = (a @ b.T).double().numpy()
+            c = np.empty_like(cp)
+            c[:, perm[g].numpy()] = cp
             costs[g] = costs[g] + c if g in costs else c
     return costs
 
@@ -236,17 +240,21 @@ def weight_matching(spec: PermutationSpec, reference_state: Mapping[str, torch.T
     units = _Units(spec)
     todo = [u for u in units.units if groups is None or u[1] in groups]
     rng = np.random.default_rng(seed)
-    history = [_objective(pa, pb, perm)]
+    pbp = [_permute_piece(xb, ax, perm) for xb, ax in pb]
+    history = [_objective(pa, pbp)]
     for sweep in range(max_iter):
         improved = False
         for ui in rng.permutation(len(todo)):
             u = todo[ui]
-            costs = _weight_costs(u, pa, pb, perm, spec)
+            costs = _weight_costs(u, pa, pbp, perm)
             new, gain = units.solve(u, costs, perm)
             if gain > 1e-12 * max(1.0, abs(history[-1])):
                 perm.update(new)
                 improved = True
-        history.append(_objective(pa, pb, perm))
+                for i, (xb, ax) in enumerate(pb):
+                    if any(g in new for g in ax if g is not None):
+                        pbp[i] = _permute_piece(xb, ax, perm)
+        history.append(_objective(pa, pbp))
         if verbose:
             print(f"weight_matching: sweep {sweep + 1}: objective {history[-1]:.6g}")
         if not improved:
