@@ -179,9 +179,19 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None) -
     out_dtype = {n: (forced if (forced is not None and n in merged) else ref.ckpt.dtype(n)) for n in names}
 
     kwargs: dict[str, dict] = {}
-    static = is_static(r.parameters) and all(is_static(p) for p in model_params)
+    # a top-level plain list for a per-model parameter is one value per model (the registry's
+    # rule); every other list is a mergekit depth gradient or a list of filter rules
+    glob, per_model_lists = {}, {}
+    for k, v in r.parameters.items():
+        ps = method.params.get(k)
+        if ps is not None and ps.per_model and isinstance(v, list) and all(
+                isinstance(x, (int, float, bool, str)) for x in v):
+            per_model_lists[k] = v
+        else:
+            glob[k] = v
+    static = is_static(glob) and all(is_static(p) for p in model_params)
     if static:
-        kw = method.resolve(dict(r.parameters), model_params, where="recipe")
+        kw = method.resolve({**glob, **per_model_lists}, model_params, where="recipe")
         kwargs = {n: kw for n in merged}
     else:
         L = _num_layers(ref)
@@ -190,7 +200,7 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None) -
             if n not in merged:
                 continue
             t = layer_t(n, L)
-            g = tensor_params(r.parameters, n, t)
+            g = {**tensor_params(glob, n, t), **per_model_lists}
             mp = [tensor_params(p, n, t) for p in model_params]
             key = (repr(sorted(g.items())), repr([sorted(x.items()) for x in mp]))
             if key not in cache_kw:
