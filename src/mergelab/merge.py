@@ -158,7 +158,7 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None) -
             if kind not in p:
                 raise MergelabError(
                     f"recipe: models[{i}]: method '{method.name}' needs a '{kind}' statistics file per model")
-            src = p.pop(kind)
+            src = p[kind]  # stays in the params: resolve() expects it and passes it over
             if not isinstance(src, str):
                 raise MergelabError(f"recipe: models[{i}]: '{kind}' must be the path of a statistics file")
             st = _open(src, r, f"models[{i}].parameters.{kind}", inputs, {})
