@@ -88,7 +88,7 @@ def _same_input(a: Any, b: Any, recipe: Recipe) -> bool:
 
 
 def _fmt_shape(s) -> str:
-    return "(" + ", ".join(map(str, s)) + ")"
+    return str(tuple(int(x) for x in s))
 
 
 def _check_compatible(ref: _Input, others: list[_Input]) -> None:
