@@ -108,9 +108,10 @@ def _register():
 
     def _scale_prepass(params, stream):
         m = 0.0
-        for ctx, base, tensors in stream:
-            CALLS["prepass_seen"].append(ctx.name)
-            m = max(m, float(tensors[0].abs().max()))
+        for _ in range(2):  # the stream is re-iterable: a prepass may take several passes
+            for ctx, base, tensors in stream:
+                CALLS["prepass_seen"].append(ctx.name)
+                m = max(m, float(tensors[0].abs().max()))
         return m
 
     @merge_method("_core_globalscale", prepass=_scale_prepass)

@@ -105,9 +105,8 @@ def test_end_to_end_cli_merge_minilm(tmp_path, minilm_family, flavour):
         h = model(**tok(["merging works"], return_tensors="pt")).last_hidden_state
     assert h.shape[-1] == 384 and torch.isfinite(h).all()
     # inspect against the base: distances are small but non-zero; cosine near 1
-    r = subprocess.run([sys.executable, "-m", "mergelab", "inspect", str(out), "--against", str(base), "--json"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    r = CliRunner().invoke(main, ["inspect", str(out), "--against", str(base), "--json"])
+    assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["n_params"] == sum(t.numel() for t in sd.values())
     q = next(t for t in rep["tensors"] if t["name"] == "encoder.layer.0.attention.self.query.weight")

@@ -292,11 +292,10 @@ class _Runner:
                             model_names=[e.label for e in self.p.experts])
         return ctx, base, tensors
 
-    def stream(self) -> Iterator[tuple[TensorContext, torch.Tensor | None, list[torch.Tensor]]]:
-        """The prepass stream: every merged name once, in order, one at a time."""
-        for n in self.p.names:
-            if n in self.p.merged:
-                yield self.inputs(n)
+    def stream(self) -> "_Stream":
+        """The prepass stream: every merged name once, in order, one at a time; re-iterable
+        (each ``iter()`` reads the checkpoints again), so a prepass may take several passes."""
+        return _Stream(self)
 
     def compute(self, name: str, prepass: Any) -> dict[str, torch.Tensor]:
         ctx, base, tensors = self.inputs(name)
@@ -318,6 +317,16 @@ class _Runner:
                     " (use --allow-nonfinite to keep it)")
             res[str(k)] = v.to(self.p.out_dtype[name])
         return res
+
+
+class _Stream:
+    def __init__(self, runner: _Runner):
+        self.runner = runner
+
+    def __iter__(self) -> Iterator[tuple[TensorContext, torch.Tensor | None, list[torch.Tensor]]]:
+        for n in self.runner.p.names:
+            if n in self.runner.p.merged:
+                yield self.runner.inputs(n)
 
 
 def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: str | None = None,
