@@ -269,3 +269,11 @@ def test_bounded_memory_budget_serialises_large_tensors(tmp_path):
     del REGISTRY["_core_probe"]
     assert max(overlaps) == 1          # the big tensor ran alone
     assert max(small_overlap) > 1      # small tensors did run concurrently
+
+
+def test_nonfinite_check_is_exact():
+    from mergelab.merge import _nonfinite
+
+    assert not _nonfinite(torch.tensor([3e38, 3e38]))  # the sum overflows, the values are finite
+    assert _nonfinite(torch.tensor([1.0, math.nan])) and _nonfinite(torch.tensor([math.inf, -math.inf]))
+    assert not _nonfinite(torch.zeros(0))
