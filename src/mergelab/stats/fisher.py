@@ -15,6 +15,7 @@ mode.  Logits must be ``(batch, classes)``.  Sums are float64; the result is flo
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
@@ -60,6 +61,39 @@ def _unsqueeze(inputs: Any) -> Any:
     return {k: (v.unsqueeze(0) if isinstance(v, Tensor) else v) for k, v in inputs.items()}
 
 
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module):
+    """PyTorch has no vmap rule for the fused SDPA backward on CPU (it falls back to a slow
+    per-example loop); Hugging Face's "eager" attention computes the same thing with plain ops."""
+    cfg = getattr(model, "config", None)
+    old = getattr(cfg, "_attn_implementation", None)
+    if old != "sdpa":
+        yield
+        return
+    configs = [cfg] + [m.config for m in model.modules() if getattr(m, "config", None) is not None
+                       and m.config is not cfg and getattr(m.config, "_attn_implementation", None) == "sdpa"]
+    try:
+        for c in configs:
+            c._attn_implementation = "eager"
+        yield
+    finally:
+        for c in configs:
+            c._attn_implementation = "sdpa"
+
+
+def _vmap_friendly(model: nn.Module, inputs: Any) -> Any:
+    """Hugging Face models inspect a 2D attention mask's values (data-dependent control flow,
+    which vmap rejects); give them the equivalent prepared 4D additive mask instead."""
+    if not (isinstance(inputs, dict) and hasattr(model, "config")):
+        return inputs
+    m = inputs.get("attention_mask")
+    if not isinstance(m, Tensor) or m.ndim != 2:
+        return inputs
+    dtype = next(model.parameters()).dtype
+    additive = (1.0 - m[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    return {**inputs, "attention_mask": additive}
+
+
 def diagonal_fisher(model: nn.Module, data: Iterable[Any],
                     mode: Literal["expected", "sampled", "empirical"] = "expected",
                     n_examples: int | None = None, seed: int = 0, *,
@@ -95,7 +129,7 @@ def diagonal_fisher(model: nn.Module, data: Iterable[Any],
         return torch.log_softmax(logits_of(out)[0].float(), -1)
 
     def logp_y(p, inputs, y):
-        return logp(p, inputs)[y]
+        return logp(p, inputs).gather(0, y.reshape(1))[0]
 
     def logp_aux(p, inputs):
         lp = logp(p, inputs)
@@ -107,7 +141,7 @@ def diagonal_fisher(model: nn.Module, data: Iterable[Any],
     offset = 0
     bar = tqdm(total=n_examples, desc=f"fisher ({mode})", unit="ex", leave=False,
                disable=not progress or not distributed.is_writer())
-    with eval_no_grad(model):
+    with eval_no_grad(model), _eager_attention(model):
         for i, batch in enumerate(data):
             if n_examples is not None and offset >= n_examples:
                 break
@@ -125,7 +159,7 @@ def diagonal_fisher(model: nn.Module, data: Iterable[Any],
             elif mode == "sampled":
                 y = sample_labels(logits_of(call_model(model, inputs)), seed, i)
             with torch.enable_grad():
-                _accumulate(sums, logp_y, logp_aux, train, inputs, None if mode == "expected" else y,
+                _accumulate(sums, logp_y, logp_aux, train, _vmap_friendly(model, inputs), None if mode == "expected" else y,
                             keep, chunk_size, lambda x: call_model(model, take(x, slice(0, 1))))
             seen += keep
             bar.update(keep)
