@@ -59,11 +59,15 @@ def repair(merged_model: nn.Module, experts: Sequence[nn.Module], data: Iterable
     (``mode``, see :mod:`mergelab.repair.correct`) and folds each correction into the layer
     that directly produces (or consumes) the site.  A site that cannot be folded keeps its
     correction as a forward hook on the returned model; their names are in
-    ``model.mergelab_unfolded``.  Default sites: :func:`mergelab.stats.discover_sites`
-    (the head's input included: REPAIR corrects a model whose head is merged too)."""
+    ``model.mergelab_unfolded``.  Default sites: :func:`mergelab.stats.discover_sites` minus
+    the head's input (as in the paper, pre-activation sites: a channel that a ReLU made
+    constant in the merge cannot be rescaled, only shifted)."""
     if not experts:
         raise MergelabError("repair: expected at least one expert model, found none")
-    site_list = resolve_sites(merged_model, sites, find_head(merged_model, head))
+    head_name = find_head(merged_model, head)
+    site_list = resolve_sites(merged_model, sites, head_name)
+    if sites is None:   # REPAIR corrects pre-activation sites only (not the post-ReLU head input)
+        site_list = [s for s in site_list if not (s.module == head_name and s.where == "input")]
     stats = [_moments_pass(e, data, site_list, n_batches, shard, progress) for e in experts]
     tmean, tstd = {}, {}
     for s in site_list:
