@@ -16,6 +16,7 @@ mode.  Logits must be ``(batch, classes)``.  Sums are float64; the result is flo
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
@@ -62,16 +63,27 @@ def _unsqueeze(inputs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _eager_attention(model: nn.Module):
-    """PyTorch has no vmap rule for the fused SDPA backward on CPU (it falls back to a slow
-    per-example loop); Hugging Face's "eager" attention computes the same thing with plain ops."""
-    cfg = getattr(model, "config", None)
-    old = getattr(cfg, "_attn_implementation", None)
-    if old != "sdpa":
-        yield
-        return
-    configs = [cfg] + [m.config for m in model.modules() if getattr(m, "config", None) is not None
-                       and m.config is not cfg and getattr(m.config, "_attn_implementation", None) == "sdpa"]
+def _vmap_compatible(model: nn.Module):
+    """Make Hugging Face models (top-level or wrapped) run under vmap for the pass.
+
+    * Their mask builders may skip the mask after checking ``padding_mask.all()``, a
+      data-dependent branch vmap rejects: for the pass, always build the mask (same result).
+    * PyTorch has no vmap rule for the fused SDPA backward on CPU (it falls back to a slow
+      per-example loop); "eager" attention computes the same thing with plain ops."""
+    configs = []
+    seen = set()
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is not None and id(c) not in seen and getattr(c, "_attn_implementation", None) == "sdpa":
+            seen.add(id(c))
+            configs.append(c)
+    mu = sys.modules.get("transformers.masking_utils")
+    patched = {}
+    if mu is not None:
+        for name in ("_ignore_bidirectional_mask_sdpa", "_ignore_causal_mask_sdpa"):
+            if hasattr(mu, name):
+                patched[name] = getattr(mu, name)
+                setattr(mu, name, lambda *a, **k: False)
     try:
         for c in configs:
             c._attn_implementation = "eager"
@@ -79,19 +91,8 @@ def _eager_attention(model: nn.Module):
     finally:
         for c in configs:
             c._attn_implementation = "sdpa"
-
-
-def _vmap_friendly(model: nn.Module, inputs: Any) -> Any:
-    """Hugging Face models inspect a 2D attention mask's values (data-dependent control flow,
-    which vmap rejects); give them the equivalent prepared 4D additive mask instead."""
-    if not (isinstance(inputs, dict) and hasattr(model, "config")):
-        return inputs
-    m = inputs.get("attention_mask")
-    if not isinstance(m, Tensor) or m.ndim != 2:
-        return inputs
-    dtype = next(model.parameters()).dtype
-    additive = (1.0 - m[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-    return {**inputs, "attention_mask": additive}
+        for name, f in patched.items():
+            setattr(mu, name, f)
 
 
 def diagonal_fisher(model: nn.Module, data: Iterable[Any],
@@ -141,7 +142,7 @@ def diagonal_fisher(model: nn.Module, data: Iterable[Any],
     offset = 0
     bar = tqdm(total=n_examples, desc=f"fisher ({mode})", unit="ex", leave=False,
                disable=not progress or not distributed.is_writer())
-    with eval_no_grad(model), _eager_attention(model):
+    with eval_no_grad(model), _vmap_compatible(model):
         for i, batch in enumerate(data):
             if n_examples is not None and offset >= n_examples:
                 break
@@ -159,7 +160,7 @@ def diagonal_fisher(model: nn.Module, data: Iterable[Any],
             elif mode == "sampled":
                 y = sample_labels(logits_of(call_model(model, inputs)), seed, i)
             with torch.enable_grad():
-                _accumulate(sums, logp_y, logp_aux, train, _vmap_friendly(model, inputs), None if mode == "expected" else y,
+                _accumulate(sums, logp_y, logp_aux, train, inputs, None if mode == "expected" else y,
                             keep, chunk_size, lambda x: call_model(model, take(x, slice(0, 1))))
             seen += keep
             bar.update(keep)
