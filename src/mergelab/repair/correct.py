@@ -24,7 +24,7 @@ from ..errors import MergelabError
 from ..stats import distributed
 from ..stats.activations import data_pass, eval_no_grad
 from ..stats.batch import call_model, model_device, split_batch, to_device
-from ..stats.moments import Moments, channel_rows
+from ..stats.moments import Moments
 from ..stats.sites import Site, StopForward, forward_order, hooked
 
 Correction = tuple[Tensor, Tensor]   # (a, b), float32 (C,)
@@ -34,7 +34,7 @@ def affine(x: Tensor, a: Tensor, b: Tensor, dim: int) -> Tensor:
     """``a ⊙ x + b`` with per-channel ``a, b`` along ``dim``."""
     shape = [1] * x.ndim
     shape[dim] = -1
-    return x * a.to(x.dtype).view(shape) + b.to(x.dtype).view(shape)
+    return torch.addcmul(b.to(x.dtype).view(shape), x, a.to(x.dtype).view(shape))
 
 
 def correction_from(mu_hat: Tensor, var_hat: Tensor, mu_t: Tensor, std_t: Tensor, eps: float
@@ -79,9 +79,9 @@ def _target(site: Site, target_mean, target_std, device) -> tuple[Tensor, Tensor
     return (target_mean[site.name].double().to(device), target_std[site.name].double().to(device))
 
 
-def _check_channels(site: Site, rows: Tensor, mu_t: Tensor) -> None:
-    if rows.shape[1] != mu_t.numel():
-        raise MergelabError(f"site '{site.name}': model has {rows.shape[1]} channels, "
+def _check_channels(site: Site, n_channels: int, mu_t: Tensor) -> None:
+    if n_channels != mu_t.numel():
+        raise MergelabError(f"site '{site.name}': model has {n_channels} channels, "
                             f"target statistics have {mu_t.numel()}")
 
 
@@ -92,12 +92,11 @@ def _joint(model, order, target_mean, target_std, data, n_batches, eps, shard, p
     targets = {s.name: _target(s, target_mean, target_std, device) for s in order}
 
     def fn(site, x, dim):
-        rows = channel_rows(x, dim, mask_box[0])
         mu_t, std_t = targets[site.name]
-        _check_channels(site, rows, mu_t)
-        moments[site.name].update(rows)
-        r = rows.double()
-        a, b = correction_from(r.mean(0), r.var(0, unbiased=False), mu_t, std_t, eps)
+        _check_channels(site, x.shape[dim], mu_t)
+        s, ss, n = moments[site.name].update_tensor(x, dim, mask_box[0])
+        m = s / n
+        a, b = correction_from(m, (ss / n - m * m).clamp_min(0), mu_t, std_t, eps)
         return affine(x, a, b, dim)
 
     with hooked(model, order, fn):
@@ -119,9 +118,8 @@ def _sequential(model, order, target_mean, target_std, data, n_batches, eps, sha
 
         def fn(s, x, dim, site=site, mom=mom, mu_t=mu_t):
             if s == site:
-                rows = channel_rows(x, dim, mask_box[0])
-                _check_channels(s, rows, mu_t)
-                mom.update(rows)
+                _check_channels(s, x.shape[dim], mu_t)
+                mom.update_tensor(x, dim, mask_box[0])
                 raise StopForward
             a, b = done[s.name]
             return affine(x, a, b, dim)

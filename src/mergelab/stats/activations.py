@@ -101,7 +101,7 @@ def _moments_pass(model, data, site_list: list[Site], n_batches, shard, progress
     def fn(site, x, dim):
         if site.name not in order:
             order.append(site.name)
-        moments[site.name].update(channel_rows(x, dim, mask_box[0]))
+        moments[site.name].update_tensor(x, dim, mask_box[0])
 
     with eval_no_grad(model), hooked(model, site_list, fn):
         for inputs, mask in data_pass(model, data, n_batches, shard, progress, "activation stats"):

@@ -21,6 +21,20 @@ def channel_rows(x: Tensor, dim: int, mask: Tensor | None = None) -> Tensor:
     return x.movedim(dim, -1).reshape(-1, x.shape[dim])
 
 
+def channel_sums(x: Tensor, dim: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+    """Float64 per-channel ``(Σx, Σx², rows)`` of ``x`` (channels on ``dim``), without
+    permuting ``x`` into rows first (that copy dominated the cost on conv maps)."""
+    x = x.detach()
+    dim = dim % x.ndim
+    if mask is not None and x.ndim == 3 and dim == 2 and tuple(mask.shape) == tuple(x.shape[:2]):
+        x = x[mask.to(torch.bool)]
+        dim = 1
+    dims = tuple(d for d in range(x.ndim) if d != dim)
+    s = x.double().sum(dims)
+    ss = x.square().sum(dims, dtype=torch.float64)
+    return s, ss, x.numel() // max(1, x.shape[dim])
+
+
 class Moments:
     """Float64 running ``Σx``, ``Σx²`` and count per channel."""
 
@@ -30,14 +44,23 @@ class Moments:
         self.count = torch.zeros((), dtype=torch.float64)
 
     def update(self, rows: Tensor) -> None:
+        """Add rows ``(R, C)``."""
         r = rows.detach().to(torch.float64)
-        s, ss = r.sum(0), (r * r).sum(0)
+        self.add(r.sum(0), (r * r).sum(0), r.shape[0])
+
+    def update_tensor(self, x: Tensor, dim: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+        """Add an activation tensor (see :func:`channel_sums`); returns the batch's sums."""
+        s, ss, n = channel_sums(x, dim, mask)
+        self.add(s.clone(), ss.clone(), n)
+        return s, ss, n
+
+    def add(self, s: Tensor, ss: Tensor, n: int) -> None:
         if self.sum is None:
             self.sum, self.sumsq = s, ss
         else:
             self.sum += s
             self.sumsq += ss
-        self.count += r.shape[0]
+        self.count += n
 
     @property
     def mean(self) -> Tensor:

@@ -10,8 +10,9 @@ Default sites (:func:`discover_sites`), in module order, never inside the head:
 
 * every norm layer's output (BatchNorm / LayerNorm / GroupNorm), i.e. the output of a
   conv/linear + norm block, and in a post-LN transformer the block outputs;
-* every Linear/Conv output not directly followed by a norm in the same ``nn.Sequential``
-  (MLP intermediates before the activation, attention projections, pooler dense);
+* every Linear/Conv output not feeding only a norm (found by ``torch.fx`` tracing, or, for
+  models that do not trace such as Hugging Face ones, by ``nn.Sequential`` order): MLP
+  intermediates before the activation, attention projections, pooler dense;
 * the head's input, the final features (``"<head>:input"``).
 
 Every default site can be folded into a layer (see ``mergelab.repair.fold``).
@@ -100,9 +101,34 @@ def _inside(name: str, prefix: str | None) -> bool:
     return prefix is not None and (name == prefix or name.startswith(prefix + "."))
 
 
+def _feeds_norm_fx(model: nn.Module) -> set[str] | None:
+    """Linear/conv modules whose output goes only into a norm, by torch.fx tracing (None if
+    the model does not trace, e.g. Hugging Face models with data-dependent code)."""
+    import torch.fx
+
+    class _Tracer(torch.fx.Tracer):           # norm / linear / conv subclasses stay leaves
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, NORMS + (nn.Linear, CONV)) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - any tracing failure: fall back to nn.Sequential order
+        return None
+    mods = dict(model.named_modules())
+    out = set()
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(mods.get(node.target), (nn.Linear, CONV)):
+            users = list(node.users)
+            if (len(users) == 1 and users[0].op == "call_module"
+                    and isinstance(mods.get(users[0].target), NORMS)):
+                out.add(node.target)
+    return out
+
+
 def discover_sites(model: nn.Module, head: str | None = "auto") -> list[Site]:
     """Default sites of a model, in module-registration order (see the module docstring)."""
     head = find_head(model, head)
+    feeds_norm = _feeds_norm_fx(model)
     sites: list[Site] = []
     for parent_name, parent in model.named_modules():
         children = list(parent.named_children())
@@ -114,7 +140,11 @@ def discover_sites(model: nn.Module, head: str | None = "auto") -> list[Site]:
                 sites.append(Site(name))
             elif isinstance(child, (nn.Linear, CONV)):
                 nxt = children[i + 1][1] if i + 1 < len(children) else None
-                if not (isinstance(parent, nn.Sequential) and isinstance(nxt, NORMS)):
+                if feeds_norm is not None:
+                    direct = name in feeds_norm
+                else:
+                    direct = isinstance(parent, nn.Sequential) and isinstance(nxt, NORMS)
+                if not direct:
                     sites.append(Site(name))
     if head is not None:
         sites.append(Site(head, "input"))
