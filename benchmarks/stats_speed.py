@@ -122,7 +122,7 @@ def loop_fisher(model, batch):
     return acc
 
 
-def bench_fisher(name, model, batch, n, loop_n, results):
+def bench_fisher(name, model, batch, n, loop_n, results, chunk):
     model.eval()
     if isinstance(batch, dict):
         sub = {k: v[:loop_n] for k, v in batch.items()}
@@ -131,10 +131,10 @@ def bench_fisher(name, model, batch, n, loop_n, results):
     t_loop = timed(lambda: loop_fisher(model, sub))
     loop_eps = loop_n / t_loop
     diagonal_fisher(model, [sub], mode="empirical", progress=False)           # warm-up
-    row = {"model": name, "batch": n, "params": sum(p.numel() for p in model.parameters()),
+    row = {"model": name, "batch": n, "chunk_rows": chunk, "params": sum(p.numel() for p in model.parameters()),
            "loop_examples_per_s": round(loop_eps, 1), "loop_examples_timed": loop_n}
     for mode in ("empirical", "expected"):
-        t = timed(lambda: diagonal_fisher(model, [batch], mode=mode, chunk_size=n, progress=False))
+        t = timed(lambda: diagonal_fisher(model, [batch], mode=mode, chunk_size=chunk, progress=False))
         row[f"vmap_{mode}_examples_per_s"] = round(n / t, 1)
     row["speedup_empirical_vs_loop"] = round(row["vmap_empirical_examples_per_s"] / loop_eps, 2)
     results.append(row)
@@ -176,13 +176,13 @@ def main():
 
     m = mlp()
     bench_fisher("MLP 784-512-512-10", m, (torch.randn(n, 784), torch.randint(0, 10, (n,))), n,
-                 min(n, 32), fisher)
+                 min(n, 32), fisher, 128)
     r = ResNet20()
     img = (torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)))
-    bench_fisher("ResNet-20 (CIFAR, BN)", r, img, n, min(n, 32), fisher)
+    bench_fisher("ResNet-20 (CIFAR, BN)", r, img, n, min(n, 32), fisher, 128)
     lm = MiniLMClassifier()
     nl = 8 if args.quick else 32
-    bench_fisher("MiniLM-L6 + head (seq 64)", lm, minilm_batch(nl, 64), nl, min(nl, 8), fisher)
+    bench_fisher("MiniLM-L6 + head (seq 64)", lm, minilm_batch(nl, 64), nl, min(nl, 8), fisher, 8)
 
     bench_pass("MLP", m, [(torch.randn(n, 784),) for _ in range(4)], passes)
     bench_pass("ResNet-20", r, [(torch.randn(n, 3, 32, 32),) for _ in range(4)], passes)

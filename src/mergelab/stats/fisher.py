@@ -178,7 +178,7 @@ def _accumulate(sums, logp_y, logp_aux, train, inputs, y, n, chunk_size, call_mo
             sl = slice(s, min(n, s + chunk_size))
             g = per_grad(train, take(inputs, sl), y[sl])
             for k, v in g.items():
-                sums[k] += v.detach().double().pow(2).sum(0)
+                sums[k] += v.detach().square().sum(0, dtype=torch.float64)
         return
     per_jac = vmap(jacrev(logp_aux, has_aux=True), in_dims=(None, 0))
     with torch.no_grad():
@@ -190,6 +190,7 @@ def _accumulate(sums, logp_y, logp_aux, train, inputs, y, n, chunk_size, call_mo
         if lp.ndim != 2:
             raise MergelabError(f"fisher: expected logits of shape (batch, classes), found "
                                 f"{tuple(lp.shape)[1:]} per example")
-        p = lp.double().exp()                           # (B, C)
+        p = lp.exp()                                    # (B, C)
         for k, v in jac.items():                        # v: (B, C, *shape)
-            sums[k] += torch.einsum("bc,bc...->...", p, v.detach().double().pow(2))
+            w = p.view(p.shape + (1,) * (v.ndim - 2))
+            sums[k] += (v.detach().square() * w).sum((0, 1), dtype=torch.float64)
