@@ -69,9 +69,9 @@ def estimate_corrections(model: nn.Module, sites: list[Site], target_mean: dict[
         if s.name not in target_mean or s.name not in target_std:
             raise MergelabError(f"site '{s.name}': no target statistics for it")
     with eval_no_grad(model):
+        if mode == "joint":       # hooks fire in forward order by themselves: no probe pass
+            return _joint(model, sites, target_mean, target_std, data, n_batches, eps, shard, progress)
         order = forward_order(model, sites, _first_batch_runner(model, data))
-        if mode == "joint":
-            return _joint(model, order, target_mean, target_std, data, n_batches, eps, shard, progress)
         return _sequential(model, order, target_mean, target_std, data, n_batches, eps, shard, progress)
 
 
@@ -103,6 +103,9 @@ def _joint(model, order, target_mean, target_std, data, n_batches, eps, shard, p
         for inputs, mask in data_pass(model, data, n_batches, shard, progress, "correction (joint)"):
             mask_box[0] = mask
             call_model(model, inputs)
+    for s in order:
+        if moments[s.name].sum is None:
+            raise MergelabError(f"site '{s.name}' saw no data (never reached, or an empty loader)")
     distributed.all_reduce_sum([t for s in order for t in moments[s.name].tensors()])
     return {s.name: correction_from(moments[s.name].mean, moments[s.name].var,
                                     *targets[s.name], eps) for s in order}
