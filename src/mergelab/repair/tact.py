@@ -196,5 +196,9 @@ def tact(merged_model: nn.Module, experts: Mapping[str, nn.Module], data: Mappin
                                                  progress=progress)
     heads = None
     if head_name is not None:
-        heads = {t: copy.deepcopy(e.get_submodule(head_name)) for t, e in experts.items()}
+        heads = {}
+        for t, e in experts.items():
+            if head_name not in dict(e.named_modules()):
+                raise MergelabError(f"expert '{t}': has no head module named '{head_name}'")
+            heads[t] = copy.deepcopy(e.get_submodule(head_name))
     return TaskConditionedModel(base, site_list, corrections, heads, head_name, eps)

@@ -211,7 +211,9 @@ def hooked(model: nn.Module, sites: Sequence[Site], fn: SiteFn) -> Iterator[None
 
     try:
         for s in sites:
-            m = modules[s.module]
+            m = modules.get(s.module)
+            if m is None:
+                raise MergelabError(f"site '{s.name}': model has no module named '{s.module}'")
             if s.where == "output":
                 handles.append(m.register_forward_hook(out_hook(s)))
             else:
