@@ -126,8 +126,16 @@ def test_tact_errors_are_one_line():
     merged, experts, data = setup("bn")
     with pytest.raises(MergelabError, match="same tasks"):
         tact(merged, experts, {"a": data["a"]}, progress=False)
-    tcm = tact(merged, {"a": experts["a"]}, {"a": data["a"]}, n_batches=1, progress=False)
+    tcm = tact(merged, {"a": experts["a"]}, {"a": data["a"]}, n_batches=1, progress=False).eval()
     with pytest.raises(MergelabError, match="task 'zzz': expected one of a"):
         tcm(data["a"][0][0], task="zzz")
+    # a deep copy is independent and computes the same; the folded model carries no hooks
+    twin = copy.deepcopy(tcm)
+    x = data["a"][0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x, task="a"), tcm(x, task="a"))
+        folded = tcm.folded_model("a")
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in folded.modules())
+        torch.testing.assert_close(folded(x), tcm(x, task="a"), rtol=1e-5, atol=1e-5)
     with pytest.raises(MergelabError, match="no module named"):
         tact(merged, experts, data, sites=["nope"], progress=False)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..errors import MergelabError
 from ..stats import distributed
 from ..stats.activations import _moments_pass
-from ..stats.sites import Site, channel_dim, find_head, hooked, resolve_sites, _inside
+from ..stats.sites import Site, channel_dim, find_head, resolve_sites, _inside
 from .correct import Correction, affine, estimate_corrections
 from .fold import fold_correction, why_not_foldable
 
@@ -48,6 +48,59 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+class _Controller:
+    """The current task and the corrections, shared by the hooks of one model (a deepcopy of
+    the model copies it once, so copies stay independent)."""
+
+    def __init__(self, corrections):
+        self.corrections, self.task = corrections, None
+
+
+def _apply(module, site: Site, x: Tensor) -> Tensor:
+    ctl = module._mergelab_tact_ctl
+    if ctl.task is None:
+        raise MergelabError("TaskConditionedModel: call it with task=<name>")
+    a, b = ctl.corrections[ctl.task][site.name]
+    return affine(x, a.to(x.device), b.to(x.device), channel_dim(site, module, x))
+
+
+def _out_hook(module, args, output):
+    for site in module._mergelab_tact_sites:
+        if site.where == "output":
+            if isinstance(output, tuple):
+                output = (_apply(module, site, output[0]),) + output[1:]
+            else:
+                output = _apply(module, site, output)
+    return output
+
+
+def _in_hook(module, args):
+    for site in module._mergelab_tact_sites:
+        if site.where == "input":
+            args = (_apply(module, site, args[0]),) + tuple(args[1:])
+    return args
+
+
+def _attach(model: nn.Module, sites: Sequence[Site], ctl: _Controller) -> None:
+    for s in sites:
+        m = model.get_submodule(s.module)
+        if not hasattr(m, "_mergelab_tact_sites"):
+            m._mergelab_tact_sites = []
+            m.register_forward_hook(_out_hook)
+            m.register_forward_pre_hook(_in_hook)
+        m._mergelab_tact_sites.append(s)
+        m._mergelab_tact_ctl = ctl
+
+
+def _detach(model: nn.Module) -> None:
+    for m in model.modules():
+        if hasattr(m, "_mergelab_tact_sites"):
+            for hooks, fn in ((m._forward_hooks, _out_hook), (m._forward_pre_hooks, _in_hook)):
+                for k in [k for k, v in hooks.items() if v is fn]:
+                    del hooks[k]
+            del m._mergelab_tact_sites, m._mergelab_tact_ctl
+
+
 class TaskConditionedModel(nn.Module):
     """A merged model plus per-task corrections at sites and per-task heads."""
 
@@ -64,36 +117,25 @@ class TaskConditionedModel(nn.Module):
         self.corrections = {t: dict(c) for t, c in corrections.items()}
         self.head, self.eps = head, eps
         self.model = model
-        self._task: str | None = None
         if heads is not None:
             if head is None:
                 raise MergelabError("TaskConditionedModel: heads given without the head's module name")
             if set(heads) != set(self.tasks):
                 raise MergelabError(f"heads: expected one per task {sorted(self.tasks)}, found {sorted(heads)}")
             _set_submodule(self.model, head, _HeadSwitch(heads))
-        self._handles = []
-        self._attach()
-
-    def _attach(self) -> None:
-        def fn(site, x, dim):
-            if self._task is None:
-                raise MergelabError("TaskConditionedModel: call it with task=<name>")
-            a, b = self.corrections[self._task][site.name]
-            return affine(x, a.to(x.device), b.to(x.device), dim)
-
-        self._ctx = hooked(self.model, self.sites, fn)
-        self._ctx.__enter__()
+        self._ctl = _Controller(self.corrections)
+        _attach(self.model, self.sites, self._ctl)
 
     def forward(self, *args, task: str, **kwargs):
         if task not in self.corrections:
             raise MergelabError(f"task '{task}': expected one of {', '.join(self.tasks)}")
-        self._task = task
+        self._ctl.task = task
         if self.head is not None and isinstance(self.model.get_submodule(self.head), _HeadSwitch):
             self.model.get_submodule(self.head).task = task
         try:
             return self.model(*args, **kwargs)
         finally:
-            self._task = None
+            self._ctl.task = None
 
     # ---- outputs
     def corrections_state(self) -> dict[str, Tensor]:
@@ -118,11 +160,8 @@ class TaskConditionedModel(nn.Module):
         """A plain model for ``task``: its head, every correction folded into a layer."""
         if task not in self.corrections:
             raise MergelabError(f"task '{task}': expected one of {', '.join(self.tasks)}")
-        self._ctx.__exit__(None, None, None)            # deepcopy without our hooks
-        try:
-            m = copy.deepcopy(self.model)
-        finally:
-            self._attach()
+        m = copy.deepcopy(self.model)
+        _detach(m)                                      # a plain model: no hooks left
         if self.head is not None and isinstance(m.get_submodule(self.head), _HeadSwitch):
             _set_submodule(m, self.head, m.get_submodule(self.head).heads[task])
         for s in self.sites:
