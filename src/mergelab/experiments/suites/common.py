@@ -1,0 +1,125 @@
+"""Shared plumbing of the suites: merging state dicts through the public method registry,
+coefficient grids scored on validation data, versions, timers.
+
+Merges go through :func:`mergelab.methods.get_method` exactly like a user's code would:
+resolve the recipe parameters, run the method's prepass over a re-iterable stream, then call
+the per-tensor function for every body tensor. Heads (``head.*``) are never merged.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+
+class _Stream:
+    """Re-iterable ``(ctx, base, tensors)`` stream over the merged names (prepass contract)."""
+
+    def __init__(self, names, base, experts, stats, seed, model_names):
+        self.args = (names, base, experts, stats, seed, model_names)
+
+    def __iter__(self):
+        from ...methods.registry import TensorContext
+
+        names, base, experts, stats, seed, model_names = self.args
+        for n in names:
+            yield (TensorContext(name=n, seed=seed, stats=_stats_for(stats, n), model_names=model_names),
+                   None if base is None else base[n].float(), [e[n].float() for e in experts])
+
+
+def _stats_for(stats: Mapping[str, Sequence[Mapping[str, Tensor]]] | None, name: str) -> dict:
+    if not stats:
+        return {}
+    return {kind: [s.get(name) for s in per_model] for kind, per_model in stats.items()}
+
+
+def merge_state(method: str, base: Mapping[str, Tensor] | None, experts: Sequence[Mapping[str, Tensor]],
+                params: dict[str, Any] | None = None, model_params: Sequence[dict] | None = None,
+                stats: Mapping[str, Sequence[Mapping[str, Tensor]]] | None = None,
+                names: Sequence[str] | None = None, model_names: Sequence[str] = (),
+                seed: int = 0) -> dict[str, Tensor] | dict[str, dict[str, Tensor]]:
+    """Merge the ``names`` (default: every non-head key) of ``experts`` with a registered method.
+
+    Returns one state dict, or for ``multi_output`` methods ``{variant: state}``. Keys not in
+    ``names`` are not returned (the caller keeps heads and buffers as it sees fit).
+    """
+    from ...methods import get_method
+
+    spec = get_method(method)
+    names = list(names) if names is not None else [k for k in experts[0] if not k.startswith("head.")]
+    mp = list(model_params) if model_params is not None else [{} for _ in experts]
+    if stats:
+        mp = [{**p, **{k: f"<in-memory {k}>" for k in stats}} for p in mp]
+    kwargs = spec.resolve(dict(params or {}), mp, where=f"merge {method}")
+    stream = _Stream(names, base, experts, stats, seed, tuple(model_names))
+    prep = spec.prepass(kwargs, stream) if spec.prepass is not None else None
+    out: dict = {}
+    fixed: dict[str, Tensor] = {}
+    for ctx, b, ts in stream:
+        ctx.prepass = prep
+        if not torch.is_floating_point(experts[0][ctx.name]):
+            fixed[ctx.name] = experts[0][ctx.name].clone()  # integer buffers (BN num_batches_tracked)
+            continue
+        r = spec(ts, b, ctx=ctx, **kwargs)
+        if spec.multi_output:
+            for variant, t in r.items():
+                out.setdefault(variant, {})[ctx.name] = t
+        else:
+            out[ctx.name] = r
+    if spec.multi_output:
+        for state in out.values():
+            state.update(fixed)
+    else:
+        out.update(fixed)
+    return out
+
+
+def interpolate(a: Mapping[str, Tensor], b: Mapping[str, Tensor], alpha: float,
+                names: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """(1-α)·a + α·b through the registered ``linear`` method (integer buffers from ``a``)."""
+    return merge_state("linear", None, [a, b], {"weight": [1 - alpha, alpha]},
+                       names=names if names is not None else list(a))
+
+
+def choose(grid: Sequence[Any], score: Callable[[Any], float]) -> tuple[Any, dict]:
+    """The grid value with the best score (first one on ties) and every score."""
+    scores = {}
+    best, best_s = None, -float("inf")
+    for g in grid:
+        s = score(g)
+        scores[str(g)] = s
+        if s > best_s + 1e-12:
+            best, best_s = g, s
+    return best, scores
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    from ... import __version__
+
+    v = {"mergelab": __version__, "python": platform.python_version(), "torch": torch.__version__,
+         "numpy": numpy.__version__, "machine": f"{platform.machine()} / {torch.get_num_threads()} threads"}
+    try:
+        import transformers
+        v["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return v
+
+
+class Timer:
+    def __init__(self):
+        self.t: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, key: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t[key] = round(self.t.get(key, 0.0) + time.perf_counter() - t0, 2)

@@ -1,0 +1,464 @@
+"""``nonlocal-vision``: the non-local merging paper's study on 28x28 real data.
+
+Six 5-class tasks: Fashion-MNIST, MNIST-10k and Animal-MNIST, each split into classes 0-4
+and 5-9. Foundations are pre-trained on the disjoint ``pretrain`` split of all three sets
+(30 classes). Settings:
+
+* ``local``: every expert fine-tuned from foundation A; merge point A.
+* ``two-foundations``: foundations A and B from different seeds; the even tasks from A, the
+  odd ones from B. B is aligned to A and the same permutation is applied to B's experts;
+  merge point ½(A + π(B)).
+* ``no-foundation``: every expert trained from its own random init; each expert is aligned
+  to expert 0 and its init permuted the same way; merge point = mean of the aligned inits.
+
+Methods (through the registry): task arithmetic, TIES, TIES+TALL, Fisher, RegMean; each
+x alignment {none, weight, activation} x correction {none, REPAIR, TACT}. Coefficients are
+chosen on the validation split. Heads are never merged: task t is evaluated with its own
+expert's head.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import data as D
+from .. import report as R
+from .. import train as T
+from .. import zoo
+from .common import Timer, choose, interpolate, merge_state, versions
+
+TASKS = [f"{ds}-{lo}-{lo + 4}" for ds in ("fmnist", "mnist", "animal") for lo in (0, 5)]
+_POOL = {"fmnist": "fashion-mnist", "mnist": "mnist", "animal": "animal-mnist"}
+SETTINGS = ("local", "two-foundations", "no-foundation")
+
+_SMALL_VGG = {"arch": "vgg", "cfg": ("M", 8, "M", 16), "dense": (16,), "norm": "ln"}  # plumbing only
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": dict(model=_SMALL_VGG, pre_steps=30, probe_steps=5, ft_steps=15, scratch_steps=25,
+                  batch=32, lr=0.05, ft_lr=0.02, train_limit=3000, val_limit=200, test_limit=300,
+                  stat_batches=2, stat_batch=64, fisher_examples=64,
+                  settings=list(SETTINGS), methods=["task_arithmetic", "ties_tall"],
+                  alignments=["none", "weight"], corrections=["none", "repair", "tact"],
+                  grid_ta=[0.3, 0.7, 1.0], grid_ties=[0.7, 1.0], ties_density=0.5, barrier_points=5),
+    "quick": dict(model={"arch": "vgg", "cfg": (32, "M", 64, "M", 128, 128), "dense": (128,), "norm": "ln"},
+                  pre_steps=1500, probe_steps=100, ft_steps=400, scratch_steps=800,
+                  batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=1000, test_limit=None,
+                  stat_batches=20, stat_batch=128, fisher_examples=512,
+                  settings=list(SETTINGS), methods=["task_arithmetic", "ties", "ties_tall", "fisher", "regmean"],
+                  alignments=["none", "weight", "activation"], corrections=["none", "repair", "tact"],
+                  grid_ta=[0.2, 0.3, 0.4, 0.5, 0.7, 1.0], grid_ties=[0.6, 0.8, 1.0, 1.2, 1.5],
+                  ties_density=0.5, barrier_points=11),
+    "full": dict(model={"arch": "vgg", "cfg": (64, "M", 128, "M", 256, 256), "dense": (256,), "norm": "ln"},
+                 pre_steps=4000, probe_steps=200, ft_steps=1000, scratch_steps=2000,
+                 batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=None, test_limit=None,
+                 stat_batches=50, stat_batch=128, fisher_examples=1024,
+                 settings=list(SETTINGS), methods=["task_arithmetic", "ties", "ties_tall", "fisher", "regmean"],
+                 alignments=["none", "weight", "activation"], corrections=["none", "repair", "tact"],
+                 grid_ta=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+                 grid_ties=[0.6, 0.8, 1.0, 1.2, 1.5, 2.0], ties_density=0.5, barrier_points=11),
+}
+
+
+class Unavailable(Exception):
+    """A library piece this run needs is missing (recorded as a note, the run goes on)."""
+
+
+# ----------------------------------------------------------------------------- data
+
+class TaskData:
+    def __init__(self, profile: dict):
+        self.p = profile
+        self.pools = {k: D.image_pool(v) for k, v in _POOL.items()}
+        self.cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, task: str, split: str):
+        key = (task, split)
+        if key not in self.cache:
+            ds, lo, _ = task.split("-")
+            lim = {"train": self.p["train_limit"], "val": self.p["val_limit"], "test": self.p["test_limit"]}[split]
+            self.cache[key] = self.pools[ds].part(split, tuple(range(int(lo), int(lo) + 5)), limit=lim)
+        return self.cache[key]
+
+    def pretrain(self, split: str = "pretrain"):
+        """All three sets' pretrain (or val) split, 30 classes (set index x 10 + label)."""
+        key = ("pretrain", split)
+        if key not in self.cache:
+            xs, ys = [], []
+            for i, ds in enumerate(_POOL):
+                x, y = self.pools[ds].part(split, limit=None if split == "pretrain" else self.p["val_limit"])
+                xs.append(x)
+                ys.append(y + 10 * i)
+            self.cache[key] = (np.concatenate(xs), np.concatenate(ys))
+        return self.cache[key]
+
+    def loader(self, task: str, split: str, batch: int = 128, n_batches: int | None = None):
+        x, y = self.get(task, split) if task != "pretrain" else self.pretrain(split)
+        out = list(T.batches(x, y, batch))
+        return out[:n_batches] if n_batches else out
+
+    def split_hashes(self) -> dict[str, str]:
+        return {k: D.indices_hash(p.splits) for k, p in self.pools.items()}
+
+
+# ----------------------------------------------------------------------------- training
+
+def _model(profile, seed: int, n_classes: int) -> zoo.Classifier:
+    m = dict(profile["model"])
+    return zoo.build(m.pop("arch"), seed=seed, n_classes=n_classes, **m)
+
+
+class Trainer:
+    def __init__(self, profile: dict, data: TaskData, cache: T.ExpertCache, quiet: bool):
+        self.p, self.data, self.cache, self.quiet = profile, data, cache, quiet
+        self.base_cfg = {"suite": "nonlocal-vision", "model": profile["model"], "batch": profile["batch"],
+                         "splits": data.split_hashes(), "train_limit": profile["train_limit"]}
+
+    def foundation(self, seed: int) -> nn.Module:
+        cfg = {**self.base_cfg, "kind": "foundation", "seed": seed, "steps": self.p["pre_steps"], "lr": self.p["lr"]}
+
+        def fit(m):
+            x, y = self.data.pretrain()
+            T.train(m, T.array_sampler(x, y), steps=self.p["pre_steps"], batch_size=self.p["batch"],
+                    lr=self.p["lr"], warmup=min(100, self.p["pre_steps"] // 10), seed=seed,
+                    quiet=self.quiet, desc=f"foundation {seed}")
+            return {"val": T.evaluate(m, self.data.loader("pretrain", "val"))}
+        return self.cache.get_or_train(cfg, lambda: _model(self.p, seed, 30), fit)[0]
+
+    def random_init(self, seed: int) -> nn.Module:
+        return _model(self.p, seed, 5)
+
+    def expert(self, task: str, init: str, seed: int, init_model: nn.Module | None) -> tuple[nn.Module, dict]:
+        """Fine-tune (``init_model`` given: linear probe, then all layers) or train from scratch."""
+        scratch = init_model is None
+        steps = self.p["scratch_steps"] if scratch else self.p["ft_steps"]
+        cfg = {**self.base_cfg, "kind": "expert", "task": task, "init": init, "seed": seed, "steps": steps,
+               "probe": 0 if scratch else self.p["probe_steps"], "lr": self.p["lr"] if scratch else self.p["ft_lr"]}
+
+        def build():
+            if scratch:
+                return self.random_init(seed)
+            return zoo.replace_head(copy.deepcopy(init_model), 5, seed=seed)
+
+        def fit(m):
+            x, y = self.data.get(task, "train")
+            s = T.array_sampler(x, y)
+            if not scratch and self.p["probe_steps"]:
+                T.train(m, s, steps=self.p["probe_steps"], batch_size=self.p["batch"], lr=self.p["lr"],
+                        seed=seed, trainable=lambda n: n.startswith("head."), quiet=self.quiet,
+                        desc=f"probe {task}")
+            T.train(m, s, steps=steps, batch_size=self.p["batch"], lr=cfg["lr"],
+                    warmup=min(50, steps // 10), seed=seed + 1, quiet=self.quiet, desc=f"expert {task}")
+            return {"val": T.evaluate(m, self.data.loader(task, "val"))}
+        return self.cache.get_or_train(cfg, build, fit)
+
+
+# ----------------------------------------------------------------------------- library seams
+
+def _align_perm(kind: str, ref: nn.Module, other: nn.Module, data: list) -> Callable[[dict], dict]:
+    """Permutation aligning ``other`` to ``ref`` (``mergelab.align``); returns a state mapper."""
+    try:
+        from ...align import activation_matching, permutation_spec, permute, weight_matching
+    except ImportError as e:
+        raise Unavailable(f"mergelab.align is not available ({e})") from None
+    x0 = data[0][0][:4]
+    spec = permutation_spec(ref, x0)
+    if kind == "weight":
+        perm = weight_matching(spec, ref.state_dict(), other.state_dict())
+    else:
+        perm = activation_matching(spec, ref, other, data)
+    return lambda state: dict(permute(spec, state, perm))
+
+
+def _repair(merged: nn.Module, experts: list[nn.Module], data: list) -> nn.Module:
+    try:
+        from ...repair import repair
+    except ImportError as e:
+        raise Unavailable(f"mergelab.repair.repair is not available ({e})") from None
+    return repair(merged, experts, data)
+
+
+def _tact(merged: nn.Module, expert: nn.Module, task: str, data: list):
+    """TACT for one task's merged model; returns a callable model for that task."""
+    try:
+        from ...repair import tact
+    except ImportError as e:
+        raise Unavailable(f"mergelab.repair.tact is not available ({e})") from None
+    return _TaskModule(tact(merged, {task: expert}, {task: data}), task)
+
+
+class _TaskModule(nn.Module):
+    """A task-conditioned model fixed to one task (so it evaluates like a plain model)."""
+
+    def __init__(self, tcm: nn.Module, task: str):
+        super().__init__()
+        self.tcm, self.task = tcm, task
+
+    def forward(self, x):
+        return self.tcm(x, task=self.task)
+
+
+def _site_std(model, data: list, sites: list[str]) -> dict[str, torch.Tensor]:
+    try:
+        from ...stats import activation_stats
+    except ImportError as e:
+        raise Unavailable(f"mergelab.stats.activation_stats is not available ({e})") from None
+    st = activation_stats(model, data, sites=sites, progress=False)
+    return {s: st.std[s] for s in sites}
+
+
+def _fisher(model: nn.Module, data: list, n: int) -> dict[str, torch.Tensor]:
+    try:
+        from ...stats import diagonal_fisher
+    except ImportError as e:
+        raise Unavailable(f"mergelab.stats.diagonal_fisher is not available ({e})") from None
+    return dict(diagonal_fisher(model, data, n_examples=n, progress=False))
+
+
+def _grams(model: nn.Module, data: list) -> dict[str, torch.Tensor]:
+    try:
+        from ...stats import gram_matrices
+    except ImportError as e:
+        raise Unavailable(f"mergelab.stats.gram_matrices is not available ({e})") from None
+    return dict(gram_matrices(model, data, exclude_head="head", progress=False))
+
+
+# ----------------------------------------------------------------------------- the suite
+
+def _with_state(template: nn.Module, body: dict, head_from: nn.Module) -> nn.Module:
+    m = copy.deepcopy(template)
+    sd = {**head_from.state_dict(), **body}
+    m.load_state_dict(sd)
+    return m.eval()
+
+
+def run(profile_name: str = "smoke", out: str | Path = "runs/nonlocal-vision", quiet: bool = False,
+        cache_root: str | Path | None = None) -> dict:
+    p = PROFILES[profile_name]
+    torch.manual_seed(0)
+    timer = Timer()
+    t_start = time.perf_counter()
+    notes: list[str] = []
+    with timer("data"):
+        data = TaskData(p)
+    cache = T.ExpertCache(Path(cache_root) if cache_root else D.cache_dir() / "experts")
+    tr = Trainer(p, data, cache, quiet)
+    results: dict[str, Any] = {
+        "suite": "nonlocal-vision", "profile": profile_name, "config": p, "seeds": {},
+        "versions": versions(), "splits": data.split_hashes(), "tasks": TASKS, "experts": {},
+        "runs": [], "variance_collapse": [], "barrier": [], "timings": timer.t, "notes": notes}
+
+    with timer("train"):
+        fa = tr.foundation(0)
+        fb = tr.foundation(1) if "two-foundations" in p["settings"] else None
+    results["seeds"] = {"foundation_A": 0, "foundation_B": 1, "experts": "task index (+100 no-foundation)"}
+
+    for setting in p["settings"]:
+        with timer("train"):
+            experts, inits = {}, {}
+            for i, t in enumerate(TASKS):
+                if setting == "no-foundation":
+                    experts[t], _ = tr.expert(t, "scratch", 100 + i, None)
+                    inits[t] = tr.random_init(100 + i)
+                else:
+                    f, name = (fa, "A") if setting == "local" or i % 2 == 0 else (fb, "B")
+                    experts[t], _ = tr.expert(t, name, i, f)
+                    inits[t] = f
+        results["experts"][setting] = {t: T.evaluate(experts[t], data.loader(t, "test"))["acc"] for t in TASKS}
+        alignments = ["none"] if setting == "local" else p["alignments"]
+        for alignment in alignments:
+            try:
+                with timer("align"):
+                    states, init_states = _aligned(setting, alignment, experts, inits, fa, fb, data, p)
+            except Unavailable as e:
+                notes.append(f"{setting}/{alignment}: skipped: {e}")
+                continue
+            base = {k: torch.stack([s[k].float() for s in init_states.values()]).mean(0)
+                    if torch.is_floating_point(s0) else s0 for k, s0 in next(iter(init_states.values())).items()}
+            for method in p["methods"]:
+                try:
+                    with timer("merge"):
+                        _run_method(results, setting, alignment, method, states, base, experts, data, p, timer, notes)
+                except Unavailable as e:
+                    notes.append(f"{setting}/{alignment}/{method}: skipped: {e}")
+        if setting == "two-foundations":
+            with timer("barrier"):
+                _barrier(results, fa, fb, data, p, notes)
+    timer.t["total"] = round(time.perf_counter() - t_start, 2)
+    results["cache"] = {"hits": cache.hits, "misses": cache.misses, "root": str(cache.root)}
+    results["paths"] = {k: str(v) for k, v in R.write_report(results, out).items()}
+    return results
+
+
+def _aligned(setting, alignment, experts, inits, fa, fb, data, p):
+    """(aligned expert states, aligned init states) for a setting and alignment."""
+    states = {t: dict(m.state_dict()) for t, m in experts.items()}
+    init_states = {t: dict(m.state_dict()) for t, m in inits.items()}
+    if alignment == "none" or setting == "local":
+        if setting == "local":
+            init_states = {"A": dict(fa.state_dict())}
+        elif setting == "two-foundations":
+            init_states = {"A": dict(fa.state_dict()), "B": dict(fb.state_dict())}
+        return states, init_states
+    stat_data = data.loader("pretrain", "pretrain", p["stat_batch"], p["stat_batches"])
+    if setting == "two-foundations":
+        mapper = _align_perm(alignment, fa, fb, stat_data)
+        for i, t in enumerate(TASKS):
+            if i % 2 == 1:
+                states[t] = mapper(states[t])
+        return states, {"A": dict(fa.state_dict()), "B": mapper(dict(fb.state_dict()))}
+    ref = TASKS[0]
+    for t in TASKS[1:]:
+        mapper = _align_perm(alignment, experts[ref], experts[t], stat_data)
+        states[t] = mapper(states[t])
+        init_states[t] = mapper(init_states[t])
+    return states, init_states
+
+
+def _merged_bodies(method: str, coef: float, states, base, experts, data, p, cache: dict) -> dict[str, dict]:
+    """{task: merged body state} (one shared body, or one per task for TALL)."""
+    order = list(states)
+    es = [states[t] for t in order]
+    if method == "task_arithmetic":
+        m = merge_state("task_arithmetic", base, es, {"lambda": coef})
+    elif method == "ties":
+        m = merge_state("ties", base, es, {"lambda": coef, "density": p["ties_density"], "merge": "mean"})
+    elif method == "ties_tall":
+        per = merge_state("tall_masks", base, es, {"base_merge": "ties", "density": p["ties_density"],
+                                                   "merge": "mean", "lambda": coef}, model_names=order)
+        return {t: per[t] for t in order}
+    elif method in ("fisher", "regmean"):
+        if method not in cache:
+            kind = "fisher" if method == "fisher" else "gram"
+            per_model = []
+            for t in order:
+                mdl = _with_state(experts[t], states[t], experts[t])
+                dl = data.loader(t, "train", 32 if method == "fisher" else p["stat_batch"],
+                                 None if method == "fisher" else p["stat_batches"])
+                if method == "fisher":
+                    per_model.append(_fisher(mdl, dl, p["fisher_examples"]))
+                else:
+                    per_model.append(_grams(mdl, dl))
+            cache[method] = {kind: per_model}
+        params = {} if method == "fisher" else {"alpha": coef}
+        m = merge_state(method, None, es, params, stats=cache[method])
+    else:
+        raise ValueError(method)
+    return {t: m for t in order}
+
+
+def _grid(method: str, p: dict) -> list:
+    return {"task_arithmetic": p["grid_ta"], "ties": p["grid_ties"], "ties_tall": [1.0],
+            "fisher": [None], "regmean": [0.9]}[method]
+
+
+def _need_methods(*names: str) -> None:
+    from ...methods.registry import REGISTRY
+    from ...methods import _load_all  # noqa: F401
+
+    missing = [n for n in names if n not in REGISTRY]
+    if missing:
+        raise Unavailable(f"merge method(s) {', '.join(missing)} not registered in mergelab.methods")
+
+
+_METHOD_NEEDS = {"task_arithmetic": ("task_arithmetic",), "ties": ("ties",), "ties_tall": ("tall_masks",),
+                 "fisher": ("fisher",), "regmean": ("regmean",)}
+
+
+def _run_method(results, setting, alignment, method, states, base, experts, data, p, timer, notes):
+    _need_methods(*_METHOD_NEEDS[method])
+    stat_cache: dict = {}
+
+    def models_for(coef):
+        bodies = _merged_bodies(method, coef, states, base, experts, data, p, stat_cache)
+        # every task: the merged body with the (aligned) expert's own head and buffers
+        return {t: _with_state(experts[t], {**states[t], **bodies[t]}, experts[t]) for t in TASKS}
+
+    def val_score(coef):
+        ms = models_for(coef)
+        return float(np.mean([T.evaluate(ms[t], data.loader(t, "val"))["acc"] for t in TASKS]))
+
+    coef, scores = choose(_grid(method, p), val_score)
+    merged = models_for(coef)
+    coef_rec = {"coef": coef, "val_scores": scores}
+    corrected: dict[str, dict[str, Any]] = {"none": merged}
+    for corr in p["corrections"]:
+        if corr == "none":
+            continue
+        try:
+            with timer(corr):
+                if corr == "repair":
+                    pooled = [b for t in TASKS for b in data.loader(t, "train", p["stat_batch"], 1)]
+                    aligned_experts = [_with_state(experts[t], states[t], experts[t]) for t in TASKS]
+                    corrected[corr] = {t: _repair(copy.deepcopy(merged[t]), aligned_experts, pooled) for t in TASKS}
+                else:
+                    corrected[corr] = {t: _tact(merged[t], _with_state(experts[t], states[t], experts[t]), t,
+                                                data.loader(t, "train", p["stat_batch"], p["stat_batches"]))
+                                       for t in TASKS}
+        except Unavailable as e:
+            notes.append(f"{setting}/{alignment}/{method}/{corr}: skipped: {e}")
+    for corr, ms in corrected.items():
+        acc = {t: T.evaluate(ms[t], data.loader(t, "test"))["acc"] for t in TASKS}
+        results["runs"].append({"setting": setting, "method": method, "alignment": alignment, "correction": corr,
+                                "coef": coef_rec, "acc": acc})
+    vc_method = "ties_tall" if "ties_tall" in p["methods"] else p["methods"][0]
+    if setting != "local" and method == vc_method:
+        _variance_collapse(results, setting, alignment, method, corrected, experts, states, data, p, notes)
+
+
+def _variance_collapse(results, setting, alignment, method, corrected, experts, states, data, p, notes):
+    sites = experts[TASKS[0]].norm_sites()
+    ratios: dict[str, list[float]] = {}
+    try:
+        for corr, ms in corrected.items():
+            per_task = []
+            for t in TASKS:
+                dl = data.loader(t, "val", p["stat_batch"], p["stat_batches"])
+                ex = _site_std(_with_state(experts[t], states[t], experts[t]), dl, sites)
+                mdl = ms[t]
+                mg = _site_std(mdl, dl, [f"tcm.{s}" for s in sites]) if isinstance(mdl, _TaskModule) \
+                    else _site_std(mdl, dl, sites)
+                mg = {s: mg.get(s, mg.get(f"tcm.{s}")) for s in sites}
+                per_task.append([float((mg[s] / ex[s].clamp_min(1e-8)).mean()) for s in sites])
+            if per_task:
+                ratios[corr] = np.mean(per_task, axis=0).tolist()
+    except Unavailable as e:
+        notes.append(f"variance collapse: skipped: {e}")
+        return
+    results["variance_collapse"].append({"setting": setting, "label": f"{method} / {alignment}",
+                                         "sites": sites, "ratios": ratios})
+
+
+def _barrier(results, fa, fb, data, p, notes):
+    """Loss of (1-α)A + α·π(B) on the pre-training task's validation split."""
+    try:
+        _need_methods("linear")
+    except Unavailable as e:
+        notes.append(f"barrier: skipped: {e}")
+        return
+    val = data.loader("pretrain", "val")
+    stat_data = data.loader("pretrain", "pretrain", p["stat_batch"], p["stat_batches"])
+    alphas = np.linspace(0, 1, p["barrier_points"]).tolist()
+    for alignment in ["none"] + list(p["alignments"]):
+        if alignment == "none":
+            sb = dict(fb.state_dict())
+        else:
+            try:
+                sb = _align_perm(alignment, fa, fb, stat_data)(dict(fb.state_dict()))
+            except Unavailable as e:
+                notes.append(f"barrier/{alignment}: skipped: {e}")
+                continue
+        losses, accs = [], []
+        for a in alphas:
+            m = copy.deepcopy(fa)
+            m.load_state_dict(interpolate(dict(fa.state_dict()), sb, a))
+            r = T.evaluate(m, val)
+            losses.append(r["loss"])
+            accs.append(r["acc"])
+        results["barrier"].append({"setting": "two-foundations", "label": "foundation A ↔ B",
+                                   "alignment": alignment, "alphas": alphas, "loss": losses, "acc": accs})

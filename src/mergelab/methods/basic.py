@@ -1,0 +1,113 @@
+"""Dense merges: ``linear``, ``task_arithmetic`` and ``slerp``.
+
+Each is a pure function over the float32 tensors of one parameter name (see registry.py).
+"""
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import torch
+from torch import Tensor
+
+from ..errors import MergelabError
+from .registry import Range, TensorContext, merge_method
+
+
+@merge_method("linear")
+def linear(tensors: list[Tensor], base: Tensor | None, *, ctx: TensorContext,
+           weight: list[float] = 1.0, normalize: bool = True) -> Tensor:
+    """Weighted average ``Σ w_i θ_i / Σ w_i`` (mergekit's ``linear``); without ``normalize``
+    the plain weighted sum ``Σ w_i θ_i``.
+
+    Computed as ``c·θ_1 + Σ_{i>1} (w_i/d)(θ_i − θ_1)`` (d = Σw with normalize, else 1;
+    c = Σw/d), which is the same number mathematically and returns the input bit-exactly
+    when every model holds the same tensor.
+    """
+    total = math.fsum(weight)
+    if normalize and abs(total) < 1e-8:
+        raise MergelabError(
+            f"{ctx.name or 'linear'}: the weights sum to {total:g}; with normalize: true they must not sum to 0")
+    d = total if normalize else 1.0
+    first = tensors[0]
+    c = total / d
+    out = first.clone() if c == 1.0 else first * c
+    for w, t in zip(weight[1:], tensors[1:]):
+        if w != 0.0:
+            out.add_(t - first, alpha=w / d)
+    return out
+
+
+def weighted_task_sum(tensors: list[Tensor], base: Tensor, weight: list[float], normalize: bool) -> Tensor:
+    """``Σ w_i (θ_i − θ_0)``, divided by ``Σ w_i`` when ``normalize`` (|Σw| < 1e-8 divides by 1,
+    as mergekit does)."""
+    acc = torch.zeros_like(base)
+    for w, t in zip(weight, tensors):
+        if w != 0.0:
+            acc.add_(t - base, alpha=w)
+    if normalize:
+        total = math.fsum(weight)
+        if abs(total) >= 1e-8 and total != 1.0:
+            acc.div_(total)
+    return acc
+
+
+@merge_method("task_arithmetic", needs_base=True)
+def task_arithmetic(tensors: list[Tensor], base: Tensor, *, weight: list[float] = 1.0,
+                    lambda_: float = 1.0, normalize: bool = False, int8_mask: bool = False) -> Tensor:
+    """Task arithmetic: ``θ_0 + λ Σ w_i τ_i`` with ``τ_i = θ_i − θ_0`` (divided by ``Σ w_i`` when
+    ``normalize``).  ``λ = 0`` returns the base bit-exactly.  ``int8_mask`` (a mergekit
+    memory option) is accepted and has no effect."""
+    if lambda_ == 0.0:
+        return base.clone()
+    tau = weighted_task_sum(tensors, base, weight, normalize)
+    if lambda_ != 1.0:
+        tau.mul_(lambda_)
+    return base + tau
+
+
+def slerp_pair(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+    """Spherical interpolation between two tensors seen as flat vectors (mergekit semantics).
+
+    The angle is taken between the normalised vectors (a vector of norm ≤ eps is left
+    unnormalised); when ``|cos| > dot_threshold`` the vectors are nearly colinear and the
+    result is the linear interpolation ``(1−t)v0 + t v1``.  ``t = 0`` / ``t = 1`` return the
+    endpoints bit-exactly.
+    """
+    if t == 0.0:
+        return v0.clone()
+    if t == 1.0:
+        return v1.clone()
+    a, b = v0.double().flatten(), v1.double().flatten()
+    na, nb = float(a.norm()), float(b.norm())
+    dot = float(torch.dot(a, b)) / ((na if na > eps else 1.0) * (nb if nb > eps else 1.0))
+    del a, b
+    if abs(dot) > dot_threshold:
+        return (1.0 - t) * v0 + t * v1
+    theta = math.acos(max(-1.0, min(1.0, dot)))
+    s = math.sin(theta)
+    s0 = math.sin(theta - theta * t) / s
+    s1 = math.sin(theta * t) / s
+    return s0 * v0 + s1 * v1
+
+
+@merge_method("slerp", min_models=1, max_models=2)
+def slerp(tensors: list[Tensor], base: Tensor | None, *,
+          t: Annotated[float, Range(0, 1)] = 0.5) -> Tensor:
+    """SLERP of two models; ``t = 0`` gives the first endpoint, ``t = 1`` the second.
+
+    Endpoints, as in mergekit (where the ``base_model`` is the ``t = 0`` end):
+
+    * one model and a base: ``slerp(base, model)``;
+    * two models and no base: ``slerp(models[0], models[1])``;
+    * two models and a base equal to one of them (a mergekit recipe that lists the base
+      among ``models``): the base is the ``t = 0`` end.
+    """
+    if len(tensors) == 1:
+        if base is None:
+            raise MergelabError("slerp needs two models (or one model and a base_model)")
+        return slerp_pair(t, base, tensors[0])
+    v0, v1 = tensors
+    if base is not None and not torch.equal(base, v0) and torch.equal(base, v1):
+        v0, v1 = v1, v0
+    return slerp_pair(t, v0, v1)

@@ -1,0 +1,65 @@
+"""Suites: CLI errors, the merge helper against a brute-force formula, smoke end to end (slow)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mergelab.experiments.suites.common import choose
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "mergelab", *args], capture_output=True, text=True)
+
+
+def test_reproduce_unknown_suite_is_one_line_error():
+    r = _cli("reproduce", "nope")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: unknown suite 'nope' (known: nonlocal-vision, local-text, fisher)"]
+
+
+def test_choose_picks_best_first_on_ties():
+    best, scores = choose([0.1, 0.2, 0.3, 0.4], lambda c: {0.1: 0.5, 0.2: 0.7, 0.3: 0.7, 0.4: 0.6}[c])
+    assert best == 0.2 and scores == {"0.1": 0.5, "0.2": 0.7, "0.3": 0.7, "0.4": 0.6}
+
+
+def test_merge_state_task_arithmetic_matches_formula():
+    from mergelab.methods.registry import REGISTRY
+    from mergelab.methods import _load_all  # noqa: F401
+    if "task_arithmetic" not in REGISTRY:
+        pytest.skip("task_arithmetic not registered yet (methods branch not merged)")
+    from mergelab.experiments.suites.common import merge_state
+    base = {"a.weight": torch.randn(3, 4), "head.weight": torch.randn(2, 3)}
+    ex = [{k: v + torch.randn_like(v) for k, v in base.items()} for _ in range(3)]
+    out = merge_state("task_arithmetic", base, ex, {"lambda": 0.4})
+    assert set(out) == {"a.weight"}
+    ref = base["a.weight"] + 0.4 * sum(e["a.weight"] - base["a.weight"] for e in ex)
+    torch.testing.assert_close(out["a.weight"], ref)
+
+
+@pytest.mark.slow
+def test_nonlocal_vision_smoke_end_to_end(tmp_path, monkeypatch):
+    from mergelab.experiments import data
+    if not all(data.source_ok(n) for n in data.SOURCES):
+        try:
+            data.install(log=lambda s: None)
+        except Exception as e:  # pragma: no cover
+            pytest.skip(f"data cannot be installed here: {e}")
+    out = tmp_path / "out"
+    r = _cli("reproduce", "nonlocal-vision", "--profile", "smoke", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert f"report: {out / 'report.md'}" in r.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["suite"] == "nonlocal-vision" and res["profile"] == "smoke"
+    assert set(res["experts"]) == {"local", "two-foundations", "no-foundation"}
+    assert all(0 <= a <= 1 for s in res["experts"].values() for a in s.values())
+    assert (out / "report.md").read_text().startswith("# mergelab reproduce: nonlocal-vision")
+    for run in res["runs"]:
+        assert set(run["acc"]) == set(res["tasks"])
+    # a second run hits the expert cache (no training)
+    r2 = _cli("reproduce", "nonlocal-vision", "--profile", "smoke", "--out", str(out), "--quiet")
+    assert r2.returncode == 0, r2.stderr
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["cache"]["misses"] == 0 and res2["cache"]["hits"] > 0
+    assert res2["experts"] == res["experts"]
