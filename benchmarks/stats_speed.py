@@ -101,6 +101,9 @@ def timed(fn, repeat=1):
     return best
 
 
+REPEAT = 1
+
+
 def loop_fisher(model, batch):
     """Baseline: one backward per example in a Python loop (empirical labels)."""
     model.eval()
@@ -128,13 +131,14 @@ def bench_fisher(name, model, batch, n, loop_n, results, chunk):
         sub = {k: v[:loop_n] for k, v in batch.items()}
     else:
         sub = (batch[0][:loop_n], batch[1][:loop_n])
-    t_loop = timed(lambda: loop_fisher(model, sub))
+    t_loop = timed(lambda: loop_fisher(model, sub), REPEAT)
     loop_eps = loop_n / t_loop
     diagonal_fisher(model, [sub], mode="empirical", progress=False)           # warm-up
     row = {"model": name, "batch": n, "chunk_rows": chunk, "params": sum(p.numel() for p in model.parameters()),
            "loop_examples_per_s": round(loop_eps, 1), "loop_examples_timed": loop_n}
     for mode in ("empirical", "expected"):
-        t = timed(lambda: diagonal_fisher(model, [batch], mode=mode, chunk_size=chunk, progress=False))
+        t = timed(lambda: diagonal_fisher(model, [batch], mode=mode, chunk_size=chunk, progress=False),
+                  REPEAT)
         row[f"vmap_{mode}_examples_per_s"] = round(n / t, 1)
     row["speedup_empirical_vs_loop"] = round(row["vmap_empirical_examples_per_s"] / loop_eps, 2)
     results.append(row)
@@ -168,29 +172,36 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smaller batches (a smoke run)")
     ap.add_argument("--out", default="bench-out/stats_speed.json")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", default="mlp,resnet,minilm", help="comma-separated subset")
+    ap.add_argument("--repeat", type=int, default=1, help="best of this many timings")
     args = ap.parse_args()
+    global REPEAT
+    REPEAT = args.repeat
+    which = set(args.models.split(","))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     n = 16 if args.quick else 128
     fisher, passes = [], []
 
-    m = mlp()
-    bench_fisher("MLP 784-512-512-10", m, (torch.randn(n, 784), torch.randint(0, 10, (n,))), n,
-                 min(n, 32), fisher, 128)
-    r = ResNet20()
-    img = (torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)))
-    bench_fisher("ResNet-20 (CIFAR, BN)", r, img, n, min(n, 32), fisher, 128)
-    lm = MiniLMClassifier()
-    nl = 8 if args.quick else 32
-    bench_fisher("MiniLM-L6 + head (seq 64)", lm, minilm_batch(nl, 64), nl, min(nl, 8), fisher, 8)
-
-    bench_pass("MLP", m, [(torch.randn(n, 784),) for _ in range(4)], passes)
-    bench_pass("ResNet-20", r, [(torch.randn(n, 3, 32, 32),) for _ in range(4)], passes)
-    bench_pass("MiniLM-L6", lm, [minilm_batch(nl, 64) for _ in range(2)], passes)
+    if "mlp" in which:
+        m = mlp()
+        bench_fisher("MLP 784-512-512-10", m, (torch.randn(n, 784), torch.randint(0, 10, (n,))), n,
+                     min(n, 32), fisher, 128)
+        bench_pass("MLP", m, [(torch.randn(n, 784),) for _ in range(4)], passes)
+    if "resnet" in which:
+        r = ResNet20()
+        img = (torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)))
+        bench_fisher("ResNet-20 (CIFAR, BN)", r, img, n, min(n, 32), fisher, 128)
+        bench_pass("ResNet-20", r, [(torch.randn(n, 3, 32, 32),) for _ in range(4)], passes)
+    if "minilm" in which:
+        lm = MiniLMClassifier()
+        nl = 8 if args.quick else 32
+        bench_fisher("MiniLM-L6 + head (seq 64)", lm, minilm_batch(nl, 64), nl, min(nl, 8), fisher, 8)
+        bench_pass("MiniLM-L6", lm, [minilm_batch(nl, 64) for _ in range(2)], passes)
 
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor()
            or platform.machine(), "cpu_count": __import__("os").cpu_count(), "threads": args.threads,
-           "torch": torch.__version__, "quick": args.quick, "fisher": fisher, "passes": passes}
+           "torch": torch.__version__, "quick": args.quick, "repeat": args.repeat, "fisher": fisher, "passes": passes}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")

@@ -15,7 +15,8 @@ Data (:func:`load_data`), by what ``path`` is:
 
 Models (:func:`load_model`): a Hugging Face folder (``config.json``; the class named in
 ``architectures``, else ``AutoModel``), or a checkpoint file plus ``model_code="module:factory"``
-(a function returning the ``nn.Module``; the weights are loaded strictly, never unpickled).
+(a function returning the ``nn.Module``; the weights are read with
+:func:`mergelab.io.open_checkpoint` and loaded strictly).
 """
 from __future__ import annotations
 
@@ -245,31 +246,11 @@ def _factory(spec: str):
 
 
 def _read_state(p: Path) -> dict[str, Tensor]:
-    try:
-        from ..io import load_state  # the shared lazy reader, when present
-    except ImportError:
-        load_state = None
-    if load_state is not None:
-        return dict(load_state(p))
-    from safetensors.torch import load_file
+    """All tensors of a checkpoint, through the shared lazy reader (never unpickles)."""
+    from ..io import open_checkpoint
 
-    if p.is_dir():
-        files = sorted(p.glob("*.safetensors"))
-        if not files:
-            raise MergelabError(f"model '{p}': no .safetensors file in the folder")
-        state: dict[str, Tensor] = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        return state
-    if p.suffix == ".safetensors":
-        return load_file(str(p))
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise MergelabError(f"model '{p}': not a readable weights-only checkpoint ({type(e).__name__})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    return state
+    ck = open_checkpoint(p)
+    return {k: ck.get(k) for k in ck.keys()}
 
 
 def _load(model: nn.Module, state: dict[str, Tensor]):
