@@ -828,10 +828,15 @@ def _compare(ref_vals, new_vals, info: _TraceInfo, perm, names2):
                 continue
             if a.numel() == 0:
                 continue
-            d = float(torch.sub(exp, b).abs_().max())
+            diff = torch.sub(exp, b)
+            d = float((diff.abs() if diff.is_complex() else diff.abs_()).max())
             if d == d and d != float("inf"):   # all finite: the common, fast case
-                lo, hi = torch.aminmax(exp)
-                if d <= 1e-5 * max(1.0, -float(lo), float(hi)):
+                if exp.is_complex():
+                    scale = float(exp.abs().max())
+                else:
+                    lo, hi = torch.aminmax(exp)
+                    scale = max(-float(lo), float(hi))
+                if d <= 1e-5 * max(1.0, scale):
                     continue
                 return i, j, d
             fin = torch.isfinite(exp)
