@@ -32,6 +32,40 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------- merge / inspect
+@main.command("merge")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (created atomically).")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
+@click.option("--dtype", default=None, help="Stored dtype: float32, float16 or bfloat16 (default: the recipe's, else the base model's).")
+@click.option("--shard-size", default="5GB", show_default=True, help="Maximum shard size, e.g. 5GB, 500MB.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where tensors are merged.")
+@click.option("--threads", type=int, default=None, help="Worker threads (default: all cores, at most 4).")
+@click.option("--allow-nonfinite", is_flag=True, default=None, help="Merge even when a tensor holds NaN or Inf.")
+@click.option("--no-checksums", is_flag=True, help="Skip the inputs' sha256 in the model card.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+def merge_cmd(recipe, out, force, dtype, shard_size, device, threads, allow_nonfinite, no_checksums, quiet):
+    """Merge the checkpoints of a YAML RECIPE into OUT."""
+    from .merge import merge
+
+    res = merge(recipe, out, force=force, dtype=dtype, shard_size=shard_size, device=device, threads=threads,
+                quiet=quiet, allow_nonfinite=allow_nonfinite, checksums=not no_checksums)
+    if not quiet:
+        click.echo(res.summary())
+
+
+@main.command("inspect")
+@click.argument("ckpt", type=click.Path())
+@click.option("--against", default=None, type=click.Path(), help="Base checkpoint: report per-tensor L2, relative L2 and cosine.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect_cmd(ckpt, against, as_json):
+    """Tensors, dtypes, parameter count and size of CKPT, and its distance to a base."""
+    import json
+
+    from .io.inspect import inspect_checkpoint
+
+    rep = inspect_checkpoint(ckpt, against)
+    click.echo(json.dumps(rep.to_dict(), indent=1) if as_json else rep.format())
+
 
 
 # ---------------------------------------------------------------- align
