@@ -245,3 +245,23 @@ def test_recipe_align_errors(pair):
                                  "transfer": {"foundation_b": str(pair["pb"]), "experts": [str(t / "x.safetensors")]}}},
               t / "o", quiet=True, checksums=False)
     assert not (t / "o").exists()
+
+
+def test_align_hf_folder_architecture_from_config(tmp_path):
+    """A Hugging Face folder needs no factory: the class comes from config.json."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from align_models import bert_inputs, tiny_bert
+    from mergelab.align.pipeline import run_align
+    from mergelab.io import save_state
+    m = tiny_bert()
+    m.save_pretrained(str(tmp_path / "a"))
+    spec = permutation_spec(m, bert_inputs())
+    perm = spec.random_permutation(seed=3)
+    sb = permute(spec, m.state_dict(), perm)
+    save_state(sb, tmp_path / "b", like=tmp_path / "a")
+    res, written = run_align(tmp_path / "a", [tmp_path / "b"], tmp_path / "out")
+    assert len(res.spec.groups) == len(spec.groups) == 8   # see test_align: BertModel, 2 layers
+    p = load_permutation(tmp_path / "out" / "b.permutation.safetensors", res.spec)
+    back = permute(res.spec, sb, p)
+    for k, v in m.state_dict().items():
+        assert torch.equal(back[k], v), k
