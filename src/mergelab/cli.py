@@ -69,6 +69,50 @@ def inspect_cmd(ckpt, against, as_json):
 
 
 # ---------------------------------------------------------------- align
+def _shape(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers like 1,3,32,32, found {value!r}") from None
+
+
+@main.command("align")
+@click.argument("reference", type=click.Path())
+@click.argument("others", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder: one <name>.permutation.safetensors per OTHER (and checkpoints, see below).")
+@click.option("--model-code", default=None, metavar="MODULE:FACTORY",
+              help="Function returning the architecture (not needed for Hugging Face folders with config.json).")
+@click.option("--method", type=click.Choice(["weight", "activation"]), default="weight", show_default=True)
+@click.option("--data", default=None, type=click.Path(),
+              help="Activation matching data: image folder, .npz, .csv or .jsonl (read locally).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for --data.")
+@click.option("--input-shape", default=None, callback=_shape, metavar="N,C,H,W",
+              help="Example input shape for tracing (random floats); default: the first --data batch, or generated for HF models.")
+@click.option("--transfer-to", multiple=True, type=click.Path(),
+              help="An expert fine-tuned from the (single) OTHER: write it permuted by OTHER's permutation (repeatable).")
+@click.option("--checkpoints", is_flag=True, help="Also write each OTHER permuted, as a checkpoint folder <name>/.")
+@click.option("--max-iter", type=int, default=100, show_default=True, help="Weight matching: most sweeps.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shard-size", default="5GB", show_default=True, help="Shard size of written checkpoints.")
+@click.option("--force", is_flag=True, help="Replace existing outputs.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def align_cmd(reference, others, out, model_code, method, data, batch_size, input_shape, transfer_to, checkpoints,
+              max_iter, seed, shard_size, force, quiet):
+    """Permute each OTHER checkpoint's hidden units to match REFERENCE (weight or activation matching)."""
+    from .align.pipeline import run_align
+
+    res, written = run_align(reference, list(others), out, model_code=model_code, method=method, data=data,
+                             input_shape=input_shape, batch_size=batch_size, max_iter=max_iter, seed=seed,
+                             transfer_to=list(transfer_to), checkpoints=checkpoints, force=force,
+                             shard_size=shard_size)
+    if not quiet:
+        click.echo(res.summary())
+        for w in written:
+            click.echo(f"wrote {w}")
+
 
 
 # ---------------------------------------------------------------- stats

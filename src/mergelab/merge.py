@@ -140,6 +140,9 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None) -
     """Validate a recipe against its checkpoints and resolve every tensor's parameters."""
     r = Recipe.load(recipe)
     method = get_method(r.merge_method)
+    if r.align is not None:   # align first: the models it moves are read through permuted views
+        from .align.pipeline import recipe_inputs
+        inputs = {**(inputs or {}), **recipe_inputs(r, inputs)}
     if not r.models:
         raise MergelabError("recipe: 'models' is empty")
     cache: dict[str, _Input] = {}

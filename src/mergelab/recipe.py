@@ -14,6 +14,11 @@
     parameters: {lambda: 1.0}
     dtype: bfloat16          # stored dtype (mergelab always computes in float32)
     seed: 0                  # mergelab: every random choice derives from it
+    align:                   # mergelab: permutation alignment before the merge (docs/align.md)
+      method: weight         # weight | activation (needs data)
+      reference: path/to/base            # default: base_model, else the first model
+      model_code: mypkg.models:resnet20  # not needed for Hugging Face folders
+      input_shape: [1, 3, 32, 32]        # example inputs for tracing
 
 A parameter value is a scalar, a list of numbers (a gradient interpolated over layer depth,
 mergekit's semantics: layer ``i`` of ``L`` sits at ``t = i/(L-1)``; tensors outside the
@@ -25,7 +30,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -62,6 +67,27 @@ class ModelEntry(BaseModel):
         return {} if v is None else v
 
 
+class AlignTransfer(BaseModel):
+    """Non-local pipeline: ``foundation_b`` is matched to the reference and its permutation is
+    applied to every expert fine-tuned from it."""
+    model_config = ConfigDict(extra="forbid")
+    foundation_b: str
+    experts: list[str] = Field(min_length=1)
+
+
+class AlignSection(BaseModel):
+    """``align:`` -- permutation alignment run before the merge (see docs/align.md)."""
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["weight", "activation"] = "weight"
+    reference: str | None = None        # default: base_model, else the first model
+    model_code: str | None = None       # MODULE:FACTORY for checkpoints that are not HF folders
+    input_shape: list[int] | None = None
+    data: str | None = None             # activation matching: a local data file or folder
+    batch_size: int = Field(32, gt=0)
+    max_iter: int = Field(100, gt=0)
+    transfer: AlignTransfer | None = None
+
+
 class Recipe(BaseModel):
     """A merge recipe (pydantic, unknown keys are errors)."""
 
@@ -76,6 +102,7 @@ class Recipe(BaseModel):
     seed: int = 0
     allow_nonfinite: bool = False
     name: str | None = None           # a label for the model card
+    align: AlignSection | None = None  # permutation alignment before the merge
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -152,9 +179,12 @@ class Recipe(BaseModel):
 def _one_line(e: ValidationError) -> str:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("list[", "union[", "Rule", "bool", "int", "float", "str")))
+    if err["type"] == "extra_forbidden" and err["loc"][0] == "align":
+        return (f"unknown key '{err['loc'][-1]}' in '{'.'.join(map(str, err['loc'][:-1]))}' (supported: "
+                + ", ".join(AlignTransfer.model_fields if "transfer" in err["loc"][:-1] else AlignSection.model_fields) + ")")
     if err["type"] == "extra_forbidden":
         return f"unknown key '{err['loc'][-1]}'" + (f" in '{'.'.join(map(str, err['loc'][:-1]))}'" if len(err["loc"]) > 1 else "") + \
-            " (supported: models, merge_method, base_model, parameters, dtype, out_dtype, seed, allow_nonfinite, name)"
+            " (supported: models, merge_method, base_model, parameters, dtype, out_dtype, seed, allow_nonfinite, name, align)"
     if err["type"] == "missing":
         return f"missing key '{loc}'"
     return f"'{loc}': {err['msg']}"

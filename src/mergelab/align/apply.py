@@ -120,6 +120,15 @@ class PermutedCheckpoint:
     def path(self):
         return getattr(self.checkpoint, "path", None)
 
+    @property
+    def files(self):
+        """The underlying files (the merge engine records their checksums)."""
+        return getattr(self.checkpoint, "files", None)
+
+    @property
+    def metadata(self):
+        return getattr(self.checkpoint, "metadata", None)
+
 
 def save_permutation(permutation: Mapping[str, torch.Tensor], path, spec: PermutationSpec | None = None) -> Path:
     """Write ``{group: int64 vector}`` as safetensors (atomically)."""

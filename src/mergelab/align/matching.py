@@ -187,30 +187,46 @@ class _Units:
         return out, new - old
 
 
-def _objective(pa, pbp) -> float:
-    return sum(float((xa * xb).sum(dtype=torch.float64)) for (xa, _), xb in zip(pa, pbp))
+class _Entry:
+    """One (tensor piece, group axis) term of a group's weight-matching cost.
 
-
-def _weight_costs(unit, pa, pbp, perm) -> dict:
-    """Cost matrices C[i, j] = <A_i, B_j with all other axes permuted> for the unit's groups.
-
-    ``pbp`` holds B's pieces fully permuted by ``perm``; undoing the permutation of the
-    axis itself is a column reordering of the product.
+    ``a`` is A's piece unfolded with the group axis first (fixed); ``b`` is B's piece with
+    the group axis moved first (contiguous, never permuted on that axis); ``others`` are
+    the (axis of ``b``, group) pairs that are permuted by the current permutation before
+    the product.  The term C[i, j] = <A row i, B row j with the other axes permuted> is in
+    B's original index space for the group axis, so a group's cost does not change when
+    only that group's own permutation changes (unless it also sits on another axis).
     """
-    names = {unit[1], *unit[2]}
-    costs: dict = {}
-    for (xa, ax), xb in zip(pa, pbp):
-        for k, g in enumerate(ax):
-            if g not in names:
-                continue
-            n = xa.shape[k]
-            a = xa.movedim(k, 0).reshape(n, -1)
-            b = xb.movedim(k, 0).reshape(n, -1)
-            cp = (a @ b.T).double().numpy()
-            c = np.empty_like(cp)
-            c[:, perm[g].numpy()] = cp
-            costs[g] = costs[g] + c if g in costs else c
-    return costs
+
+    __slots__ = ("group", "a", "b", "others", "key", "value")
+
+    def __init__(self, group, xa, xb, k, ax):
+        n = xa.shape[k]
+        self.group = group
+        self.a = xa.movedim(k, 0).reshape(n, -1).contiguous()
+        self.b = xb.movedim(k, 0).contiguous()
+        order = [k] + [j for j in range(len(ax)) if j != k]
+        self.others = [(pos, ax[j]) for pos, j in enumerate(order) if pos > 0 and ax[j] is not None]
+        self.key = None
+        self.value = None
+
+    def versions(self, ver) -> tuple:
+        return tuple(ver[g] for _, g in self.others)
+
+    def cost(self, perm, ver) -> np.ndarray:
+        """The term for the current permutation (recomputed only when another axis changed)."""
+        key = self.versions(ver)
+        if key != self.key:
+            b = self.b
+            for pos, g in self.others:
+                b = b.index_select(pos, perm[g])
+            self.value = (self.a @ b.reshape(b.shape[0], -1).T).numpy().astype(np.float64)
+            self.key = key
+        return self.value
+
+
+def _piece_objective(xa, xb, ax, perm) -> float:
+    return float((xa * _permute_piece(xb, ax, perm)).sum(dtype=torch.float64))
 
 
 def weight_matching(spec: PermutationSpec, reference_state: Mapping[str, torch.Tensor],
@@ -225,6 +241,12 @@ def weight_matching(spec: PermutationSpec, reference_state: Mapping[str, torch.T
     reference.  ``result.history`` holds the objective sum <W_A, pi(W_B)> after each sweep
     (index 0: before the first sweep).  ``groups`` restricts the search to some groups
     (the others keep their ``init`` value).
+
+    Each cost term (a tensor piece times one of its group axes) is computed once per
+    change of the permutations of the piece's *other* axes and cached; a unit whose terms
+    are all unchanged since it was last solved is skipped (its LAP would return the same
+    answer).  The gain of a step is <C, P_new> - <C, P_old> from the same float64 C, so
+    float noise cannot produce spurious improvements.
     """
     if isinstance(reference_state, nn.Module):
         reference_state = reference_state.state_dict()
@@ -239,22 +261,62 @@ def weight_matching(spec: PermutationSpec, reference_state: Mapping[str, torch.T
     perm = dict(spec.check(init) if init is not None else spec.identity())
     units = _Units(spec)
     todo = [u for u in units.units if groups is None or u[1] in groups]
+
+    const = 0.0                       # pieces with no permuted axis
+    entries: list[_Entry] = []
+    piece_entries: list[tuple] = []   # per permuted piece: (xa, xb, ax, its entries)
+    for (xa, ax), (xb, _) in zip(pa, pb):
+        if all(g is None for g in ax):
+            const += float((xa * xb).sum(dtype=torch.float64))
+            continue
+        mine = [_Entry(g, xa, xb, k, ax) for k, g in enumerate(ax) if g is not None]
+        entries.extend(mine)
+        piece_entries.append((xa, xb, ax, mine))
+    del pa, pb
+    ver = {g: 0 for g in spec.groups}
+    # terms with no other permuted axis never change: one summed matrix per group
+    fixed: dict[str, np.ndarray] = {}
+    for e in entries:
+        if not e.others:
+            c = e.cost(perm, ver)
+            fixed[e.group] = fixed[e.group] + c if e.group in fixed else c.copy()
+    by_unit = [[e for e in entries if e.others and e.group in (u[1], *u[2])] for u in todo]
+    fixed_by_unit = [{g: c for g, c in fixed.items() if g in (u[1], *u[2])} for u in todo]
+
+    def objective() -> float:
+        tot = const
+        for xa, xb, ax, mine in piece_entries:
+            # a current cached term gives <A, pi(B)> as its trace under the group's permutation
+            e = next((e for e in mine if e.key == e.versions(ver)), None)
+            if e is not None:
+                tot += float(e.value[np.arange(len(e.value)), perm[e.group].numpy()].sum())
+            else:
+                tot += _piece_objective(xa, xb, ax, perm)
+        return tot
+
     rng = np.random.default_rng(seed)
-    pbp = [_permute_piece(xb, ax, perm) for xb, ax in pb]
-    history = [_objective(pa, pbp)]
+    history = [objective()]
+    solved_at: dict[int, tuple] = {}
     for sweep in range(max_iter):
         improved = False
         for ui in rng.permutation(len(todo)):
-            u = todo[ui]
-            costs = _weight_costs(u, pa, pbp, perm)
-            new, gain = units.solve(u, costs, perm)
+            ui = int(ui)
+            key = tuple(e.versions(ver) for e in by_unit[ui])
+            if solved_at.get(ui) == key:
+                continue          # same costs as at its last solve: same answer
+            costs = dict(fixed_by_unit[ui])
+            for e in by_unit[ui]:
+                c = e.cost(perm, ver)
+                costs[e.group] = costs[e.group] + c if e.group in costs else c
+            new, gain = units.solve(todo[ui], costs, perm)
+            solved_at[ui] = key
             if gain > 1e-12 * max(1.0, abs(history[-1])):
-                perm.update(new)
                 improved = True
-                for i, (xb, ax) in enumerate(pb):
-                    if any(g in new for g in ax if g is not None):
-                        pbp[i] = _permute_piece(xb, ax, perm)
-        history.append(_objective(pa, pbp))
+                for g, v in new.items():
+                    if not torch.equal(v, perm[g]):
+                        perm[g] = v
+                        ver[g] += 1
+        history.append(objective())
         if verbose:
             print(f"weight_matching: sweep {sweep + 1}: objective {history[-1]:.6g}")
         if not improved:

@@ -296,6 +296,13 @@ class _Recorder(TorchDispatchMode):
     an attention-mask branch taken for one batch and not another, do not shift the sites).
     """
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in a dynamo "disable" unless this says
+        # False; that wrapper imports torch._dynamo (and sympy) on first use, several
+        # seconds.  This recorder never runs under torch.compile.
+        return False
+
     def __init__(self, keep="all", want=None):
         super().__init__()
         self.keep, self.want = keep, want
@@ -821,9 +828,15 @@ def _compare(ref_vals, new_vals, info: _TraceInfo, perm, names2):
                 continue
             if a.numel() == 0:
                 continue
-            d = float((exp - b).abs().max())
+            diff = torch.sub(exp, b)
+            d = float((diff.abs() if diff.is_complex() else diff.abs_()).max())
             if d == d and d != float("inf"):   # all finite: the common, fast case
-                if d <= 1e-5 * max(1.0, float(exp.abs().max())):
+                if exp.is_complex():
+                    scale = float(exp.abs().max())
+                else:
+                    lo, hi = torch.aminmax(exp)
+                    scale = max(-float(lo), float(hi))
+                if d <= 1e-5 * max(1.0, scale):
                     continue
                 return i, j, d
             fin = torch.isfinite(exp)
@@ -847,9 +860,11 @@ def self_test(spec: PermutationSpec, model: nn.Module, example_inputs, seed: int
     Raises :class:`MergelabError` naming the first op whose output disagrees.
     """
     from .apply import permute
-    m1 = copy.deepcopy(model).float().eval()
     if reinit:
+        m1 = copy.deepcopy(model).float().eval()
         _reinit(m1, seed + 1)
+    else:   # the caller's own float copy
+        m1 = model.eval()
     rec1, _ = run_recorded(m1, example_inputs, keep="values")
     if rec1.names != spec.trace.op_names:
         raise MergelabError("self-test: the model ran a different sequence of ops than when traced "

@@ -1,0 +1,361 @@
+"""Aligning checkpoints on disk: the engine behind ``mergelab align`` and the recipe ``align:``
+section.
+
+The architecture comes from the checkpoint itself when it is a Hugging Face folder
+(``config.json``: the class named in ``architectures``, else ``AutoModel``), otherwise from
+the user's factory ``model_code="module:function"`` (a function of no arguments returning the
+``nn.Module``; ``module`` may also be a ``path/to/file.py``).  The spec is traced once on the
+reference's architecture; weight matching then reads only the tensors the spec permutes;
+activation matching loads both models with their weights.  Every non-reference checkpoint
+is afterwards read through a :class:`PermutedCheckpoint`, so nothing is permuted in memory
+as a whole.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import MergelabError
+from .apply import PermutedCheckpoint, save_permutation
+from .matching import activation_matching, weight_matching
+from .spec import Permutation, PermutationSpec, permutation_spec
+
+
+# ----------------------------------------------------------------------------- models
+def load_factory(model_code: str) -> Callable[[], nn.Module]:
+    """``"module:function"`` or ``"path/to/file.py:function"`` -> the function."""
+    mod, _, fn = str(model_code).rpartition(":")
+    if not mod or not fn:
+        raise MergelabError(f"--model-code: expected MODULE:FACTORY, found '{model_code}'")
+    try:
+        if mod.endswith(".py"):
+            p = Path(mod)
+            if not p.is_file():
+                raise MergelabError(f"--model-code {model_code}: no such file {p}")
+            spec = importlib.util.spec_from_file_location(f"_mergelab_model_code_{p.stem}", p)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(mod)
+    except MergelabError:
+        raise
+    except Exception as e:  # ImportError, or the module itself failed
+        raise MergelabError(f"--model-code {model_code}: cannot import {mod}: {type(e).__name__}: {e}") from None
+    f = getattr(module, fn, None)
+    if not callable(f):
+        raise MergelabError(f"--model-code {model_code}: {mod} has no function {fn!r}")
+    return f
+
+
+def _is_hf(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def build_model(path: str | os.PathLike, model_code: str | None = None) -> nn.Module:
+    """The architecture of the checkpoint at ``path`` (weights NOT loaded), in eval mode."""
+    p = Path(path)
+    if model_code is not None:
+        f = load_factory(model_code)
+        try:
+            model = f()
+        except Exception as e:
+            raise MergelabError(f"--model-code {model_code}: the factory failed: {type(e).__name__}: {e}") from None
+        if not isinstance(model, nn.Module):
+            raise MergelabError(f"--model-code {model_code}: expected a function returning an nn.Module, "
+                                f"it returned {type(model).__name__}")
+        return model.eval()
+    if _is_hf(p):
+        import transformers
+        try:
+            cfg = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+        except Exception as e:
+            raise MergelabError(f"{p}/config.json: transformers cannot read it: {type(e).__name__}: {e}") from None
+        arch = (getattr(cfg, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        try:
+            model = cls(cfg) if cls is not None else transformers.AutoModel.from_config(cfg)
+        except Exception as e:
+            raise MergelabError(f"{p}/config.json: cannot build {arch or 'AutoModel'}: {type(e).__name__}: {e}") from None
+        return model.eval()
+    raise MergelabError(f"{p}: not a Hugging Face folder with config.json; give --model-code MODULE:FACTORY "
+                        "to say which architecture it is")
+
+
+def load_weights(model: nn.Module, ckpt, label: str) -> nn.Module:
+    """Load every tensor of ``ckpt`` (a Checkpoint-like object) into ``model`` (strict)."""
+    state = {k: ckpt.get(k) for k in ckpt.keys()}
+    try:
+        r = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise MergelabError(f"{label}: weights do not fit the model: {first}") from None
+    if r.missing_keys or r.unexpected_keys:
+        raise MergelabError(f"{label}: weights do not fit the model: missing {r.missing_keys[:3]}, "
+                            f"unexpected {r.unexpected_keys[:3]}")
+    return model.eval()
+
+
+def hf_example_inputs(model: nn.Module) -> Any:
+    """Small inputs that exercise every path of a Hugging Face model (padding included)."""
+    import inspect
+    cfg = getattr(model, "config", None)
+    params = inspect.signature(model.forward).parameters
+    g = torch.Generator().manual_seed(0)
+    if "input_ids" in params:
+        vocab = int(getattr(cfg, "vocab_size", 100) or 100)
+        ids = torch.randint(1, min(vocab, 1000), (2, 8), generator=g)
+        mask = torch.ones(2, 8, dtype=torch.int64)
+        mask[1, 5:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+    if "pixel_values" in params:
+        ch = int(getattr(cfg, "num_channels", 3) or 3)
+        size = getattr(cfg, "image_size", 32) or 32
+        size = size if isinstance(size, int) else int(size[0])
+        return {"pixel_values": torch.randn(2, ch, size, size, generator=g)}
+    raise MergelabError(f"{type(model).__name__}: cannot make example inputs for it; give --input-shape")
+
+
+def _first_batch_input(data: Iterable) -> Any:
+    b = next(iter(data), None)
+    if b is None:
+        raise MergelabError("--data: no batches")
+    if isinstance(b, dict):
+        return {k: v for k, v in b.items() if k != "labels"}
+    return b[0] if isinstance(b, (tuple, list)) else b
+
+
+def _batch_input(b):
+    if isinstance(b, dict):
+        return {k: v for k, v in b.items() if k != "labels"}
+    return b[0] if isinstance(b, (tuple, list)) else b
+
+
+def load_align_data(path, reference: Path, batch_size: int = 32, limit: int | None = None):
+    """Batches for activation matching, read by the stats engineer's local-data reader
+    (``mergelab.stats.data.load_data``: image folder, ``.npz``, ``.csv``/``.jsonl``)."""
+    try:
+        from ..stats.data import load_data
+    except ImportError:
+        raise MergelabError("--data: this build has no local-data reader (mergelab.stats.data); "
+                            "use --method weight") from None
+    tok = None
+    if reference.is_dir() and any((reference / n).exists() for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        import transformers
+        tok = transformers.AutoTokenizer.from_pretrained(str(reference), local_files_only=True)
+    return load_data(path, batch_size=batch_size, tokenizer=tok, limit=limit)
+
+
+# ----------------------------------------------------------------------------- aligning
+def _open(ref) -> Any:
+    if not isinstance(ref, (str, os.PathLike)):
+        return ref
+    from ..io import open_checkpoint
+    p = Path(ref)
+    if not p.exists():
+        raise MergelabError(f"{p}: no such file or folder")
+    return open_checkpoint(p)
+
+
+def _label(ckpt) -> str:
+    return str(getattr(ckpt, "path", None) or type(ckpt).__name__)
+
+
+def spec_state(spec: PermutationSpec, ckpt, label: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``ckpt`` that the spec permutes (only those are read)."""
+    missing = [n for n in spec.axes if n not in ckpt]
+    if missing:
+        raise MergelabError(f"{label}: has no tensor {missing[0]!r} that the reference architecture permutes "
+                            "(another architecture?)")
+    return {n: ckpt.get(n) for n in spec.axes}
+
+
+@dataclass
+class AlignResult:
+    spec: PermutationSpec
+    permutations: list[Permutation]               # one per other model
+    labels: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"spec: {len(self.spec.groups)} groups"]
+        for lab, p in zip(self.labels, self.permutations):
+            moved = sum(int((v != torch.arange(len(v))).sum()) for v in p.values())
+            h = p.history
+            obj = f"; objective {h[0]:.6g} -> {h[-1]:.6g} in {len(h) - 1} sweeps" if len(h) >= 2 else ""
+            lines.append(f"{lab}: {moved} indices moved{obj}")
+        return "\n".join(lines)
+
+
+def align_checkpoints(reference, others: Sequence, *, model_code: str | None = None, method: str = "weight",
+                      data=None, input_shape: Sequence[int] | None = None, batch_size: int = 32,
+                      max_iter: int = 100, seed: int = 0) -> AlignResult:
+    """Permutations aligning each of ``others`` (paths or Checkpoint-like) to ``reference``.
+
+    ``data`` (activation matching): a path for :func:`load_align_data` or an iterable of
+    batches.  Example inputs for tracing: ``input_shape`` (float ``randn``), else the first
+    data batch, else (Hugging Face) generated token ids / pixels.
+    """
+    if method not in ("weight", "activation"):
+        raise MergelabError(f"--method: expected 'weight' or 'activation', found {method!r}")
+    if not others:
+        raise MergelabError("align: give at least one model to align to the reference")
+    ref_ck = _open(reference)
+    oth_ck = [_open(o) for o in others]
+    ref_path = Path(getattr(ref_ck, "path", "") or "")
+    model = build_model(ref_path, model_code)
+    batches = None
+    if method == "activation":
+        if data is None:
+            raise MergelabError("--method activation needs --data")
+        batches = load_align_data(data, ref_path, batch_size) if isinstance(data, (str, os.PathLike)) else data
+    if input_shape is not None:
+        if not all(isinstance(s, int) and s > 0 for s in input_shape):
+            raise MergelabError(f"--input-shape: expected positive integers, found {list(input_shape)}")
+        x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed))
+    elif batches is not None:
+        x = _first_batch_input(batches)
+    elif _is_hf(ref_path) and model_code is None:
+        x = hf_example_inputs(model)
+    else:
+        raise MergelabError("align: cannot make example inputs for tracing; give --input-shape (e.g. 1,3,32,32)")
+    spec = permutation_spec(model, x, seed=seed)
+    perms = []
+    if method == "weight":
+        ref_state = spec_state(spec, ref_ck, _label(ref_ck))
+        for ck in oth_ck:
+            perms.append(weight_matching(spec, ref_state, spec_state(spec, ck, _label(ck)), max_iter=max_iter, seed=seed))
+    else:
+        ref_model = load_weights(model, ref_ck, _label(ref_ck))
+        for ck in oth_ck:
+            other = load_weights(build_model(ref_path, model_code), ck, _label(ck))
+            perms.append(activation_matching(spec, ref_model, other, batches, input_fn=_batch_input, seed=seed))
+    return AlignResult(spec, perms, [_label(c) for c in oth_ck])
+
+
+def _stem(path) -> str:
+    p = Path(path)
+    return p.name if p.is_dir() else p.stem
+
+
+def _unique_stems(paths: Sequence) -> list[str]:
+    stems = [_stem(p) for p in paths]
+    return [s if stems.count(s) == 1 else f"{i}_{s}" for i, s in enumerate(stems)]
+
+
+def run_align(reference, others: Sequence, out, *, model_code: str | None = None, method: str = "weight",
+              data=None, input_shape: Sequence[int] | None = None, batch_size: int = 32, max_iter: int = 100,
+              seed: int = 0, transfer_to: Sequence = (), checkpoints: bool = False, force: bool = False,
+              shard_size: str = "5GB") -> tuple[AlignResult, list[Path]]:
+    """Align ``others`` to ``reference`` and write into the folder ``out``:
+
+    * ``<name>.permutation.safetensors`` per other model (``name``: its file stem / folder name);
+    * with ``checkpoints``: ``<name>/`` the other model permuted (a sharded checkpoint folder,
+      config files copied), streamed through a :class:`PermutedCheckpoint`;
+    * with ``transfer_to`` (exactly one other model, a foundation model): ``<expert>/`` for
+      every expert fine-tuned from it, permuted by the foundation's permutation.
+    """
+    from ..io import save_state
+    if transfer_to and len(others) != 1:
+        raise MergelabError(f"--transfer-to: needs exactly one OTHER (the foundation model the experts were "
+                            f"fine-tuned from), found {len(others)}")
+    for p in [reference, *others, *transfer_to]:
+        if isinstance(p, (str, os.PathLike)) and not Path(p).exists():
+            raise MergelabError(f"{p}: no such file or folder")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MergelabError(f"-o {out}: exists and is not a folder")
+    names = _unique_stems([*others, *transfer_to])
+    targets = [out / f"{n}.permutation.safetensors" for n in names[:len(others)]]
+    if checkpoints:
+        targets += [out / n for n in names[:len(others)]]
+    targets += [out / n for n in names[len(others):]]
+    if not force:
+        for t in targets:
+            if t.exists():
+                raise MergelabError(f"{t}: already exists (use --force to replace it)")
+    res = align_checkpoints(reference, others, model_code=model_code, method=method, data=data,
+                            input_shape=input_shape, batch_size=batch_size, max_iter=max_iter, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for n, o, perm in zip(names, others, res.permutations):
+        written.append(save_permutation(perm, out / f"{n}.permutation.safetensors", res.spec))
+        if checkpoints:
+            written.append(_write_permuted(o, res.spec, perm, out / n, force, shard_size, save_state))
+    for n, e in zip(names[len(others):], transfer_to):
+        written.append(_write_permuted(e, res.spec, res.permutations[0], out / n, force, shard_size, save_state))
+    return res, written
+
+
+def _write_permuted(src, spec, perm, dst: Path, force: bool, shard_size: str, save_state) -> Path:
+    ck = _open(src)
+    view = PermutedCheckpoint(ck, spec, perm)
+    path = getattr(ck, "path", None)
+    like = Path(path) if path is not None and Path(path).is_dir() else None
+    return save_state(view, dst, like=like, shard_size=shard_size, force=force)
+
+
+# ----------------------------------------------------------------------------- recipes
+def recipe_inputs(recipe, inputs: Mapping | None = None) -> dict:
+    """For a recipe with an ``align:`` section: ``{model reference as written: PermutedCheckpoint}``
+    for every model that must be read aligned (see docs/align.md, "Recipes").  The merge
+    engine then opens those through the permuted view instead of the plain checkpoint."""
+    a = recipe.align
+    inputs = dict(inputs or {})
+
+    def path_of(ref):
+        got = inputs.get(ref, ref) if isinstance(ref, str) else ref
+        return recipe.resolve_path(got) if isinstance(got, (str, os.PathLike)) else got
+
+    def same(x, y):
+        px, py = path_of(x), path_of(y)
+        if isinstance(px, (str, os.PathLike)) and isinstance(py, (str, os.PathLike)):
+            return Path(px).absolute() == Path(py).absolute()
+        return px is py
+
+    model_refs = [m.model for m in recipe.models] + ([recipe.base_model] if recipe.base_model is not None else [])
+    for ref in model_refs:
+        if not isinstance(ref, str):
+            raise MergelabError(f"recipe: align: models must be named by path (or by a name given in "
+                                f"inputs=), found {type(ref).__name__}")
+    reference = a.reference if a.reference is not None else (
+        recipe.base_model if recipe.base_model is not None else recipe.models[0].model)
+    data = path_of(a.data) if isinstance(a.data, str) else a.data
+    kw = dict(model_code=a.model_code, method=a.method, data=data, input_shape=a.input_shape,
+              batch_size=a.batch_size, max_iter=a.max_iter, seed=recipe.seed)
+    out = {}
+    if a.transfer is not None:
+        t = a.transfer
+        for e in t.experts:
+            if not any(same(e, m) for m in model_refs):
+                raise MergelabError(f"recipe: align.transfer.experts: {e} is not one of the recipe's models")
+        res = align_checkpoints(path_of(reference), [path_of(t.foundation_b)], **kw)
+        for ref in model_refs:
+            if any(same(ref, e) for e in t.experts):
+                out[ref] = PermutedCheckpoint(_open(path_of(ref)), res.spec, res.permutations[0])
+        return out
+    todo = []
+    for ref in model_refs:
+        if not same(ref, reference) and not any(same(ref, x) for x in todo):
+            todo.append(ref)
+    if not todo:
+        raise MergelabError("recipe: align: every model is the reference; nothing to align")
+    res = align_checkpoints(path_of(reference), [path_of(r) for r in todo], **kw)
+    for r, perm in zip(todo, res.permutations):
+        view = PermutedCheckpoint(_open(path_of(r)), res.spec, perm)
+        for ref in model_refs:
+            if same(ref, r):
+                out[ref] = view
+    return out
+
+
+__all__ = ["AlignResult", "align_checkpoints", "build_model", "hf_example_inputs", "load_factory",
+           "load_weights", "recipe_inputs", "run_align", "spec_state"]
