@@ -12,99 +12,22 @@ as a whole.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import MergelabError
+from ..io.models import build_model, is_hf_folder, load_factory, load_weights  # noqa: F401  (re-exported)
 from .apply import PermutedCheckpoint, save_permutation
 from .matching import activation_matching, weight_matching
 from .spec import Permutation, PermutationSpec, permutation_spec
 
 
 # ----------------------------------------------------------------------------- models
-def load_factory(model_code: str) -> Callable[[], nn.Module]:
-    """``"module:function"`` or ``"path/to/file.py:function"`` -> the function."""
-    mod, _, fn = str(model_code).rpartition(":")
-    if not mod or not fn:
-        raise MergelabError(f"--model-code: expected MODULE:FACTORY, found '{model_code}'")
-    try:
-        if mod.endswith(".py"):
-            p = Path(mod)
-            if not p.is_file():
-                raise MergelabError(f"--model-code {model_code}: no such file {p}")
-            spec = importlib.util.spec_from_file_location(f"_mergelab_model_code_{p.stem}", p)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            if "" not in sys.path and os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(mod)
-    except MergelabError:
-        raise
-    except Exception as e:  # ImportError, or the module itself failed
-        raise MergelabError(f"--model-code {model_code}: cannot import {mod}: {type(e).__name__}: {e}") from None
-    f = getattr(module, fn, None)
-    if not callable(f):
-        raise MergelabError(f"--model-code {model_code}: {mod} has no function {fn!r}")
-    return f
-
-
-def _is_hf(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
-
-
-def build_model(path: str | os.PathLike, model_code: str | None = None) -> nn.Module:
-    """The architecture of the checkpoint at ``path`` (weights NOT loaded), in eval mode."""
-    p = Path(path)
-    if model_code is not None:
-        f = load_factory(model_code)
-        try:
-            model = f()
-        except Exception as e:
-            raise MergelabError(f"--model-code {model_code}: the factory failed: {type(e).__name__}: {e}") from None
-        if not isinstance(model, nn.Module):
-            raise MergelabError(f"--model-code {model_code}: expected a function returning an nn.Module, "
-                                f"it returned {type(model).__name__}")
-        return model.eval()
-    if _is_hf(p):
-        import transformers
-        try:
-            cfg = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
-        except Exception as e:
-            raise MergelabError(f"{p}/config.json: transformers cannot read it: {type(e).__name__}: {e}") from None
-        arch = (getattr(cfg, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        try:
-            model = cls(cfg) if cls is not None else transformers.AutoModel.from_config(cfg)
-        except Exception as e:
-            raise MergelabError(f"{p}/config.json: cannot build {arch or 'AutoModel'}: {type(e).__name__}: {e}") from None
-        return model.eval()
-    raise MergelabError(f"{p}: not a Hugging Face folder with config.json; give --model-code MODULE:FACTORY "
-                        "to say which architecture it is")
-
-
-def load_weights(model: nn.Module, ckpt, label: str) -> nn.Module:
-    """Load every tensor of ``ckpt`` (a Checkpoint-like object) into ``model`` (strict)."""
-    state = {k: ckpt.get(k) for k in ckpt.keys()}
-    try:
-        r = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
-        raise MergelabError(f"{label}: weights do not fit the model: {first}") from None
-    if r.missing_keys or r.unexpected_keys:
-        raise MergelabError(f"{label}: weights do not fit the model: missing {r.missing_keys[:3]}, "
-                            f"unexpected {r.unexpected_keys[:3]}")
-    return model.eval()
-
-
 def hf_example_inputs(model: nn.Module) -> Any:
     """Small inputs that exercise every path of a Hugging Face model (padding included)."""
     import inspect
@@ -223,7 +146,7 @@ def align_checkpoints(reference, others: Sequence, *, model_code: str | None = N
         x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed))
     elif batches is not None:
         x = _first_batch_input(batches)
-    elif _is_hf(ref_path) and model_code is None:
+    elif is_hf_folder(ref_path) and model_code is None:
         x = hf_example_inputs(model)
     else:
         raise MergelabError("align: cannot make example inputs for tracing; give --input-shape (e.g. 1,3,32,32)")

@@ -13,18 +13,13 @@ Data (:func:`load_data`), by what ``path`` is:
   ``input_ids``, ``attention_mask`` (...) and ``labels``.  String labels are mapped through the
   model's ``config.label2id`` when it has them, else in sorted order.
 
-Models (:func:`load_model`): a Hugging Face folder (``config.json``; the class named in
-``architectures``, else ``AutoModel``), or a checkpoint file plus ``model_code="module:factory"``
-(a function returning the ``nn.Module``; the weights are read with
-:func:`mergelab.io.open_checkpoint` and loaded strictly).
+Models: :func:`mergelab.io.models.load_model` (re-exported here).
 """
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -33,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MergelabError
+from ..io.models import load_model  # noqa: F401  (re-exported for the stats CLI)
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
@@ -196,66 +192,3 @@ def model_label2id(model: nn.Module) -> dict[str, int] | None:
     if not l2i or all(re.fullmatch(r"LABEL_\d+", k) for k in l2i):
         return None
     return dict(l2i)
-
-
-def load_model(path: str | Path, model_code: str | None = None, progress: bool = True
-               ) -> tuple[nn.Module, Any]:
-    """``(model in eval mode, tokenizer or None)`` from an HF folder or checkpoint + factory."""
-    p = Path(path)
-    if not p.exists():
-        raise MergelabError(f"model '{p}': no such file or folder")
-    if model_code is not None:
-        model = _factory(model_code)()
-        if not isinstance(model, nn.Module):
-            raise MergelabError(f"--model-code {model_code}: expected a function returning an "
-                                f"nn.Module, it returned {type(model).__name__}")
-        state = _read_state(p)
-        missing, unexpected = _load(model, state)
-        if missing or unexpected:
-            raise MergelabError(f"model '{p}': weights do not fit the model from {model_code}: "
-                                f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        return model.eval(), None
-    if p.is_dir() and (p / "config.json").exists():
-        import transformers
-
-        if not progress:
-            transformers.utils.logging.disable_progress_bar()
-        cfg = transformers.AutoConfig.from_pretrained(str(p))
-        arch = (getattr(cfg, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        model = (cls or transformers.AutoModel).from_pretrained(str(p))
-        tok = None
-        if any((p / n).exists() for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
-            tok = transformers.AutoTokenizer.from_pretrained(str(p))
-        return model.eval(), tok
-    raise MergelabError(f"model '{p}': expected a Hugging Face folder with config.json, or a "
-                        "checkpoint with --model-code MODULE:FACTORY")
-
-
-def _factory(spec: str):
-    mod, _, fn = spec.partition(":")
-    if not mod or not fn:
-        raise MergelabError(f"--model-code: expected MODULE:FACTORY, found '{spec}'")
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")
-    try:
-        f = getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise MergelabError(f"--model-code {spec}: cannot import ({e})") from None
-    return f
-
-
-def _read_state(p: Path) -> dict[str, Tensor]:
-    """All tensors of a checkpoint, through the shared lazy reader (never unpickles)."""
-    from ..io import open_checkpoint
-
-    ck = open_checkpoint(p)
-    return {k: ck.get(k) for k in ck.keys()}
-
-
-def _load(model: nn.Module, state: dict[str, Tensor]):
-    try:
-        r = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise MergelabError(f"weights do not fit the model: {str(e).splitlines()[1:2]}") from None
-    return list(r.missing_keys), list(r.unexpected_keys)

@@ -1,0 +1,129 @@
+"""Building ``nn.Module`` objects for checkpoints: the one place that turns a path (and
+optionally the user's ``--model-code``) into a model.
+
+* A Hugging Face folder (``config.json``): the class named in ``architectures``, else
+  ``AutoModel``.
+* Anything else: the user's factory ``model_code="module:function"`` or
+  ``"path/to/file.py:function"``, a function of no arguments returning the ``nn.Module``;
+  weights are read with :func:`mergelab.io.open_checkpoint` (never unpickled) and loaded
+  strictly.
+
+Used by ``mergelab align`` (architecture only, then weights through a lazily permuted view)
+and ``mergelab stats`` (model with weights and tokenizer).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from ..errors import MergelabError
+
+
+def load_factory(model_code: str) -> Callable[[], nn.Module]:
+    """``"module:function"`` or ``"path/to/file.py:function"`` -> the function."""
+    mod, _, fn = str(model_code).rpartition(":")
+    if not mod or not fn:
+        raise MergelabError(f"--model-code: expected MODULE:FACTORY, found '{model_code}'")
+    try:
+        if mod.endswith(".py"):
+            p = Path(mod)
+            if not p.is_file():
+                raise MergelabError(f"--model-code {model_code}: no such file {p}")
+            spec = importlib.util.spec_from_file_location(f"_mergelab_model_code_{p.stem}", p)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(mod)
+    except MergelabError:
+        raise
+    except Exception as e:  # ImportError, or the module itself failed
+        raise MergelabError(f"--model-code {model_code}: cannot import {mod}: {type(e).__name__}: {e}") from None
+    f = getattr(module, fn, None)
+    if not callable(f):
+        raise MergelabError(f"--model-code {model_code}: {mod} has no function {fn!r}")
+    return f
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def build_model(path: str | os.PathLike, model_code: str | None = None) -> nn.Module:
+    """The architecture of the checkpoint at ``path`` (weights NOT loaded), in eval mode."""
+    p = Path(path)
+    if model_code is not None:
+        f = load_factory(model_code)
+        try:
+            model = f()
+        except Exception as e:
+            raise MergelabError(f"--model-code {model_code}: the factory failed: {type(e).__name__}: {e}") from None
+        if not isinstance(model, nn.Module):
+            raise MergelabError(f"--model-code {model_code}: expected a function returning an nn.Module, "
+                                f"it returned {type(model).__name__}")
+        return model.eval()
+    if is_hf_folder(p):
+        import transformers
+        try:
+            cfg = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+        except Exception as e:
+            raise MergelabError(f"{p}/config.json: transformers cannot read it: {type(e).__name__}: {e}") from None
+        arch = (getattr(cfg, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        try:
+            model = cls(cfg) if cls is not None else transformers.AutoModel.from_config(cfg)
+        except Exception as e:
+            raise MergelabError(f"{p}/config.json: cannot build {arch or 'AutoModel'}: {type(e).__name__}: {e}") from None
+        return model.eval()
+    if not p.exists():
+        raise MergelabError(f"model '{p}': no such file or folder")
+    raise MergelabError(f"{p}: not a Hugging Face folder with config.json; give --model-code MODULE:FACTORY "
+                        "to say which architecture it is")
+
+
+def load_weights(model: nn.Module, ckpt, label: str) -> nn.Module:
+    """Load every tensor of ``ckpt`` (a Checkpoint-like object) into ``model`` (strict)."""
+    state = {k: ckpt.get(k) for k in ckpt.keys()}
+    try:
+        r = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise MergelabError(f"{label}: weights do not fit the model: {first}") from None
+    if r.missing_keys or r.unexpected_keys:
+        raise MergelabError(f"{label}: weights do not fit the model: missing {r.missing_keys[:3]}, "
+                            f"unexpected {r.unexpected_keys[:3]}")
+    return model.eval()
+
+
+def load_model(path: str | os.PathLike, model_code: str | None = None, progress: bool = True
+               ) -> tuple[nn.Module, Any]:
+    """``(model with its weights, in eval mode; tokenizer or None)``."""
+    p = Path(path)
+    if not p.exists():
+        raise MergelabError(f"model '{p}': no such file or folder")
+    if model_code is not None:
+        from .reader import open_checkpoint
+
+        return load_weights(build_model(p, model_code), open_checkpoint(p), f"model '{p}'"), None
+    if is_hf_folder(p):
+        import transformers
+
+        if not progress:
+            transformers.utils.logging.disable_progress_bar()
+        cfg = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+        arch = (getattr(cfg, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        model = (cls or transformers.AutoModel).from_pretrained(str(p), local_files_only=True)
+        tok = None
+        if any((p / n).exists() for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+            tok = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        return model.eval(), tok
+    return build_model(p, None), None  # raises the one-line error
