@@ -18,7 +18,9 @@ A foundation MLP is pre-trained on the ``pretrain`` split of MNIST-10k and Anima
   labelled subset each time), the reported accuracy is the mean over seeds.
 
 Fisher merges use :func:`mergelab.methods.fisher.fisher_merge`; Fisher estimates come from
-:func:`mergelab.stats.diagonal_fisher` (mode ``expected``).
+:func:`mergelab.stats.diagonal_fisher`: the exact expectation over labels (``expected``) in
+smoke and full, one sampled label per example (``sampled``, an unbiased estimate of the same
+Fisher at 1/C of the cost) in quick.
 """
 from __future__ import annotations
 
@@ -42,10 +44,10 @@ PROFILES: dict[str, dict[str, Any]] = {
                   train_limit=3000, val_limit=300, test_limit=500, fisher_examples=128, fisher_mode="expected",
                   target_n=50, target_steps=40, donor_steps=60, seeds=[0], grid=11),
     "quick": dict(widths=(256, 256), pre_steps=1500, ft_steps=500, n_members=4, batch=128, lr=0.05, ft_lr=0.05,
-                  train_limit=None, val_limit=1000, test_limit=None, fisher_examples=1024, fisher_mode="expected",
+                  train_limit=None, val_limit=1000, test_limit=None, fisher_examples=1024, fisher_mode="sampled",
                   target_n=100, target_steps=200, donor_steps=800, seeds=[0, 1, 2], grid=51),
     "full": dict(widths=(512, 512), pre_steps=3000, ft_steps=1000, n_members=5, batch=128, lr=0.05, ft_lr=0.05,
-                 train_limit=None, val_limit=None, test_limit=None, fisher_examples=2048, fisher_mode="expected",
+                 train_limit=None, val_limit=None, test_limit=None, fisher_examples=1024, fisher_mode="expected",
                  target_n=100, target_steps=300, donor_steps=1500, seeds=[0, 1, 2, 3, 4], grid=51),
 }
 
