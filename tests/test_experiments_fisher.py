@@ -58,7 +58,7 @@ def test_fisher_smoke_end_to_end(tmp_path):
     for x in res["runs"]:
         assert all(0 <= a <= 1 for a in x["acc"].values())
     for row in res["transfer_seeds"]:
-        for m in ("average", "fisher"):
+        for m in ("average", "fisher", "fisher_normalized"):
             if m in row:  # λ chosen on validation: the best of the grid's validation scores
                 assert row[m]["val"] == max(row[m]["val_grid"].values())
                 assert len(row[m]["val_grid"]) == res["config"]["grid"]

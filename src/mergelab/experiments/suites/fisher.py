@@ -14,7 +14,8 @@ A foundation MLP is pre-trained on the ``pretrain`` split of MNIST-10k and Anima
   foundation. Bodies are merged with weights ``(λ, 1 − λ)``, the target keeps its head; λ
   is chosen on the target's validation split over a ``grid``-point grid (51 in the paper) by
   :func:`mergelab.methods.search.coefficient_search`, for the average and the Fisher merge
-  alike. Compared with the target alone; repeated for each seed in ``seeds`` (a different
+  alike (and for the Fisher merge with each Fisher divided by its norm, the reference code's
+  ``normalize`` option). Compared with the target alone; repeated for each seed in ``seeds`` (a different
   labelled subset each time), the reported accuracy is the mean over seeds.
 
 Fisher merges use :func:`mergelab.methods.fisher.fisher_merge`; Fisher estimates come from
@@ -42,13 +43,13 @@ from .common import Timer, versions
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(widths=(64, 64), pre_steps=100, ft_steps=60, n_members=2, batch=64, lr=0.05, ft_lr=0.05,
                   train_limit=3000, val_limit=300, test_limit=500, fisher_examples=128, fisher_mode="expected",
-                  target_n=50, target_steps=40, donor_steps=60, seeds=[0], grid=11),
+                  target_n=20, target_steps=40, donor_steps=60, seeds=[0], grid=11),
     "quick": dict(widths=(256, 256), pre_steps=1500, ft_steps=500, n_members=4, batch=128, lr=0.05, ft_lr=0.05,
                   train_limit=None, val_limit=1000, test_limit=None, fisher_examples=1024, fisher_mode="sampled",
-                  target_n=100, target_steps=200, donor_steps=800, seeds=[0, 1, 2], grid=51),
+                  target_n=20, target_steps=100, donor_steps=800, seeds=[0, 1, 2], grid=51),
     "full": dict(widths=(512, 512), pre_steps=3000, ft_steps=1000, n_members=5, batch=128, lr=0.05, ft_lr=0.05,
                  train_limit=None, val_limit=None, test_limit=None, fisher_examples=1024, fisher_mode="expected",
-                 target_n=100, target_steps=300, donor_steps=1500, seeds=[0, 1, 2, 3, 4], grid=51),
+                 target_n=20, target_steps=100, donor_steps=1500, seeds=[0, 1, 2, 3, 4], grid=51),
 }
 
 ENSEMBLE_TASK = "fmnist"
@@ -234,8 +235,9 @@ def _transfer(results, data, p, finetune, notes):
         if donor_fisher is not None:
             from ...methods.fisher import fisher_merge
             t_fisher = _fisher(target, _loader((tx, ty), 64), p["fisher_examples"], p["fisher_mode"])
-            merges["fisher"] = lambda c: with_body(fisher_merge([t_state, donor_state], [t_fisher, donor_fisher],
-                                                                weights=list(c)))
+            for name, norm in (("fisher", False), ("fisher_normalized", True)):
+                merges[name] = (lambda c, norm=norm: with_body(fisher_merge(
+                    [t_state, donor_state], [t_fisher, donor_fisher], weights=list(c), normalize=norm)))
         for method, merge_fn in merges.items():
             res = coefficient_search(merge_fn, 2, lambda m: T.evaluate(m, val)["acc"], grid=pairwise_grid(p["grid"]))
             lam = res.best_coefficients
@@ -248,7 +250,7 @@ def _transfer(results, data, p, finetune, notes):
     results["runs"].append({"setting": "transfer", "method": "target_alone", "alignment": "none", "correction": "none",
                             "acc": {TARGET_TASK: results["experts"]["transfer"][TARGET_TASK]},
                             "acc_per_seed": [r["target_alone"] for r in per_seed]})
-    for method in ("average", "fisher"):
+    for method in ("average", "fisher", "fisher_normalized"):
         if method not in per_seed[0]:
             continue
         results["runs"].append({
