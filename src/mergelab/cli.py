@@ -32,12 +32,144 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------- merge / inspect
+@main.command("merge")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (created atomically).")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
+@click.option("--dtype", default=None, help="Stored dtype: float32, float16 or bfloat16 (default: the recipe's, else the base model's).")
+@click.option("--shard-size", default="5GB", show_default=True, help="Maximum shard size, e.g. 5GB, 500MB.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where tensors are merged.")
+@click.option("--threads", type=int, default=None, help="Worker threads (default: all cores, at most 4).")
+@click.option("--allow-nonfinite", is_flag=True, default=None, help="Merge even when a tensor holds NaN or Inf.")
+@click.option("--no-checksums", is_flag=True, help="Skip the inputs' sha256 in the model card.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+def merge_cmd(recipe, out, force, dtype, shard_size, device, threads, allow_nonfinite, no_checksums, quiet):
+    """Merge the checkpoints of a YAML RECIPE into OUT."""
+    from .merge import merge
+
+    res = merge(recipe, out, force=force, dtype=dtype, shard_size=shard_size, device=device, threads=threads,
+                quiet=quiet, allow_nonfinite=allow_nonfinite, checksums=not no_checksums)
+    if not quiet:
+        click.echo(res.summary())
+
+
+@main.command("inspect")
+@click.argument("ckpt", type=click.Path())
+@click.option("--against", default=None, type=click.Path(), help="Base checkpoint: report per-tensor L2, relative L2 and cosine.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect_cmd(ckpt, against, as_json):
+    """Tensors, dtypes, parameter count and size of CKPT, and its distance to a base."""
+    import json
+
+    from .io.inspect import inspect_checkpoint
+
+    rep = inspect_checkpoint(ckpt, against)
+    click.echo(json.dumps(rep.to_dict(), indent=1) if as_json else rep.format())
+
 
 
 # ---------------------------------------------------------------- align
 
 
 # ---------------------------------------------------------------- stats
+@main.group("stats")
+def stats_group() -> None:
+    """Statistics passes over local data: fisher, activations, gram (torchrun-able)."""
+
+
+def _stats_options(f):
+    opts = [
+        click.argument("model", type=click.Path()),
+        click.option("--data", "data_path", required=True, type=click.Path(),
+                     help="Image folder (one sub-folder per class), .npz (x, y), or .csv/.jsonl text."),
+        click.option("-o", "--output", required=True, type=click.Path(), help="Output .safetensors file."),
+        click.option("--model-code", default=None, metavar="MODULE:FACTORY",
+                     help="For a checkpoint MODEL: a function that builds the nn.Module."),
+        click.option("--batch-size", default=32, show_default=True, type=int),
+        click.option("--limit", default=None, type=int, help="Use at most this many examples of the data."),
+        click.option("--image-size", default=None, type=int, help="Resize images to this square size."),
+        click.option("--text-column", default=None, help="Text column of .csv/.jsonl (default: text)."),
+        click.option("--label-column", default="label", show_default=True),
+        click.option("--max-length", default=128, show_default=True, type=int),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _stats_inputs(model, data_path, model_code, batch_size, limit, image_size, text_column,
+                  label_column, max_length, quiet):
+    from .stats import distributed
+    from .stats.data import load_data, load_model, model_label2id
+
+    distributed.init()
+    net, tok = load_model(model, model_code, progress=not quiet)
+    data = load_data(data_path, batch_size=batch_size, tokenizer=tok, text_column=text_column,
+                     label_column=label_column, label2id=model_label2id(net), max_length=max_length,
+                     image_size=image_size, limit=limit)
+    return net, data
+
+
+def _done(output, what):
+    from .stats import distributed
+
+    if distributed.is_writer():
+        click.echo(f"wrote {what} to {output}")
+
+
+@stats_group.command("fisher")
+@_stats_options
+@click.option("--mode", type=click.Choice(["expected", "sampled", "empirical"]), default="expected",
+              show_default=True)
+@click.option("--n-examples", default=None, type=int, help="At most this many examples (default all).")
+@click.option("--seed", default=0, show_default=True, type=int)
+def stats_fisher(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
+                 label_column, max_length, quiet, mode, n_examples, seed):
+    """Diagonal Fisher of MODEL's parameters (mean of squared per-example gradients)."""
+    from .stats import diagonal_fisher
+
+    net, data = _stats_inputs(model, data_path, model_code, batch_size, limit, image_size,
+                              text_column, label_column, max_length, quiet)
+    f = diagonal_fisher(net, data, mode=mode, n_examples=n_examples, seed=seed, progress=not quiet)
+    f.save(output)
+    _done(output, f"the {mode} Fisher of {len(f)} tensors over {f.n_examples} examples")
+
+
+@stats_group.command("activations")
+@_stats_options
+@click.option("--site", "sites", multiple=True, help="A site (module name, or NAME:input); repeatable. "
+              "Default: automatic sites.")
+@click.option("--head", default="auto", show_default=True,
+              help="The head module (its input is the last site); 'none' for no head.")
+def stats_activations(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
+                      label_column, max_length, quiet, sites, head):
+    """Per-channel mean/std of activations at sites."""
+    from .stats import activation_stats
+
+    net, data = _stats_inputs(model, data_path, model_code, batch_size, limit, image_size,
+                              text_column, label_column, max_length, quiet)
+    st = activation_stats(net, data, list(sites) or None, head=None if head == "none" else head,
+                          progress=not quiet)
+    st.save(output)
+    _done(output, f"statistics of {len(st.sites)} sites")
+
+
+@stats_group.command("gram")
+@_stats_options
+@click.option("--layer", "layers", multiple=True, help="A linear layer's module name; repeatable. "
+              "Default: every nn.Linear.")
+def stats_gram(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
+               label_column, max_length, quiet, layers):
+    """Gram matrices XᵀX of linear layers' inputs (for RegMean)."""
+    from .stats import gram_matrices
+
+    net, data = _stats_inputs(model, data_path, model_code, batch_size, limit, image_size,
+                              text_column, label_column, max_length, quiet)
+    g = gram_matrices(net, data, list(layers) or None, progress=not quiet)
+    g.save(output)
+    _done(output, f"{len(g)} Gram matrices")
+
 
 
 # ---------------------------------------------------------------- data / reproduce

@@ -1,0 +1,94 @@
+"""Do mergekit recipes give the same tensors in mergelab as in mergekit?
+
+    python benchmarks/mergekit_compat.py [--mergekit PATH_TO_mergekit-yaml] [--size tiny]
+
+Builds a small bf16 Llama base and two fine-tune-like variants, runs the same recipes
+(linear, task_arithmetic, ties; weights, densities, gradients and filter rules) through
+``mergekit-yaml`` and ``mergelab merge``, and compares every output tensor: the share of
+bit-identical elements, and the largest difference in units of one bfloat16 ulp at the
+tensor's scale (2^(floor(log2 max|x|) - 7)).  Two compute settings: ``dtype: float32, out_dtype: bfloat16`` (both compute
+in float32: expect bit-equality up to float summation order) and ``dtype: bfloat16``
+(mergekit computes in bf16, mergelab in float32: differences are bf16 rounding).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from merge_throughput import find_mergekit, generate  # noqa: E402
+
+
+def recipes(base: Path, a: Path, b: Path, dt: dict) -> dict[str, dict]:
+    return {
+        "linear": {"models": [{"model": str(a), "parameters": {"weight": 0.3}},
+                              {"model": str(b), "parameters": {"weight": [0.2, 0.9]}}],
+                   "merge_method": "linear", **dt},
+        "task_arithmetic": {"models": [{"model": str(a), "parameters": {"weight": 0.7}},
+                                       {"model": str(b), "parameters": {"weight": [{"filter": "mlp", "value": 0.2},
+                                                                                  {"value": 0.5}]}}],
+                            "merge_method": "task_arithmetic", "base_model": str(base),
+                            "parameters": {"lambda": 0.8}, **dt},
+        "ties": {"models": [{"model": str(a), "parameters": {"weight": 1.0, "density": 0.5}},
+                            {"model": str(b), "parameters": {"weight": 0.6, "density": [0.3, 0.8]}}],
+                 "merge_method": "ties", "base_model": str(base), "parameters": {"normalize": True}, **dt},
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mergekit", default=None)
+    ap.add_argument("--size", default="tiny")
+    args = ap.parse_args(argv)
+    mk = find_mergekit(args.mergekit)
+    if mk is None:
+        raise SystemExit("mergekit-yaml not found (--mergekit, $MERGEKIT_YAML or PATH)")
+    from mergelab.io import open_checkpoint
+
+    root = Path(tempfile.mkdtemp(prefix="mergelab-compat-"))
+    try:
+        base = generate(root / "base", args.size, 0, None)
+        a = generate(root / "a", args.size, 1, 0)
+        b = generate(root / "b", args.size, 2, 0)
+        print("| method | compute dtype | tensors | elements | bit-identical | max diff (tensor-scale bf16 ulps) | elements > 1 such ulp |")
+        print("|---|---|---|---|---|---|---|")
+        for label, dt in (("float32", {"dtype": "float32", "out_dtype": "bfloat16"}), ("bfloat16", {"dtype": "bfloat16"})):
+            for name, r in recipes(base, a, b, dt).items():
+                rp = root / f"{name}.yaml"
+                rp.write_text(yaml.safe_dump(r))
+                for tool, cmd in (("mk", [mk, str(rp), str(root / "mk"), "--quiet", "--no-cuda", "--no-copy-tokenizer"]),
+                                  ("ml", [sys.executable, "-m", "mergelab", "merge", str(rp), "-o", str(root / "ml"),
+                                          "--quiet", "--force"])):
+                    shutil.rmtree(root / tool, ignore_errors=True)
+                    p = subprocess.run(cmd, capture_output=True, text=True)
+                    if p.returncode != 0:
+                        raise SystemExit(f"{tool} failed on {name}: {p.stderr.strip().splitlines()[-1:]}")
+                x, y = open_checkpoint(root / "mk"), open_checkpoint(root / "ml")
+                assert set(x.keys()) == set(y.keys())
+                n = same = big = 0
+                worst = 0
+                for k in x.keys():
+                    tx, ty = x.get(k), y.get(k)
+                    assert tx.dtype == ty.dtype == torch.bfloat16, (k, tx.dtype, ty.dtype)
+                    n += tx.numel()
+                    same += int((tx.view(torch.int16) == ty.view(torch.int16)).sum())
+                    fx, fy = tx.float(), ty.float()
+                    scale = float(fx.abs().max())
+                    ulp = 2.0 ** (torch.tensor(scale).log2().floor().item() - 7) if scale > 0 else 2.0 ** -133
+                    d = (fx - fy).abs() / ulp
+                    big += int((d > 1).sum())
+                    worst = max(worst, float(d.max()))
+                print(f"| {name} | {label} | {len(x)} | {n} | {same / n:.4%} | {worst:.3g} | {big} |", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

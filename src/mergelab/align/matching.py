@@ -1,0 +1,438 @@
+"""Finding permutations: weight matching, activation matching, many-model alignment.
+
+Both matchers solve, per *unit*, a linear assignment problem that maximises the agreement
+between the reference model A and the permuted model B:
+
+* a ``plain`` group (or a ``heads`` / shared ``within_head`` group with no per-head
+  dimensions) is one LAP over a cost matrix C (n x n);
+* a ``heads`` group with per-head ``within_head`` groups (attention) is solved jointly: for
+  every pair (head h of A, head h' of B) the best within-head permutation of each inner group
+  is one small LAP on the (h, h') block of that group's flat cost matrix; the head
+  permutation is then the LAP over the summed block scores.  Heads therefore move whole,
+  and query/key and value/output dims are permuted inside the head they belong to.
+
+Weight matching (Git Re-Basin) uses C = sum over the unit's parameter axes of
+unfold(W_A) unfold(W_B with all other axes permuted)^T and coordinate descent over units in
+random order until a sweep improves nothing.  Activation matching uses the cross-model
+Pearson correlation of the unit's activations, accumulated in float64 over the data.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from ..errors import MergelabError
+from .apply import permute
+from .spec import Permutation, PermutationSpec, compose_heads, expr_size, run_recorded
+
+
+def _lap(c: np.ndarray) -> np.ndarray:
+    return linear_sum_assignment(c, maximize=True)[1]
+
+
+# ----------------------------------------------------------------------------- pieces
+def _pieces(t: torch.Tensor, rules, sizes) -> list:
+    """Split a tensor into pieces whose axes are each ``None`` or one group name.
+
+    Product axes are reshaped into their parts, concatenations and segments are cut.
+    """
+    axes = [None] * t.dim()
+    by_axis: dict[int, list] = {}
+    for r in rules:
+        by_axis.setdefault(r.axis, []).append(r)
+    out = [(t, [("raw", a) for a in range(t.dim())])]
+    # first cut segments
+    for a, rs in by_axis.items():
+        if len(rs) == 1 and rs[0].start == 0 and rs[0].length == t.shape[a]:
+            continue
+        new = []
+        for x, ax in out:
+            k = next(i for i, v in enumerate(ax) if v == ("raw", a))
+            pos = 0
+            for r in sorted(rs, key=lambda r: r.start):
+                if r.start > pos:
+                    new.append((x.narrow(k, pos, r.start - pos), ax[:k] + [None] + ax[k + 1:]))
+                new.append((x.narrow(k, r.start, r.length), ax[:k] + [("e", r.expr)] + ax[k + 1:]))
+                pos = r.start + r.length
+            if pos < x.shape[k]:
+                new.append((x.narrow(k, pos, x.shape[k] - pos), ax[:k] + [None] + ax[k + 1:]))
+        out = new
+    full = {a: rs[0].expr for a, rs in by_axis.items()
+            if len(rs) == 1 and rs[0].start == 0 and rs[0].length == t.shape[a]}
+    out = [(x, [("e", full[v[1]]) if v is not None and v[0] == "raw" and v[1] in full
+                else None if v is not None and v[0] == "raw" else v for v in ax]) for x, ax in out]
+    # then expand rules into simple axes
+    done = []
+    stack = out
+    while stack:
+        x, ax = stack.pop()
+        k = next((i for i, v in enumerate(ax) if v is not None and v[0] == "e"), None)
+        if k is None:
+            done.append((x, ax))
+            continue
+        e = ax[k][1]
+        if e[0] == "id":
+            stack.append((x, ax[:k] + [None] + ax[k + 1:]))
+        elif e[0] == "group":
+            stack.append((x, ax[:k] + [("g", e[1])] + ax[k + 1:]))
+        elif e[0] == "prod":
+            shp = [expr_size(p, sizes) for p in e[1]]
+            y = x.reshape(*x.shape[:k], *shp, *x.shape[k + 1:])
+            stack.append((y, ax[:k] + [("e", p) for p in e[1]] + ax[k + 1:]))
+        elif e[0] == "cat":
+            pos = 0
+            for p in e[1]:
+                n = expr_size(p, sizes)
+                stack.append((x.narrow(k, pos, n), ax[:k] + [("e", p)] + ax[k + 1:]))
+                pos += n
+        else:
+            raise ValueError(e)
+    return [(x, [v[1] if v is not None else None for v in ax]) for x, ax in done]
+
+
+def _state_pieces(spec: PermutationSpec, state: Mapping[str, torch.Tensor], what: str) -> list:
+    sizes = {n: g.size for n, g in spec.groups.items()}
+    res = []
+    for name in spec.axes:
+        if name not in state:
+            raise MergelabError(f"{what}: state has no tensor {name!r} that the spec permutes")
+        t = state[name]
+        if not torch.is_tensor(t):
+            t = torch.as_tensor(t)
+        res.extend(_pieces(t.detach().float(), spec.axes[name], sizes))
+    return res
+
+
+def _permute_piece(x, ax, perm, skip=None):
+    for k, g in enumerate(ax):
+        if g is not None and k != skip:
+            x = x.index_select(k, perm[g])
+    return x
+
+
+# ----------------------------------------------------------------------------- units
+class _Units:
+    """Which groups are solved jointly (heads with their per-head within groups)."""
+
+    def __init__(self, spec: PermutationSpec):
+        self.spec = spec
+        inner = {}
+        for n, g in spec.groups.items():
+            if g.kind == "within_head" and g.per_head:
+                inner.setdefault(g.head_group, []).append(n)
+        self.inner = inner
+        self.units = []   # (kind, head or group name, [inner names])
+        for n, g in spec.groups.items():
+            if g.kind == "within_head" and g.per_head:
+                continue
+            self.units.append(("joint", n, inner[n]) if n in inner else ("plain", n, []))
+
+    def solve(self, unit, costs: dict, perm: dict):
+        """Best permutation(s) for one unit given cost matrices; returns (new dict, gain)."""
+        kind, n, inners = unit
+        if kind == "plain":
+            c = costs.get(n)
+            if c is None:
+                return {}, 0.0
+            idx = np.arange(len(c))
+            old = float(c[idx, perm[n].numpy()].sum())
+            new_p = _lap(c)
+            new = float(c[idx, new_p].sum())
+            return {n: torch.as_tensor(new_p, dtype=torch.int64)}, new - old
+        H = self.spec.groups[n].size
+        score = np.zeros((H, H)) if costs.get(n) is None else costs[n].copy()
+        old = 0.0
+        if costs.get(n) is not None:
+            old += float(costs[n][np.arange(H), perm[n].numpy()].sum())
+        taus = {}
+        for i in inners:
+            c = costs.get(i)
+            g = self.spec.groups[i]
+            d = g.head_dim
+            if c is None:
+                continue
+            old += float(c[np.arange(H * d), perm[i].numpy()].sum())
+            t = {}
+            for h in range(H):
+                for h2 in range(H):
+                    blk = c[h * d:(h + 1) * d, h2 * d:(h2 + 1) * d]
+                    p = _lap(blk)
+                    score[h, h2] += blk[np.arange(d), p].sum()
+                    t[h, h2] = p
+            taus[i] = t
+        sigma = _lap(score)
+        new = float(score[np.arange(H), sigma].sum())
+        out = {n: torch.as_tensor(sigma, dtype=torch.int64)}
+        for i in inners:
+            g = self.spec.groups[i]
+            if i in taus:
+                # composed vector: new slot h takes old head sigma[h] with tau fitted for (h, sigma[h])
+                tl = [None] * H
+                for h in range(H):
+                    tl[int(sigma[h])] = torch.as_tensor(taus[i][h, int(sigma[h])], dtype=torch.int64)
+                out[i] = compose_heads(out[n], tl, g.head_dim)
+            else:   # no cost for this inner group: keep each head's current inner order
+                d = g.head_dim
+                cur = perm[i].view(H, d)
+                old_heads = (cur[:, 0] // d).tolist()
+                tl = [None] * H
+                for h, s in enumerate(old_heads):
+                    tl[s] = cur[h] - s * d
+                out[i] = compose_heads(out[n], tl, d)
+        return out, new - old
+
+
+def _objective(pa, pbp) -> float:
+    return sum(float((xa * xb).sum(dtype=torch.float64)) for (xa, _), xb in zip(pa, pbp))
+
+
+def _weight_costs(unit, pa, pbp, perm) -> dict:
+    """Cost matrices C[i, j] = <A_i, B_j with all other axes permuted> for the unit's groups.
+
+    ``pbp`` holds B's pieces fully permuted by ``perm``; undoing the permutation of the
+    axis itself is a column reordering of the product.
+    """
+    names = {unit[1], *unit[2]}
+    costs: dict = {}
+    for (xa, ax), xb in zip(pa, pbp):
+        for k, g in enumerate(ax):
+            if g not in names:
+                continue
+            n = xa.shape[k]
+            a = xa.movedim(k, 0).reshape(n, -1)
+            b = xb.movedim(k, 0).reshape(n, -1)
+            cp = (a @ b.T).double().numpy()
+            c = np.empty_like(cp)
+            c[:, perm[g].numpy()] = cp
+            costs[g] = costs[g] + c if g in costs else c
+    return costs
+
+
+def weight_matching(spec: PermutationSpec, reference_state: Mapping[str, torch.Tensor],
+                    other_state: Mapping[str, torch.Tensor], max_iter: int = 100, seed: int = 0,
+                    init: Mapping[str, torch.Tensor] | None = None, verbose: bool = False,
+                    groups: Sequence[str] | None = None) -> Permutation:
+    """Permutation of ``other_state`` that best matches ``reference_state`` (Git Re-Basin).
+
+    Coordinate descent over groups in random order (seeded), one LAP per group (or per
+    head unit), until a sweep improves nothing (gain <= 1e-12 x max(1, |objective|)) or
+    ``max_iter`` sweeps.  ``permute(spec, other_state, result)`` is then aligned to the
+    reference.  ``result.history`` holds the objective sum <W_A, pi(W_B)> after each sweep
+    (index 0: before the first sweep).  ``groups`` restricts the search to some groups
+    (the others keep their ``init`` value).
+    """
+    if isinstance(reference_state, nn.Module):
+        reference_state = reference_state.state_dict()
+    if isinstance(other_state, nn.Module):
+        other_state = other_state.state_dict()
+    pa = _state_pieces(spec, reference_state, "weight_matching (reference)")
+    pb = _state_pieces(spec, other_state, "weight_matching (other)")
+    for (xa, _), (xb, _) in zip(pa, pb):
+        if xa.shape != xb.shape:
+            raise MergelabError(f"weight_matching: reference and other differ in shape: {tuple(xa.shape)} "
+                                f"vs {tuple(xb.shape)}")
+    perm = dict(spec.check(init) if init is not None else spec.identity())
+    units = _Units(spec)
+    todo = [u for u in units.units if groups is None or u[1] in groups]
+    rng = np.random.default_rng(seed)
+    pbp = [_permute_piece(xb, ax, perm) for xb, ax in pb]
+    history = [_objective(pa, pbp)]
+    for sweep in range(max_iter):
+        improved = False
+        for ui in rng.permutation(len(todo)):
+            u = todo[ui]
+            costs = _weight_costs(u, pa, pbp, perm)
+            new, gain = units.solve(u, costs, perm)
+            if gain > 1e-12 * max(1.0, abs(history[-1])):
+                perm.update(new)
+                improved = True
+                for i, (xb, ax) in enumerate(pb):
+                    if any(g in new for g in ax if g is not None):
+                        pbp[i] = _permute_piece(xb, ax, perm)
+        history.append(_objective(pa, pbp))
+        if verbose:
+            print(f"weight_matching: sweep {sweep + 1}: objective {history[-1]:.6g}")
+        if not improved:
+            break
+    return Permutation(spec.check(perm), history=history)
+
+
+# ----------------------------------------------------------------------------- activations
+def _default_input(batch):
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    return batch
+
+
+# ops whose outputs serve as activation-matching sites: layers, norms, nonlinearities
+SITE_OPS = {"aten.addmm", "aten.mm", "aten.bmm", "aten.convolution", "aten.native_layer_norm",
+            "aten.native_batch_norm", "aten._native_batch_norm_legit_no_training", "aten.native_group_norm",
+            "aten._fused_rms_norm", "aten.relu", "aten.gelu", "aten.tanh", "aten.sigmoid", "aten.silu",
+            "aten.hardtanh", "aten.leaky_relu", "aten.elu", "module:MultiheadAttention"}
+
+
+def activation_sites(spec: PermutationSpec) -> dict[str, list[tuple]]:
+    """group -> [((op name, occurrence), output index, axis)] of traced layer/norm/activation
+    outputs that carry the group on one axis."""
+    if spec.trace is None:
+        raise MergelabError("activation matching needs a spec built by permutation_spec() "
+                            "(a loaded spec has no trace)")
+    sites: dict[str, list] = {}
+    counts: dict[str, int] = {}
+    for name, outs in zip(spec.trace.op_names, spec.trace.act_exprs):
+        k = counts.get(name, 0)
+        counts[name] = k + 1
+        if name not in SITE_OPS and not name.startswith("aten.relu"):
+            continue
+        for j, ex in enumerate(outs):
+            for a, e in enumerate(ex):
+                if e is not None and e[0] == "group":
+                    sites.setdefault(e[1], []).append(((name, k), j, a))
+    return sites
+
+
+def activation_matching(spec: PermutationSpec, reference_model: nn.Module, other_model: nn.Module,
+                        data: Iterable, input_fn: Callable | None = None, max_batches: int | None = None,
+                        seed: int = 0) -> Permutation:
+    """Permutation of ``other_model`` matching ``reference_model`` by activation correlation.
+
+    Runs both models on each batch of ``data`` (``input_fn(batch)`` gives the model input;
+    default: a tensor or dict is the input, a tuple/list's first element is), and
+    accumulates, per group and per traced site carrying it, float64 sums for the
+    cross-model Pearson correlation (conv maps: flattened over batch and space).  Dead
+    channels (zero variance) give NaN, set to 0.  One LAP per group (joint for attention
+    heads).  Groups with no traced activation (e.g. inside nn.MultiheadAttention, which is
+    traced as one step) are then weight-matched with all other groups held fixed.
+    """
+    sites = activation_sites(spec)
+    want: dict[int, list[int]] = {}
+    for lst in sites.values():
+        for i, j, _ in lst:
+            want.setdefault(i, [])
+            if j not in want[i]:
+                want[i].append(j)
+    input_fn = input_fn or _default_input
+    stats: dict = {}
+    ref = reference_model.eval()
+    oth = other_model.eval()
+    nb = 0
+    for batch in data:
+        if max_batches is not None and nb >= max_batches:
+            break
+        nb += 1
+        x = input_fn(batch)
+        ra, _ = run_recorded(ref, x, keep="want", want=want)
+        rb, _ = run_recorded(oth, x, keep="want", want=want)
+        va = {i: dict(zip(want[i], v)) for i, v in ra.values}
+        vb = {i: dict(zip(want[i], v)) for i, v in rb.values}
+        if len(va) != len(want) or len(vb) != len(want):
+            raise MergelabError("activation_matching: a model did not run the layers the spec traced "
+                                "(another architecture, or inputs unlike the example inputs)")
+        for g, lst in sites.items():
+            for (i, j, a) in lst:
+                xa = va[i][j].movedim(a, -1).reshape(-1, va[i][j].shape[a]).double()
+                xb = vb[i][j].movedim(a, -1).reshape(-1, vb[i][j].shape[a]).double()
+                s = stats.get((i, j, a))
+                if s is None:
+                    n = xa.shape[1]
+                    s = stats[(i, j, a)] = [0, torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
+                                            torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
+                                            torch.zeros(n, n, dtype=torch.float64)]
+                s[0] += xa.shape[0]
+                s[1] += xa.sum(0); s[2] += xb.sum(0)
+                s[3] += (xa * xa).sum(0); s[4] += (xb * xb).sum(0)
+                s[5] += xa.T @ xb
+    if nb == 0:
+        raise MergelabError("activation_matching: data gave no batches")
+    corr: dict[str, np.ndarray] = {}
+    for g, lst in sites.items():
+        for key in lst:
+            n, sa, sb, saa, sbb, sab = stats[key]
+            ma, mb = sa / n, sb / n
+            cov = sab / n - ma[:, None] * mb[None, :]
+            sda = (saa / n - ma * ma).clamp_min(0).sqrt()
+            sdb = (sbb / n - mb * mb).clamp_min(0).sqrt()
+            c = cov / (sda[:, None] * sdb[None, :])
+            c = torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0).numpy()
+            corr[g] = corr[g] + c if g in corr else c
+    perm = dict(spec.identity())
+    units = _Units(spec)
+    for u in units.units:
+        costs = {n: corr[n] for n in (u[1], *u[2]) if n in corr}
+        if costs:
+            new, _ = units.solve(u, costs, perm)
+            perm.update(new)
+    unmatched = [u[1] for u in units.units if not any(n in corr for n in (u[1], *u[2]))]
+    history = []
+    if unmatched:
+        wm = weight_matching(spec, ref.state_dict(), oth.state_dict(), init=perm, groups=unmatched, seed=seed)
+        perm, history = dict(wm), wm.history
+    return Permutation(spec.check(perm), history=history)
+
+
+# ----------------------------------------------------------------------------- many models
+def _state(x):
+    return x.state_dict() if isinstance(x, nn.Module) else x
+
+
+def align_to_reference(spec: PermutationSpec, reference, others: Sequence, method: str = "weight",
+                       data: Iterable | None = None, **kw) -> list[Permutation]:
+    """Align each of ``others`` to ``reference``; returns one permutation per model.
+
+    ``method="weight"`` takes states or models; ``"activation"`` takes models and ``data``.
+    """
+    if method == "weight":
+        return [weight_matching(spec, _state(reference), _state(o), **kw) for o in others]
+    if method == "activation":
+        if data is None:
+            raise MergelabError("align_to_reference: method 'activation' needs data")
+        data = list(data)
+        return [activation_matching(spec, reference, o, data, **kw) for o in others]
+    raise MergelabError(f"align_to_reference: unknown method {method!r}; expected 'weight' or 'activation'")
+
+
+def transfer_permutation(spec: PermutationSpec, permutation: Mapping[str, torch.Tensor], states: Sequence) -> list[dict]:
+    """Apply one permutation (found between two foundation models) to every expert
+    fine-tuned from the permuted foundation model (the non-local merging pipeline)."""
+    return [permute(spec, _state(s), permutation) for s in states]
+
+
+def merge_many(spec: PermutationSpec, states: Sequence, max_iter: int = 20, seed: int = 0,
+               verbose: bool = False) -> list[Permutation]:
+    """MergeMany-style alignment of N models to a common frame.
+
+    Repeatedly (models in random order) weight-match each model to the mean of the others
+    (each permuted by its current permutation) until no permutation changes.  Returns one
+    permutation per model; merging ``permute(spec, s_i, p_i)`` averages aligned models.
+    """
+    states = [{k: v.detach().float() for k, v in _state(s).items()} for s in states]
+    if len(states) < 2:
+        raise MergelabError(f"merge_many: needs at least 2 models, found {len(states)}")
+    perms = [spec.identity() for _ in states]
+    current = [dict(s) for s in states]
+    rng = np.random.default_rng(seed)
+    for it in range(max_iter):
+        changed = False
+        for i in rng.permutation(len(states)):
+            others = [current[j] for j in range(len(states)) if j != i]
+            mean = {k: sum(o[k] for o in others) / len(others) for k in spec.axes}
+            p = weight_matching(spec, mean, states[i], seed=int(rng.integers(1 << 31)), init=perms[i])
+            if any(not torch.equal(p[k], perms[i][k]) for k in p):
+                changed = True
+                perms[i] = p
+                current[i] = permute(spec, states[i], p)
+        if verbose:
+            print(f"merge_many: round {it + 1}: {'changed' if changed else 'stable'}")
+        if not changed:
+            break
+    return perms
+
+
+__all__ = ["weight_matching", "activation_matching", "activation_sites", "align_to_reference",
+           "transfer_permutation", "merge_many"]
+

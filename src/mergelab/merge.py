@@ -1,0 +1,483 @@
+"""The streaming merge engine.
+
+``merge(recipe, out)`` plans one job per output tensor, then streams: for each name it
+reads the base and expert tensors (float32), calls the registered method, and writes the
+result straight to its place in the output shards.  Worker threads overlap reading,
+computing and writing; a FIFO byte budget admits a job only while the jobs in flight fit in
+the footprint of the single largest job, so peak memory stays at about
+(number of inputs + 2) x the largest tensor (float32) plus a constant, whatever the model size.
+
+Everything that can be checked before work starts is checked first (recipe, parameters for
+every tensor, files, names, shapes, output folder), so a user error writes nothing; an
+error or Ctrl-C during the merge removes the temporary output folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import MergelabError
+from .io.reader import open_checkpoint
+from .io.writer import (DEFAULT_SHARD_SIZE, AtomicFolder, ShardedWriter, TensorSpec, copy_model_files, dtype_name,
+                        parse_dtype, parse_size, sha256_file, write_model_card)
+from .methods.registry import MethodSpec, TensorContext, get_method
+from .recipe import Recipe, is_static, layer_index, layer_t, tensor_params
+
+
+@dataclass
+class MergeResult:
+    outputs: list[Path]                  # one folder, or one per variant for multi-output methods
+    tensors: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    method: str = ""
+    variants: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        gb = (self.bytes_read + self.bytes_written) / 1e9
+        return (f"merged {self.tensors} tensors with '{self.method}' in {self.seconds:.1f} s "
+                f"({gb:.2f} GB read+written, {gb / max(self.seconds, 1e-9):.2f} GB/s) -> "
+                + ", ".join(map(str, self.outputs)))
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The per-tensor seed handed to methods as ``ctx.seed`` (stable across runs and machines)."""
+    d = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(d[:8], "little") & ((1 << 63) - 1)
+
+
+# ------------------------------------------------------------------ planning
+@dataclass
+class _Input:
+    label: str            # how messages name it
+    ckpt: Any             # a Checkpoint or Checkpoint-like object
+
+
+def _open(ref: Any, recipe: Recipe, where: str, inputs: dict | None, cache: dict) -> _Input:
+    if inputs and isinstance(ref, str) and ref in inputs:
+        ref = inputs[ref]
+    if not isinstance(ref, (str, os.PathLike)):
+        for m in ("keys", "shape", "dtype", "get"):
+            if not hasattr(ref, m):
+                raise MergelabError(f"{where}: expected a checkpoint path, found {type(ref).__name__}")
+        return _Input(str(getattr(ref, "path", where)), ref)
+    path = recipe.resolve_path(ref)
+    key = str(Path(path).absolute())
+    if key not in cache:
+        if not Path(path).exists():
+            raise MergelabError(f"{where}: {path}: no such file or folder")
+        cache[key] = _Input(str(path), open_checkpoint(path))
+    return cache[key]
+
+
+def _same_input(a: Any, b: Any, recipe: Recipe) -> bool:
+    if isinstance(a, (str, os.PathLike)) and isinstance(b, (str, os.PathLike)):
+        return Path(recipe.resolve_path(a)).absolute() == Path(recipe.resolve_path(b)).absolute()
+    return a is b
+
+
+def _fmt_shape(s) -> str:
+    return str(tuple(int(x) for x in s))
+
+
+def _check_compatible(ref: _Input, others: list[_Input]) -> None:
+    rkeys = ref.ckpt.keys()
+    rset = set(rkeys)
+    for o in others:
+        if o.ckpt is ref.ckpt:
+            continue
+        okeys = o.ckpt.keys()
+        oset = set(okeys)
+        for n in rkeys:
+            if n not in oset:
+                raise MergelabError(f"tensor '{n}' is in {ref.label} but missing from {o.label}")
+        for n in okeys:
+            if n not in rset:
+                raise MergelabError(f"tensor '{n}' is in {o.label} but missing from {ref.label}")
+        for n in rkeys:
+            a, b = tuple(ref.ckpt.shape(n)), tuple(o.ckpt.shape(n))
+            if a != b:
+                raise MergelabError(
+                    f"tensor '{n}' has shape {_fmt_shape(a)} in {ref.label} but {_fmt_shape(b)} in {o.label}")
+
+
+def _num_layers(ref: _Input) -> int | None:
+    cfg = getattr(ref.ckpt, "config", None) or {}
+    for k in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(cfg.get(k), int):
+            return cfg[k]
+    idx = [layer_index(n) for n in ref.ckpt.keys()]
+    idx = [i for i in idx if i is not None]
+    return max(idx) + 1 if idx else None
+
+
+@dataclass
+class _Plan:
+    recipe: Recipe
+    method: MethodSpec
+    base: _Input | None
+    experts: list[_Input]
+    stats: dict[str, list[_Input]]           # kind -> per-expert statistics file
+    names: list[str]                          # every tensor, in output order
+    merged: set[str]                          # names that go through the method (floating point)
+    kwargs: dict[str, dict]                   # name -> resolved keyword params
+    out_dtype: dict[str, torch.dtype]
+    ref: _Input
+
+
+def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None) -> _Plan:
+    """Validate a recipe against its checkpoints and resolve every tensor's parameters."""
+    r = Recipe.load(recipe)
+    method = get_method(r.merge_method)
+    if not r.models:
+        raise MergelabError("recipe: 'models' is empty")
+    cache: dict[str, _Input] = {}
+    base = _open(r.base_model, r, "base_model", inputs, cache) if r.base_model is not None else None
+    if method.needs_base and base is None:
+        raise MergelabError(f"recipe: method '{method.name}' needs a base_model")
+    entries = list(enumerate(r.models))
+    if method.needs_base:  # mergekit: the base listed among the models is not an expert
+        entries = [(i, m) for i, m in entries if not _same_input(m.model, r.base_model, r)]
+    experts = [_open(m.model, r, f"models[{i}].model", inputs, cache) for i, m in entries]
+    stats: dict[str, list[_Input]] = {k: [] for k in method.stats}
+    model_params = []
+    for i, m in entries:
+        p = dict(m.parameters)
+        for kind in method.stats:
+            if kind not in p:
+                raise MergelabError(
+                    f"recipe: models[{i}]: method '{method.name}' needs a '{kind}' statistics file per model")
+            src = p[kind]  # stays in the params: resolve() expects it and passes it over
+            if not isinstance(src, str):
+                raise MergelabError(f"recipe: models[{i}]: '{kind}' must be the path of a statistics file")
+            st = _open(src, r, f"models[{i}].parameters.{kind}", inputs, {})
+            found = (getattr(st.ckpt, "metadata", None) or {}).get("mergelab_kind")
+            if found is not None and found != kind:
+                raise MergelabError(f"{st.label}: statistics file of kind '{found}', expected '{kind}'")
+            stats[kind].append(st)
+        model_params.append(p)
+
+    ref = base if base is not None else experts[0] if experts else None
+    if ref is None:
+        raise MergelabError("recipe: no model to merge besides the base_model")
+    _check_compatible(ref, experts + ([base] if base is not None else []))
+    names = ref.ckpt.keys()
+    merged = {n for n in names if ref.ckpt.dtype(n).is_floating_point}
+
+    forced = parse_dtype(dtype, "--dtype") or parse_dtype(r.out_dtype, "recipe: out_dtype") or parse_dtype(r.dtype, "recipe: dtype")
+    out_dtype = {n: (forced if (forced is not None and n in merged) else ref.ckpt.dtype(n)) for n in names}
+
+    kwargs: dict[str, dict] = {}
+    # a top-level plain list for a per-model parameter is one value per model (the registry's
+    # rule); every other list is a mergekit depth gradient or a list of filter rules
+    glob, per_model_lists = {}, {}
+    for k, v in r.parameters.items():
+        ps = method.params.get(k)
+        if ps is not None and ps.per_model and isinstance(v, list) and all(
+                isinstance(x, (int, float, bool, str)) for x in v):
+            per_model_lists[k] = v
+        else:
+            glob[k] = v
+    static = is_static(glob) and all(is_static(p) for p in model_params)
+    if static:
+        kw = method.resolve({**glob, **per_model_lists}, model_params, where="recipe")
+        kwargs = {n: kw for n in merged}
+    else:
+        L = _num_layers(ref)
+        cache_kw: dict[tuple, dict] = {}
+        for n in names:
+            if n not in merged:
+                continue
+            t = layer_t(n, L)
+            g = {**tensor_params(glob, n, t), **per_model_lists}
+            mp = [tensor_params(p, n, t) for p in model_params]
+            key = (repr(sorted(g.items())), repr([sorted(x.items()) for x in mp]))
+            if key not in cache_kw:
+                cache_kw[key] = method.resolve(g, mp, where=f"recipe (tensor '{n}')")
+            kwargs[n] = cache_kw[key]
+    if not experts:
+        method.resolve({}, [], where="recipe")  # raises the method's "takes at least N models"
+    return _Plan(r, method, base, experts, stats, names, merged, kwargs, out_dtype, ref)
+
+
+# ------------------------------------------------------------------ the streaming pass
+class _Budget:
+    """FIFO admission by bytes: job i starts after job i-1 started and when it fits."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.turn = 0
+        self.cv = threading.Condition()
+        self.stop = False
+
+    def acquire(self, ticket: int, cost: int) -> bool:
+        with self.cv:
+            while not self.stop and not (self.turn == ticket and (self.used == 0 or self.used + cost <= self.limit)):
+                self.cv.wait()
+            if self.stop:
+                return False
+            self.used += cost
+            self.turn += 1
+            self.cv.notify_all()
+            return True
+
+    def release(self, cost: int) -> None:
+        with self.cv:
+            self.used -= cost
+            self.cv.notify_all()
+
+    def halt(self) -> None:
+        with self.cv:
+            self.stop = True
+            self.cv.notify_all()
+
+
+def _nonfinite(t: torch.Tensor) -> bool:
+    """True if ``t`` holds NaN or Inf.  One reduction pass: the sum is finite whenever every
+    element is (barring overflow past 3e38, which the exact check then settles)."""
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return False
+    return not bool(torch.isfinite(t).all())
+
+
+class _Runner:
+    def __init__(self, p: _Plan, device: torch.device, allow_nonfinite: bool, seed: int):
+        self.p = p
+        self.device = device
+        self.allow = allow_nonfinite
+        self.seed = seed
+        self.bytes_read = 0
+        self._lock = threading.Lock()
+
+    def _read(self, inp: _Input, name: str) -> torch.Tensor:
+        raw = inp.ckpt.get(name)
+        with self._lock:
+            self.bytes_read += raw.numel() * raw.element_size()
+        t = raw.to(self.device).to(torch.float32)
+        del raw
+        if not self.allow and _nonfinite(t):
+            raise MergelabError(
+                f"{inp.label}: tensor '{name}' holds NaN or Inf (use --allow-nonfinite / allow_nonfinite: true to merge anyway)")
+        return t
+
+    def inputs(self, name: str):
+        seen: dict[int, torch.Tensor] = {}
+
+        def rd(inp):
+            k = id(inp.ckpt)
+            if k not in seen:
+                seen[k] = self._read(inp, name)
+            return seen[k]
+
+        base = rd(self.p.base) if self.p.base is not None else None
+        tensors = [rd(e) for e in self.p.experts]
+        stats = {}
+        for kind, files in self.p.stats.items():
+            vals = []
+            for st in files:
+                if name in st.ckpt:
+                    vals.append(st.ckpt.get(name).to(self.device))
+                else:
+                    vals.append(None)
+            stats[kind] = vals
+        ctx = TensorContext(name=name, seed=tensor_seed(self.seed, name), stats=stats,
+                            model_names=[e.label for e in self.p.experts])
+        return ctx, base, tensors
+
+    def stream(self) -> "_Stream":
+        """The prepass stream: every merged name once, in order, one at a time; re-iterable
+        (each ``iter()`` reads the checkpoints again), so a prepass may take several passes."""
+        return _Stream(self)
+
+    def compute(self, name: str, prepass: Any) -> dict[str, torch.Tensor]:
+        ctx, base, tensors = self.inputs(name)
+        ctx.prepass = prepass
+        out = self.p.method(tensors, base, ctx=ctx, **self.p.kwargs[name])
+        del tensors, base
+        shape = tuple(self.p.ref.ckpt.shape(name))
+        outs = out if isinstance(out, dict) else {"": out}
+        if self.p.method.multi_output != isinstance(out, dict):
+            raise AssertionError(f"method '{self.p.method.name}' returned {type(out).__name__} for '{name}'")
+        res = {}
+        for k, v in outs.items():
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape:
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise AssertionError(f"method '{self.p.method.name}' returned {got} for '{name}', expected {shape}")
+            if not self.allow and _nonfinite(v):
+                raise MergelabError(
+                    f"method '{self.p.method.name}' produced NaN or Inf for tensor '{name}'"
+                    " (use --allow-nonfinite to keep it)")
+            res[str(k)] = v.to(self.p.out_dtype[name])
+        return res
+
+
+class _Stream:
+    def __init__(self, runner: _Runner):
+        self.runner = runner
+
+    def __iter__(self) -> Iterator[tuple[TensorContext, torch.Tensor | None, list[torch.Tensor]]]:
+        for n in self.runner.p.names:
+            if n in self.runner.p.merged:
+                yield self.runner.inputs(n)
+
+
+def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: str | None = None,
+          shard_size: int | str | None = None, device: str = "cpu", threads: int | None = None,
+          quiet: bool = False, allow_nonfinite: bool | None = None, inputs: dict | None = None,
+          checksums: bool = True) -> MergeResult:
+    """Run a merge recipe (a YAML path, YAML text, dict or :class:`Recipe`) into the folder ``out``.
+
+    ``dtype`` overrides the recipe's stored dtype; ``shard_size`` like ``"5GB"``;
+    ``threads`` worker threads (default: all cores, at most 4); ``inputs`` maps model names
+    used in the recipe to Checkpoint-like objects (e.g. lazily permuted views).
+    Multi-output methods write one sub-folder of ``out`` per variant.
+    """
+    t0 = time.perf_counter()
+    p = plan(recipe, dtype=dtype, inputs=inputs)
+    r = p.recipe
+    allow = r.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
+    size = parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergelabError("--device cuda: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise MergelabError(f"--device: expected cpu or cuda, found {device!r}")
+    nthreads = threads if threads else min(4, os.cpu_count() or 1)
+    if nthreads < 1:
+        raise MergelabError(f"--threads: expected a positive number, found {threads}")
+    atomic = AtomicFolder(out, force)  # refuses an existing output before any work
+
+    runner = _Runner(p, dev, allow, r.seed)
+    specs = [TensorSpec(n, tuple(p.ref.ckpt.shape(n)), p.out_dtype[n]) for n in p.names]
+    n_in = len({id(e.ckpt) for e in p.experts + ([p.base] if p.base else [])})
+    cost = {n: (n_in + 2) * 4 * _numel(p.ref.ckpt.shape(n)) for n in p.names}
+    budget = _Budget(max(cost.values(), default=1))
+
+    # checksums of the inputs, on a background thread while the merge runs
+    files: dict[str, list[Path]] = {}
+    for inp in ([p.base] if p.base else []) + p.experts + [s for v in p.stats.values() for s in v]:
+        fl = getattr(inp.ckpt, "files", None)
+        if fl:
+            files[inp.label] = list(fl)
+    sums: dict[str, dict[str, str]] = {}
+    ck_pool = ThreadPoolExecutor(1) if checksums and files else None
+    ck_fut = ck_pool.submit(lambda: {lab: {f.name: sha256_file(f) for f in fl} for lab, fl in files.items()}) if ck_pool else None
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(nthreads, os.cpu_count() or 1)))
+    bar = tqdm(total=len(p.names), disable=quiet, unit="tensor", desc=f"merge {p.method.name}", leave=False)
+    writers: dict[str, ShardedWriter] = {}
+    wlock = threading.Lock()
+    written = [0]
+    try:
+        with atomic as tmp:
+            def writer(variant: str) -> ShardedWriter:
+                with wlock:
+                    if variant not in writers:
+                        folder = tmp / variant if variant else tmp
+                        folder.mkdir(exist_ok=True)
+                        writers[variant] = ShardedWriter(folder, specs, size, {"mergelab_version": __version__})
+                    return writers[variant]
+
+            if not p.method.multi_output:
+                writer("")
+            prepass = None
+            if p.method.prepass is not None:
+                kw0 = next(iter(p.kwargs.values()), {})
+                prepass = p.method.prepass(kw0, runner.stream())
+
+            merged_names = [n for n in p.names if n in p.merged]
+
+            def job(i: int, name: str) -> None:
+                c = cost[name]
+                if not budget.acquire(i, c):
+                    return
+                try:
+                    outs = runner.compute(name, prepass)
+                    for variant, tensor in outs.items():
+                        w = writer(variant)
+                        w.write(name, tensor)
+                        with wlock:
+                            written[0] += tensor.numel() * tensor.element_size()
+                    del outs
+                except BaseException:
+                    budget.halt()
+                    raise
+                finally:
+                    budget.release(c)
+                bar.update(1)
+
+            with ThreadPoolExecutor(nthreads) as pool:
+                futs = [pool.submit(job, i, n) for i, n in enumerate(merged_names)]
+                try:
+                    for f in futs:
+                        f.result()
+                except BaseException:
+                    budget.halt()
+                    for f in futs:
+                        f.cancel()
+                    raise
+            if not writers:
+                raise MergelabError(f"method '{p.method.name}': nothing to merge (no floating-point tensors)")
+            # tensors that are not merged (integer buffers): copied from the reference model
+            for n in p.names:
+                if n not in p.merged:
+                    t = p.ref.ckpt.get(n)
+                    for w in writers.values():
+                        w.write(n, t)
+                        written[0] += t.numel() * t.element_size()
+                    bar.update(1)
+            for w in writers.values():
+                w.close()
+            if ck_fut is not None:
+                sums = ck_fut.result()
+            src_folder = _folder_of(p.base or p.experts[0])
+            stored = {p.out_dtype[n] for n in p.merged}
+            cfg_dtype = stored.pop() if len(stored) == 1 else None
+            variants = sorted(writers)
+            for v in variants:
+                folder = tmp / v if v else tmp
+                copy_model_files(src_folder, folder, cfg_dtype)
+                write_model_card(folder, recipe_yaml=r.to_yaml(), version=__version__, inputs=sums,
+                                 extra=(f"Variant `{v}` of method `{p.method.name}`." if v else ""))
+    finally:
+        for w in writers.values():
+            w.abort()
+        bar.close()
+        torch.set_num_threads(old_threads)
+        if ck_pool is not None:
+            ck_pool.shutdown(wait=False, cancel_futures=True)
+    outp = Path(out).expanduser().absolute()
+    return MergeResult(outputs=[outp / v if v else outp for v in variants], tensors=len(p.names),
+                       bytes_read=runner.bytes_read, bytes_written=written[0],
+                       seconds=time.perf_counter() - t0, method=p.method.name, variants=[v for v in variants if v])
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _folder_of(inp: _Input) -> Path | None:
+    path = getattr(inp.ckpt, "path", None)
+    if path is None:
+        return None
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+__all__ = ["merge", "plan", "MergeResult", "tensor_seed"]

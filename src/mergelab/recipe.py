@@ -1,0 +1,225 @@
+"""YAML merge recipes: a mergekit-compatible subset plus mergelab's own keys.
+
+::
+
+    models:
+      - model: path/to/expert_a
+        parameters: {weight: 0.6, density: 0.5}
+      - model: path/to/expert_b
+        parameters:
+          weight: [{filter: mlp, value: 0.5}, {value: 1.0}]   # per-tensor rules
+          density: [1.0, 0.5]                                 # gradient over layer depth
+    merge_method: ties
+    base_model: path/to/base
+    parameters: {lambda: 1.0}
+    dtype: bfloat16          # stored dtype (mergelab always computes in float32)
+    seed: 0                  # mergelab: every random choice derives from it
+
+A parameter value is a scalar, a list of numbers (a gradient interpolated over layer depth,
+mergekit's semantics: layer ``i`` of ``L`` sits at ``t = i/(L-1)``; tensors outside the
+layers sit at ``t = 0``), or a list of ``{filter, value}`` rules (the first rule whose
+``filter`` is a substring of the tensor name, or that has no filter / ``*``, applies).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import MergelabError
+
+# mergekit keys we know and do not support: named in the error message
+MERGEKIT_UNSUPPORTED = {
+    "slices": "layer slicing/stacking", "modules": "multi-module models", "tokenizer": "tokenizer merging",
+    "tokenizer_source": "tokenizer merging", "chat_template": "chat templates", "lora": "LoRA inputs",
+    "merge_method_sequence": "method sequences",
+}
+
+Scalar = Union[bool, int, float, str]
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Union[Scalar, list[Union[int, float]]]
+
+
+ParamValue = Union[Scalar, list[Union[int, float]], list[Rule], Rule]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    model: Any = Field(description="checkpoint path (or, from Python, a Checkpoint-like object)")
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        return {} if v is None else v
+
+
+class Recipe(BaseModel):
+    """A merge recipe (pydantic, unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    models: list[ModelEntry]
+    merge_method: str
+    base_model: Any = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: str | None = None          # stored dtype (mergekit: compute dtype; we compute in float32)
+    out_dtype: str | None = None      # stored dtype, wins over dtype
+    # mergelab's own keys
+    seed: int = 0
+    allow_nonfinite: bool = False
+    name: str | None = None           # a label for the model card
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        return {} if v is None else v
+
+    # -- loading ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, src: "str | os.PathLike | dict | Recipe") -> "Recipe":
+        """From a YAML path, a YAML string, a dict or a Recipe; relative model paths are
+        resolved against the recipe file's folder when they do not exist from the cwd."""
+        if isinstance(src, Recipe):
+            return src
+        base_dir = None
+        if isinstance(src, dict):
+            data = src
+        else:
+            text = None
+            p = Path(src) if not (isinstance(src, str) and "\n" in src) else None
+            if p is not None:
+                if not p.is_file():
+                    raise MergelabError(f"{p}: recipe file not found")
+                text = p.read_text()
+                base_dir = p.resolve().parent
+            else:
+                text = src
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                at = f" at line {mark.line + 1}" if mark else ""
+                raise MergelabError(f"{p or 'recipe'}: invalid YAML{at}: {getattr(e, 'problem', e)}") from None
+            if not isinstance(data, dict):
+                raise MergelabError(f"{p or 'recipe'}: expected a mapping at the top level, found {type(data).__name__}")
+        where = str(src) if base_dir is not None else "recipe"
+        for key in data:
+            if key in MERGEKIT_UNSUPPORTED:
+                raise MergelabError(
+                    f"{where}: mergekit key '{key}' ({MERGEKIT_UNSUPPORTED[key]}) is not supported by mergelab")
+        try:
+            r = cls.model_validate(data)
+        except ValidationError as e:
+            raise MergelabError(f"{where}: {_one_line(e)}") from None
+        r._base_dir = base_dir
+        return r
+
+    def resolve_path(self, p: Any) -> Any:
+        """A model reference as given, or a path made absolute (cwd first, then the recipe's folder)."""
+        if not isinstance(p, (str, os.PathLike)):
+            return p
+        path = Path(p).expanduser()
+        if path.exists() or path.is_absolute():
+            return path
+        bd = getattr(self, "_base_dir", None)
+        if bd is not None and (bd / path).exists():
+            return bd / path
+        return path
+
+    def to_yaml(self) -> str:
+        d = self.model_dump(exclude_none=True, exclude_defaults=False, mode="python")
+
+        def clean(x):
+            if isinstance(x, dict):
+                return {k: clean(v) for k, v in x.items() if not (k == "filter" and v is None)}
+            if isinstance(x, list):
+                return [clean(v) for v in x]
+            if isinstance(x, (str, int, float, bool)) or x is None:
+                return x
+            return str(getattr(x, "path", x))
+
+        return yaml.safe_dump(clean(d), sort_keys=False)
+
+
+def _one_line(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("list[", "union[", "Rule", "bool", "int", "float", "str")))
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{err['loc'][-1]}'" + (f" in '{'.'.join(map(str, err['loc'][:-1]))}'" if len(err["loc"]) > 1 else "") + \
+            " (supported: models, merge_method, base_model, parameters, dtype, out_dtype, seed, allow_nonfinite, name)"
+    if err["type"] == "missing":
+        return f"missing key '{loc}'"
+    return f"'{loc}': {err['msg']}"
+
+
+# ------------------------------------------------------------------ per-tensor parameter values
+_LAYER = re.compile(r"(?:^|\.)(?:layers?|h|blocks?|block|encoder\.layer|decoder\.layer)\.(\d+)(?:\.|$)")
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def layer_t(name: str, num_layers: int | None) -> float:
+    """mergekit's depth coordinate: ``i/(L-1)`` for layer tensors (1 if L == 1), 0 elsewhere."""
+    i = layer_index(name)
+    if i is None or not num_layers:
+        return 0.0
+    return i / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+_UNSET = object()
+
+
+def evaluate(value: Any, name: str, t: float) -> Any:
+    """Resolve one recipe parameter value for the tensor ``name`` at depth ``t``.
+
+    Returns ``_UNSET`` when a list of rules has no rule that applies.
+    """
+    if isinstance(value, Rule):
+        value = [value]
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        if not value:
+            return _UNSET
+        if all(isinstance(v, Rule) for v in value):
+            for rule in value:
+                if rule.filter is None or rule.filter == "*" or rule.filter in name:
+                    return evaluate(rule.value, name, t)
+            return _UNSET
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            scaled = t * (len(value) - 1)
+            i0 = int(scaled)
+            i1 = min(len(value) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * value[i0] + frac * value[i1]
+    raise MergelabError(f"parameter value {value!r} is neither a scalar, a gradient nor a list of rules")
+
+
+def tensor_params(params: dict[str, Any], name: str, t: float) -> dict[str, Any]:
+    """All parameters of one level (global or one model) resolved for one tensor."""
+    out = {}
+    for k, v in params.items():
+        r = evaluate(v, name, t)
+        if r is not _UNSET:
+            out[k] = r
+    return out
+
+
+def is_static(params: dict[str, Any]) -> bool:
+    """True when no value depends on the tensor (only scalars)."""
+    return all(isinstance(v, (bool, int, float, str)) for v in params.values())
+
+
+def load_recipe(src) -> Recipe:
+    return Recipe.load(src)
