@@ -90,3 +90,25 @@ def test_local_text_smoke_end_to_end(tmp_path):
         assert str(run["coef"]["coef"]) in run["coef"]["val_scores"]  # chosen among the validation-scored grid
     assert all(v for v in res["splits"].values())
     assert (out / "report.md").read_text().startswith("# mergelab reproduce: local-text")
+
+
+class _Tok:
+    """A whitespace tokenizer over a tiny vocabulary with the Hugging Face call signature."""
+
+    def __call__(self, texts, padding=True, truncation=True, max_length=8, return_tensors="pt"):
+        ids = [[1 + (sum(map(ord, w)) % 100) for w in t.split()][:max_length] for t in texts]
+        t = max(len(x) for x in ids)
+        return {"input_ids": torch.tensor([x + [0] * (t - len(x)) for x in ids]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (t - len(x)) for x in ids])}
+
+
+def test_encode_chunks_equal_one_padded_pass():
+    from mergelab.experiments.suites.local_text import encode
+    bert = _tiny_bert()
+    texts = ["a b c", "d e f g h i j k l m", "n", "o p", "q r s t"]
+    enc = encode(bert, _Tok(), texts, np.arange(5), max_len=8, first=1, chunk=2)
+    assert enc.hidden.shape == (5, 8, 32) and enc.mask.sum(1).tolist() == [3, 8, 1, 2, 4]
+    tok = _Tok()(texts, max_length=8)
+    ref = lower_hidden(bert, 1, tok["input_ids"], tok["attention_mask"])
+    real = tok["attention_mask"].bool()
+    torch.testing.assert_close(enc.hidden[real], ref[real], atol=1e-5, rtol=1e-5)

@@ -138,6 +138,23 @@ class Encoded:
         return out[:n_batches] if n_batches else out
 
 
+def encode(bert: nn.Module, tokenizer, texts: list[str], labels: np.ndarray, max_len: int, first: int,
+           chunk: int = 64) -> Encoded:
+    """Tokenise (truncating to ``max_len``) and run the frozen lower layers, ``chunk`` texts at a
+    time padded to the chunk's longest text; stored zero-padded to ``max_len`` (padding is masked
+    everywhere downstream, so its values never matter)."""
+    n = len(texts)
+    hidden = torch.zeros(n, max_len, bert.config.hidden_size)
+    mask = torch.zeros(n, max_len, dtype=torch.long)
+    for i in range(0, n, chunk):
+        tok = tokenizer(list(texts[i:i + chunk]), padding=True, truncation=True, max_length=max_len,
+                        return_tensors="pt")
+        t = tok["input_ids"].shape[1]
+        hidden[i:i + chunk, :t] = lower_hidden(bert, first, tok["input_ids"], tok["attention_mask"])
+        mask[i:i + chunk, :t] = tok["attention_mask"]
+    return Encoded(hidden, mask, labels)
+
+
 class TextData:
     def __init__(self, profile: dict, bert: nn.Module, tokenizer, quiet: bool):
         self.p = profile
@@ -148,13 +165,7 @@ class TextData:
         for t, s in tqdm(jobs, desc="encode (frozen layers)", disable=quiet, leave=False):
             texts = self.tasks[t].texts[s][: lim[s]]
             labels = self.tasks[t].labels[s][: lim[s]]
-            hs, ms = [], []
-            for i in range(0, len(texts), 64):
-                tok = tokenizer(texts[i:i + 64], padding="max_length", truncation=True,
-                                max_length=profile["max_len"], return_tensors="pt")
-                hs.append(lower_hidden(bert, profile["first_trainable"], tok["input_ids"], tok["attention_mask"]))
-                ms.append(tok["attention_mask"])
-            self.enc[(t, s)] = Encoded(torch.cat(hs), torch.cat(ms), labels)
+            self.enc[(t, s)] = encode(bert, tokenizer, texts, labels, profile["max_len"], profile["first_trainable"])
 
     def n_classes(self, task: str) -> int:
         return len(self.tasks[task].classes)
