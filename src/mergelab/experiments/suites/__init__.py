@@ -17,6 +17,10 @@ def run_suite(name: str, profile: str = "smoke", out: str | Path | None = None, 
     if name == "nonlocal-vision":
         from . import nonlocal_vision
         return nonlocal_vision.run(profile, out, quiet=quiet)
-    if name in SUITES:
-        raise MergelabError(f"suite '{name}' is not implemented yet (available: nonlocal-vision)")
+    if name == "local-text":
+        from . import local_text
+        return local_text.run(profile, out, quiet=quiet)
+    if name == "fisher":
+        from . import fisher
+        return fisher.run(profile, out, quiet=quiet)
     raise MergelabError(f"unknown suite '{name}' (known: {', '.join(SUITES)})")

@@ -1,0 +1,260 @@
+"""``fisher``: the Fisher-merging paper's two claims at small scale (Matena & Raffel 2022).
+
+A foundation MLP is pre-trained on the ``pretrain`` split of MNIST-10k and Animal-MNIST
+(20 classes); everything else is fine-tuned from it, so every merge here is local.
+
+* ``ensembling``: ``n_members`` fine-tunes of Fashion-MNIST (10 classes) from the foundation,
+  differing only in their seed (head init, data order). Compared on the test split: the
+  members alone (the "expert" row is their mean), the plain parameter average, the Fisher
+  merge (uniform weights, diagonal Fisher of each member on its training data) and the output
+  ensemble (the average of the members' predicted probabilities, which costs n forwards).
+  Heads are merged too: the members solve the same task.
+* ``transfer``: a low-resource target (Fashion-MNIST classes 5-9 from ``target_n`` labelled
+  examples) and a donor (classes 0-4, the full training split), both fine-tuned from the
+  foundation. Bodies are merged with weights ``(λ, 1 − λ)``, the target keeps its head; λ
+  is chosen on the target's validation split over a ``grid``-point grid (51 in the paper) by
+  :func:`mergelab.methods.search.coefficient_search`, for the average and the Fisher merge
+  alike (and for the Fisher merge with each Fisher divided by its norm, the reference code's
+  ``normalize`` option). Compared with the target alone; repeated for each seed in ``seeds`` (a different
+  labelled subset each time), the reported accuracy is the mean over seeds.
+
+Fisher merges use :func:`mergelab.methods.fisher.fisher_merge`; Fisher estimates come from
+:func:`mergelab.stats.diagonal_fisher`: the exact expectation over labels (``expected``) in
+smoke and full, one sampled label per example (``sampled``, an unbiased estimate of the same
+Fisher at 1/C of the cost) in quick.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import data as D
+from .. import report as R
+from .. import train as T
+from .. import zoo
+from .common import Timer, versions
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": dict(widths=(64, 64), pre_steps=100, ft_steps=60, n_members=2, batch=64, lr=0.05, ft_lr=0.05,
+                  train_limit=3000, val_limit=300, test_limit=500, fisher_examples=128, fisher_mode="expected",
+                  target_n=20, target_steps=40, donor_steps=60, seeds=[0], grid=11),
+    "quick": dict(widths=(256, 256), pre_steps=1500, ft_steps=500, n_members=4, batch=128, lr=0.05, ft_lr=0.05,
+                  train_limit=None, val_limit=1000, test_limit=None, fisher_examples=1024, fisher_mode="sampled",
+                  target_n=20, target_steps=100, donor_steps=800, seeds=[0, 1, 2], grid=51),
+    "full": dict(widths=(512, 512), pre_steps=3000, ft_steps=1000, n_members=5, batch=128, lr=0.05, ft_lr=0.05,
+                 train_limit=None, val_limit=None, test_limit=None, fisher_examples=1024, fisher_mode="expected",
+                 target_n=20, target_steps=100, donor_steps=1500, seeds=[0, 1, 2, 3, 4], grid=51),
+}
+
+ENSEMBLE_TASK = "fmnist"
+DONOR_TASK = "fmnist-0-4"
+TARGET_TASK = "fmnist-5-9-lowres"
+TASKS = [ENSEMBLE_TASK, TARGET_TASK]
+
+
+class Unavailable(Exception):
+    """A library piece this run needs is missing (recorded as a note, the run goes on)."""
+
+
+def _fisher(model: nn.Module, data: list, n: int, mode: str) -> dict[str, torch.Tensor]:
+    try:
+        from ...stats import diagonal_fisher
+    except ImportError as e:
+        raise Unavailable(f"mergelab.stats.diagonal_fisher is not available ({e})") from None
+    return dict(diagonal_fisher(model, data, mode=mode, n_examples=n, seed=0, progress=False))
+
+
+class OutputEnsemble(nn.Module):
+    """Log of the members' mean predicted probabilities (argmax / cross-entropy work on it)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        p = torch.stack([torch.softmax(m(x), -1) for m in self.members]).mean(0)
+        return p.clamp_min(1e-12).log()
+
+
+def parameter_average(states: list[dict], weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """Σ w_i θ_i / Σ w_i through the registered ``linear`` method (every floating tensor)."""
+    from .common import merge_state
+
+    w = list(weights) if weights is not None else [1.0] * len(states)
+    return merge_state("linear", None, states, {"weight": w}, names=list(states[0]))
+
+
+class Data:
+    def __init__(self, p: dict):
+        self.p = p
+        self.fm = D.image_pool("fashion-mnist")
+        self.pre = [D.image_pool("mnist"), D.image_pool("animal-mnist")]
+
+    def lim(self, split):
+        return {"train": self.p["train_limit"], "val": self.p["val_limit"], "test": self.p["test_limit"]}[split]
+
+    def task(self, task: str, split: str):
+        classes = {ENSEMBLE_TASK: None, DONOR_TASK: (0, 1, 2, 3, 4), TARGET_TASK: (5, 6, 7, 8, 9)}[task]
+        return self.fm.part(split, classes, limit=self.lim(split))
+
+    def target_subset(self, seed: int):
+        """``target_n`` labelled training examples of the target, drawn with ``seed``."""
+        x, y = self.fm.part("train", (5, 6, 7, 8, 9))
+        idx = np.random.default_rng(seed).permutation(len(y))[: self.p["target_n"]]
+        return x[idx], y[idx]
+
+    def pretrain(self, split: str = "pretrain"):
+        xs, ys = [], []
+        for i, pool in enumerate(self.pre):
+            x, y = pool.part(split, limit=None if split == "pretrain" else self.p["val_limit"])
+            xs.append(x)
+            ys.append(y + 10 * i)
+        return np.concatenate(xs), np.concatenate(ys)
+
+    def split_hashes(self) -> dict[str, str]:
+        return {"fashion-mnist": D.indices_hash(self.fm.splits),
+                **{p.name: D.indices_hash(p.splits) for p in self.pre}}
+
+
+def _loader(xy, batch: int = 256) -> list:
+    return list(T.batches(xy[0], xy[1], batch))
+
+
+def run(profile_name: str = "smoke", out: str | Path = "runs/fisher", quiet: bool = False,
+        cache_root: str | Path | None = None) -> dict:
+    p = PROFILES[profile_name]
+    torch.manual_seed(0)
+    timer = Timer()
+    t_start = time.perf_counter()
+    notes: list[str] = []
+    with timer("data"):
+        data = Data(p)
+    cache = T.ExpertCache(Path(cache_root) if cache_root else D.cache_dir() / "experts")
+    base_cfg = {"suite": "fisher", "widths": list(p["widths"]), "batch": p["batch"], "splits": data.split_hashes(),
+                "train_limit": p["train_limit"]}
+    results: dict[str, Any] = {
+        "suite": "fisher", "profile": profile_name, "config": p, "versions": versions(),
+        "splits": data.split_hashes(), "tasks": TASKS, "experts": {}, "runs": [], "variance_collapse": [],
+        "barrier": [], "members": {}, "transfer_seeds": [], "timings": timer.t, "notes": notes,
+        "seeds": {"foundation": 0, "members": f"1000 + i, i < {p['n_members']}",
+                  "transfer": "target subset / target fine-tune seed s, donor seed 500", "list": p["seeds"]}}
+
+    def fit_fn(x, y, steps, lr, seed, desc, val):
+        def fit(m):
+            T.train(m, T.array_sampler(x, y), steps=steps, batch_size=p["batch"], lr=lr,
+                    warmup=min(50, steps // 10), seed=seed, quiet=quiet, desc=desc)
+            return {"val": T.evaluate(m, _loader(val))}
+        return fit
+
+    with timer("train"):
+        fx, fy = data.pretrain()
+        foundation, _ = cache.get_or_train(
+            {**base_cfg, "kind": "foundation", "seed": 0, "steps": p["pre_steps"], "lr": p["lr"]},
+            lambda: zoo.build("mlp", seed=0, widths=tuple(p["widths"]), n_classes=20),
+            fit_fn(fx, fy, p["pre_steps"], p["lr"], 0, "foundation", data.pretrain("val")))
+
+    def finetune(task, x, y, steps, seed, extra):
+        cfg = {**base_cfg, "kind": "finetune", "task": task, "seed": seed, "steps": steps, "lr": p["ft_lr"], **extra}
+        return cache.get_or_train(cfg, lambda: zoo.replace_head(copy.deepcopy(foundation), 10 if task == ENSEMBLE_TASK
+                                                                else 5, seed=seed),
+                                  fit_fn(x, y, steps, p["ft_lr"], seed + 1, f"finetune {task} {seed}",
+                                         data.task(task, "val")))[0]
+
+    with timer("ensembling"):
+        _ensembling(results, data, p, finetune, notes)
+    with timer("transfer"):
+        _transfer(results, data, p, finetune, notes)
+    timer.t["total"] = round(time.perf_counter() - t_start, 2)
+    results["cache"] = {"hits": cache.hits, "misses": cache.misses, "root": str(cache.root)}
+    results["paths"] = {k: str(v) for k, v in R.write_report(results, out).items()}
+    return results
+
+
+def _ensembling(results, data, p, finetune, notes):
+    x, y = data.task(ENSEMBLE_TASK, "train")
+    test = _loader(data.task(ENSEMBLE_TASK, "test"))
+    members = [finetune(ENSEMBLE_TASK, x, y, p["ft_steps"], 1000 + i, {}) for i in range(p["n_members"])]
+    accs = [T.evaluate(m, test)["acc"] for m in members]
+    results["members"] = {"acc": accs}
+    results["experts"]["ensembling"] = {ENSEMBLE_TASK: float(np.mean(accs))}
+    states = [dict(m.state_dict()) for m in members]
+
+    def record(method, model):
+        results["runs"].append({"setting": "ensembling", "method": method, "alignment": "none", "correction": "none",
+                                "acc": {ENSEMBLE_TASK: T.evaluate(model, test)["acc"]}})
+
+    record("output_ensemble", OutputEnsemble(members))
+    avg = copy.deepcopy(members[0])
+    avg.load_state_dict(parameter_average(states))
+    record("average", avg)
+    try:
+        from ...methods.fisher import fisher_merge
+        train = _loader((x, y), 64)
+        fishers = [_fisher(m, train, p["fisher_examples"], p["fisher_mode"]) for m in members]
+    except Unavailable as e:
+        notes.append(f"ensembling/fisher: skipped: {e}")
+        return
+    fm = copy.deepcopy(members[0])
+    fm.load_state_dict(fisher_merge(states, fishers))
+    record("fisher", fm)
+
+
+def _transfer(results, data, p, finetune, notes):
+    from ...methods.search import coefficient_search, pairwise_grid
+
+    dx, dy = data.task(DONOR_TASK, "train")
+    donor = finetune(DONOR_TASK, dx, dy, p["donor_steps"], 500, {})
+    val = _loader(data.task(TARGET_TASK, "val"))
+    test = _loader(data.task(TARGET_TASK, "test"))
+    body = [k for k in donor.state_dict() if not k.startswith("head.")]
+    donor_state = {k: v for k, v in donor.state_dict().items() if k in body}
+    try:
+        donor_fisher = _fisher(donor, _loader((dx, dy), 64), p["fisher_examples"], p["fisher_mode"])
+    except Unavailable as e:
+        notes.append(f"transfer/fisher: skipped: {e}")
+        donor_fisher = None
+    per_seed = []
+    for s in p["seeds"]:
+        tx, ty = data.target_subset(s)
+        target = finetune(TARGET_TASK, tx, ty, p["target_steps"], s, {"target_n": p["target_n"], "subset_seed": s})
+        t_state = {k: v for k, v in target.state_dict().items() if k in body}
+        row: dict[str, Any] = {"seed": s, "target_alone": T.evaluate(target, test)["acc"]}
+
+        def with_body(b, target=target):
+            m = copy.deepcopy(target)
+            m.load_state_dict({**target.state_dict(), **b})
+            return m.eval()
+
+        merges = {"average": lambda c: with_body(parameter_average([t_state, donor_state], list(c)))}
+        if donor_fisher is not None:
+            from ...methods.fisher import fisher_merge
+            t_fisher = _fisher(target, _loader((tx, ty), 64), p["fisher_examples"], p["fisher_mode"])
+            for name, norm in (("fisher", False), ("fisher_normalized", True)):
+                merges[name] = (lambda c, norm=norm: with_body(fisher_merge(
+                    [t_state, donor_state], [t_fisher, donor_fisher], weights=list(c), normalize=norm)))
+        for method, merge_fn in merges.items():
+            res = coefficient_search(merge_fn, 2, lambda m: T.evaluate(m, val)["acc"], grid=pairwise_grid(p["grid"]))
+            lam = res.best_coefficients
+            row[method] = {"lambda_target": lam[0], "val": res.best_score,
+                           "test": T.evaluate(merge_fn(lam), test)["acc"],
+                           "val_grid": {f"{c[0]:.3f}": sc for c, sc in res.table}}
+        per_seed.append(row)
+    results["transfer_seeds"] = per_seed
+    results["experts"]["transfer"] = {TARGET_TASK: float(np.mean([r["target_alone"] for r in per_seed]))}
+    results["runs"].append({"setting": "transfer", "method": "target_alone", "alignment": "none", "correction": "none",
+                            "acc": {TARGET_TASK: results["experts"]["transfer"][TARGET_TASK]},
+                            "acc_per_seed": [r["target_alone"] for r in per_seed]})
+    for method in ("average", "fisher", "fisher_normalized"):
+        if method not in per_seed[0]:
+            continue
+        results["runs"].append({
+            "setting": "transfer", "method": method, "alignment": "none", "correction": "none",
+            "acc": {TARGET_TASK: float(np.mean([r[method]["test"] for r in per_seed]))},
+            "acc_per_seed": [r[method]["test"] for r in per_seed],
+            "coef": {"lambda_target": [r[method]["lambda_target"] for r in per_seed]}})

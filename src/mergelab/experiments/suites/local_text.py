@@ -1,0 +1,425 @@
+"""``local-text``: merging MiniLM fine-tunes of five text tasks (the local setting).
+
+Tasks (:data:`mergelab.experiments.data.TEXT_TASKS`): Rotten Tomatoes sentiment (fresh vs
+rotten), review-vs-plot subjectivity, 20 Newsgroups, Reuters R8, 2016 election-tweet
+authorship. Every expert is fine-tuned from the real MiniLM-L6 weights with its own linear
+head; the lower ``first_trainable`` transformer layers and the embeddings stay frozen.
+
+Because the frozen part is shared bit-for-bit by every expert (and so by every merge of them,
+for every method: task vectors, trimmed or Fisher/Gram-weighted, are zero there, and TACT's
+correction at a frozen site is the identity), its output is computed once per text and
+cached; the experts, merges and TACT then run on :class:`MiniLMTop` - the real upper MiniLM
+layers, mean pooling and the head. ``tests/test_experiments_text.py`` checks this equals the
+full model.
+
+Methods (through the registry): task arithmetic, TIES, TIES+TALL, Fisher (one sampled label
+per example: the exact expectation costs one backward pass per class, 20 for 20 Newsgroups),
+RegMean; no
+alignment (all experts share the pre-trained init); each without and with TACT. Coefficients
+are chosen on the validation split. Heads are never merged.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import data as D
+from .. import report as R
+from .. import train as T
+from .. import zoo
+from .common import Timer, choose, merge_state, versions
+
+TASKS = list(D.TEXT_TASKS)
+METHODS = ["task_arithmetic", "ties", "ties_tall", "fisher", "regmean"]
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # smoke: plumbing only (a few steps, short texts, the top two layers), still the real MiniLM
+    "smoke": dict(max_len=32, first_trainable=4, probe_steps=4, steps=10, batch=16, lr=2e-4, probe_lr=3e-3,
+                  train_limit=128, val_limit=32, test_limit=64, stat_batches=2, stat_batch=16,
+                  fisher_examples=16, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
+                  grid_ta=[0.3, 1.0], grid_ties=[1.0], grid_tall=[1.0], ties_density=0.5,
+                  regmean_alpha=[0.9], tact_sites="norms"),
+    "quick": dict(max_len=64, first_trainable=4, probe_steps=20, steps=100, batch=32, lr=1e-4, probe_lr=3e-3,
+                  train_limit=1500, val_limit=200, test_limit=500, stat_batches=4, stat_batch=32,
+                  fisher_examples=128, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
+                  grid_ta=[0.2, 0.3, 0.5, 0.7, 1.0], grid_ties=[0.7, 1.0, 1.5], grid_tall=[0.4, 1.0],
+                  ties_density=0.5, regmean_alpha=[0.5, 0.9], tact_sites="norms"),
+    "full": dict(max_len=64, first_trainable=2, probe_steps=50, steps=300, batch=32, lr=1e-4, probe_lr=3e-3,
+                 train_limit=6000, val_limit=400, test_limit=1000, stat_batches=8, stat_batch=32,
+                 fisher_examples=512, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
+                 grid_ta=[0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0], grid_ties=[0.5, 0.7, 1.0, 1.5, 2.0],
+                 grid_tall=[0.2, 0.4, 0.6, 1.0], ties_density=0.5, regmean_alpha=[0.5, 0.9, 1.0],
+                 tact_sites="norms"),
+}
+
+
+class Unavailable(Exception):
+    """A library piece this run needs is missing (recorded as a note, the run goes on)."""
+
+
+# ----------------------------------------------------------------------------- the model
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (N, T) 0/1 mask as the (N, 1, 1, T) additive attention mask BERT layers take."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class MiniLMTop(zoo.Classifier):
+    """The upper MiniLM layers (from ``first``), mean pooling over real tokens, a linear head.
+
+    Input: ``{"hidden": (N, T, 384) hidden states after layer ``first - 1``,
+    "attention_mask": (N, T)}`` as one dict or as keywords (the statistics passes call
+    ``model(**batch)``). The mask may also be the (N, 1, 1, T) additive form (what
+    ``mergelab.stats`` hands Hugging Face models under ``vmap``)."""
+
+    def __init__(self, bert: nn.Module, first: int, n_classes: int):
+        super().__init__()
+        self.config = bert.config  # lets the statistics passes pick eager attention under vmap
+        self.layers = nn.ModuleList(copy.deepcopy(list(bert.encoder.layer[first:])))
+        self.head = nn.Linear(bert.config.hidden_size, n_classes)
+
+    def features(self, x):
+        h, m = x["hidden"], x["attention_mask"]
+        if m.ndim == 4:
+            ext, keep = m.to(h.dtype), (m[:, 0, 0, :] == 0).to(h.dtype)
+        else:
+            ext, keep = additive_mask(m, h.dtype), m
+        for layer in self.layers:
+            out = layer(h, attention_mask=ext)
+            h = out[0] if isinstance(out, tuple) else out
+        return zoo.mean_pool(h, keep)
+
+    def forward(self, x=None, **kwargs):
+        return self.head(self.features(x if x is not None else kwargs))
+
+
+@torch.no_grad()
+def lower_hidden(bert: nn.Module, first: int, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states after the embeddings and layers ``0..first-1`` (eval mode)."""
+    bert.eval()
+    h = bert.embeddings(input_ids=input_ids)
+    ext = additive_mask(mask, h.dtype)
+    for layer in bert.encoder.layer[:first]:
+        out = layer(h, attention_mask=ext)
+        h = out[0] if isinstance(out, tuple) else out
+    return h
+
+
+# ----------------------------------------------------------------------------- data
+
+class Encoded:
+    """One task split: cached lower hidden states, masks and labels."""
+
+    def __init__(self, hidden: torch.Tensor, mask: torch.Tensor, labels: np.ndarray):
+        self.hidden, self.mask, self.labels = hidden, mask, torch.as_tensor(labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, idx) -> tuple[dict, torch.Tensor]:
+        m = self.mask[idx]
+        t = max(1, int(m.sum(1).max()))  # trim the padding no text of this batch uses
+        return {"hidden": self.hidden[idx][:, :t], "attention_mask": m[:, :t]}, self.labels[idx]
+
+    def sampler(self):
+        def sample(g: torch.Generator, bs: int):
+            return self.batch(torch.randint(len(self), (bs,), generator=g))
+        return sample
+
+    def loader(self, batch: int = 64, n_batches: int | None = None) -> list:
+        out = [self.batch(torch.arange(i, min(i + batch, len(self)))) for i in range(0, len(self), batch)]
+        return out[:n_batches] if n_batches else out
+
+
+def encode(bert: nn.Module, tokenizer, texts: list[str], labels: np.ndarray, max_len: int, first: int,
+           chunk: int = 64) -> Encoded:
+    """Tokenise (truncating to ``max_len``) and run the frozen lower layers, ``chunk`` texts at a
+    time padded to the chunk's longest text; stored zero-padded to ``max_len`` (padding is masked
+    everywhere downstream, so its values never matter)."""
+    n = len(texts)
+    hidden = torch.zeros(n, max_len, bert.config.hidden_size)
+    mask = torch.zeros(n, max_len, dtype=torch.long)
+    for i in range(0, n, chunk):
+        tok = tokenizer(list(texts[i:i + chunk]), padding=True, truncation=True, max_length=max_len,
+                        return_tensors="pt")
+        t = tok["input_ids"].shape[1]
+        hidden[i:i + chunk, :t] = lower_hidden(bert, first, tok["input_ids"], tok["attention_mask"])
+        mask[i:i + chunk, :t] = tok["attention_mask"]
+    return Encoded(hidden, mask, labels)
+
+
+class TextData:
+    def __init__(self, profile: dict, bert: nn.Module, tokenizer, quiet: bool):
+        self.p = profile
+        self.tasks = {t: D.text_task(t) for t in TASKS}
+        self.enc: dict[tuple[str, str], Encoded] = {}
+        lim = {"train": profile["train_limit"], "val": profile["val_limit"], "test": profile["test_limit"]}
+        jobs = [(t, s) for t in TASKS for s in ("train", "val", "test")]
+        for t, s in tqdm(jobs, desc="encode (frozen layers)", disable=quiet, leave=False):
+            texts = self.tasks[t].texts[s][: lim[s]]
+            labels = self.tasks[t].labels[s][: lim[s]]
+            self.enc[(t, s)] = encode(bert, tokenizer, texts, labels, profile["max_len"], profile["first_trainable"])
+
+    def n_classes(self, task: str) -> int:
+        return len(self.tasks[task].classes)
+
+    def split_hashes(self) -> dict[str, str]:
+        return {t: d.split_hash for t, d in self.tasks.items()}
+
+
+# ----------------------------------------------------------------------------- library seams
+
+def _fisher(model: nn.Module, data: list, n: int, mode: str) -> dict[str, torch.Tensor]:
+    try:
+        from ...stats import diagonal_fisher
+    except ImportError as e:
+        raise Unavailable(f"mergelab.stats.diagonal_fisher is not available ({e})") from None
+    return dict(diagonal_fisher(model, data, mode=mode, n_examples=n, seed=0, chunk_size=32, progress=False))
+
+
+def _grams(model: nn.Module, data: list) -> dict[str, torch.Tensor]:
+    try:
+        from ...stats import gram_matrices
+    except ImportError as e:
+        raise Unavailable(f"mergelab.stats.gram_matrices is not available ({e})") from None
+    return dict(gram_matrices(model, data, exclude_head="head", progress=False))
+
+
+def tact_sites(model: MiniLMTop, kind: str) -> list[str] | None:
+    """``"norms"``: every LayerNorm output (the post-LN blocks' outputs) and the head input;
+    ``"default"``: the library's default sites."""
+    if kind == "default":
+        return None
+    return [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)] + ["head:input"]
+
+
+def _tact(merged: nn.Module, experts: dict[str, nn.Module], data: dict[str, list], sites):
+    try:
+        from ...repair import tact
+    except ImportError as e:
+        raise Unavailable(f"mergelab.repair.tact is not available ({e})") from None
+    return tact(merged, experts, data, sites=sites, head="head", progress=False)
+
+
+def _site_std(model, data: list, sites: list[str]) -> dict[str, torch.Tensor]:
+    try:
+        from ...stats import activation_stats
+    except ImportError as e:
+        raise Unavailable(f"mergelab.stats.activation_stats is not available ({e})") from None
+    st = activation_stats(model, data, sites=sites, head=None, progress=False)
+    return {s: st.std[s] for s in sites}
+
+
+class _TaskModule(nn.Module):
+    """A task-conditioned model fixed to one task (so it evaluates like a plain model)."""
+
+    def __init__(self, tcm: nn.Module, task: str):
+        super().__init__()
+        self.tcm, self.task = tcm, task
+
+    def forward(self, x=None, **kwargs):
+        return self.tcm(x if x is not None else kwargs, task=self.task)
+
+
+# ----------------------------------------------------------------------------- training
+
+class Trainer:
+    def __init__(self, profile: dict, data: TextData, bert: nn.Module, cache: T.ExpertCache, quiet: bool):
+        self.p, self.data, self.bert, self.cache, self.quiet = profile, data, bert, cache, quiet
+        self.base_cfg = {"suite": "local-text", "model": D.MINILM_DIST, "max_len": profile["max_len"],
+                         "first_trainable": profile["first_trainable"], "batch": profile["batch"],
+                         "train_limit": profile["train_limit"], "splits": data.split_hashes()}
+
+    def pretrained(self, n_classes: int = 2) -> MiniLMTop:
+        return MiniLMTop(self.bert, self.p["first_trainable"], n_classes).eval()
+
+    def expert(self, task: str, seed: int) -> tuple[nn.Module, dict]:
+        """Linear probe (head only), then fine-tune the upper layers and the head (AdamW)."""
+        p = self.p
+        cfg = {**self.base_cfg, "kind": "expert", "task": task, "seed": seed, "steps": p["steps"],
+               "probe": p["probe_steps"], "lr": p["lr"], "probe_lr": p["probe_lr"]}
+
+        def build():
+            return zoo.replace_head(self.pretrained(), self.data.n_classes(task), seed=seed)
+
+        def fit(m):
+            s = self.data.enc[(task, "train")].sampler()
+            if p["probe_steps"]:
+                T.train(m, s, steps=p["probe_steps"], batch_size=p["batch"], lr=p["probe_lr"], optimizer="adamw",
+                        weight_decay=0.0, seed=seed, trainable=lambda n: n.startswith("head."),
+                        quiet=self.quiet, desc=f"probe {task}")
+            T.train(m, s, steps=p["steps"], batch_size=p["batch"], lr=p["lr"], optimizer="adamw",
+                    weight_decay=0.01, warmup=max(1, p["steps"] // 10), seed=seed + 1, quiet=self.quiet,
+                    desc=f"expert {task}")
+            return {"val": T.evaluate(m, self.data.enc[(task, "val")].loader())}
+        return self.cache.get_or_train(cfg, build, fit)
+
+
+# ----------------------------------------------------------------------------- the suite
+
+def _with_state(template: nn.Module, body: dict, head_from: nn.Module) -> nn.Module:
+    m = copy.deepcopy(template)
+    m.load_state_dict({**head_from.state_dict(), **body})
+    return m.eval()
+
+
+def _need_methods(*names: str) -> None:
+    from ...methods import _load_all  # noqa: F401
+    from ...methods.registry import REGISTRY
+
+    missing = [n for n in names if n not in REGISTRY]
+    if missing:
+        raise Unavailable(f"merge method(s) {', '.join(missing)} not registered in mergelab.methods")
+
+
+_METHOD_NEEDS = {"task_arithmetic": ("task_arithmetic",), "ties": ("ties",), "ties_tall": ("tall_masks",),
+                 "fisher": ("fisher",), "regmean": ("regmean",)}
+
+
+def _grid(method: str, p: dict) -> list:
+    return {"task_arithmetic": p["grid_ta"], "ties": p["grid_ties"], "ties_tall": p["grid_tall"],
+            "fisher": [None], "regmean": p["regmean_alpha"]}[method]
+
+
+def run(profile_name: str = "smoke", out: str | Path = "runs/local-text", quiet: bool = False,
+        cache_root: str | Path | None = None) -> dict:
+    p = PROFILES[profile_name]
+    torch.manual_seed(0)
+    timer = Timer()
+    t_start = time.perf_counter()
+    notes: list[str] = []
+    with timer("data"):
+        bert = zoo.minilm_classifier(2).bert.eval()
+        data = TextData(p, bert, zoo.minilm_tokenizer(), quiet)
+    cache = T.ExpertCache(Path(cache_root) if cache_root else D.cache_dir() / "experts")
+    tr = Trainer(p, data, bert, cache, quiet)
+    results: dict[str, Any] = {
+        "suite": "local-text", "profile": profile_name, "config": p, "seeds": {"experts": "task index"},
+        "versions": versions(), "splits": data.split_hashes(), "tasks": TASKS, "experts": {},
+        "expert_val": {}, "runs": [], "variance_collapse": [], "barrier": [], "timings": timer.t,
+        "notes": notes}
+    experts: dict[str, nn.Module] = {}
+    with timer("train"):
+        for i, t in enumerate(TASKS):
+            experts[t], info = tr.expert(t, i)
+            results["expert_val"][t] = info.get("val", {}).get("acc")
+    results["experts"]["local"] = {t: T.evaluate(experts[t], data.enc[(t, "test")].loader())["acc"] for t in TASKS}
+    base = dict(tr.pretrained().state_dict())
+    states = {t: dict(m.state_dict()) for t, m in experts.items()}
+    for method in p["methods"]:
+        try:
+            with timer(method):
+                _run_method(results, method, states, base, experts, data, p, timer, notes)
+        except Unavailable as e:
+            notes.append(f"local/{method}: skipped: {e}")
+    timer.t["total"] = round(time.perf_counter() - t_start, 2)
+    results["cache"] = {"hits": cache.hits, "misses": cache.misses, "root": str(cache.root)}
+    results["paths"] = {k: str(v) for k, v in R.write_report(results, out).items()}
+    return results
+
+
+def _merged_bodies(method, coef, states, base, experts, data, p, stat_cache) -> dict[str, dict]:
+    """{task: merged body} (one shared body, or one per task for TALL)."""
+    es = [states[t] for t in TASKS]
+    if method == "task_arithmetic":
+        m = merge_state("task_arithmetic", base, es, {"lambda": coef})
+    elif method == "ties":
+        m = merge_state("ties", base, es, {"lambda": coef, "density": p["ties_density"], "merge": "mean"})
+    elif method == "ties_tall":
+        per = merge_state("tall_masks", base, es, {"base_merge": "ties", "density": p["ties_density"],
+                                                   "merge": "mean", "lambda": coef}, model_names=TASKS)
+        return {t: per[t] for t in TASKS}
+    elif method in ("fisher", "regmean"):
+        if method not in stat_cache:
+            per_model = []
+            for t in TASKS:
+                enc = data.enc[(t, "train")]
+                if method == "fisher":
+                    per_model.append(_fisher(experts[t], enc.loader(p["stat_batch"]), p["fisher_examples"],
+                                             p["fisher_mode"]))
+                else:
+                    per_model.append(_grams(experts[t], enc.loader(p["stat_batch"], p["stat_batches"])))
+            stat_cache[method] = {"fisher" if method == "fisher" else "gram": per_model}
+        m = merge_state(method, None, es, {} if method == "fisher" else {"alpha": coef}, stats=stat_cache[method])
+    else:
+        raise ValueError(method)
+    return {t: m for t in TASKS}
+
+
+def _run_method(results, method, states, base, experts, data, p, timer, notes):
+    _need_methods(*_METHOD_NEEDS[method])
+    stat_cache: dict = {}
+
+    def models_for(coef):
+        bodies = _merged_bodies(method, coef, states, base, experts, data, p, stat_cache)
+        return {t: _with_state(experts[t], bodies[t], experts[t]) for t in TASKS}
+
+    def val_score(coef):
+        ms = models_for(coef)
+        return float(np.mean([T.evaluate(ms[t], data.enc[(t, "val")].loader())["acc"] for t in TASKS]))
+
+    coef, scores = choose(_grid(method, p), val_score)
+    merged = models_for(coef)
+    corrected: dict[str, dict[str, nn.Module]] = {"none": merged}
+    calib = {t: data.enc[(t, "train")].loader(p["stat_batch"], p["stat_batches"]) for t in TASKS}
+    sites = tact_sites(experts[TASKS[0]], p["tact_sites"])
+    if "tact" in p["corrections"]:
+        try:
+            with timer("tact"):
+                if method == "ties_tall":  # one merged body per task: one TACT model per task
+                    corrected["tact"] = {t: _TaskModule(_tact(merged[t], {t: experts[t]}, {t: calib[t]}, sites), t)
+                                         for t in TASKS}
+                else:
+                    tcm = _tact(merged[TASKS[0]], experts, calib, sites)
+                    corrected["tact"] = {t: _TaskModule(tcm, t) for t in TASKS}
+        except Unavailable as e:
+            notes.append(f"local/{method}/tact: skipped: {e}")
+    for corr, ms in corrected.items():
+        acc = {t: T.evaluate(ms[t], data.enc[(t, "test")].loader())["acc"] for t in TASKS}
+        results["runs"].append({"setting": "local", "method": method, "alignment": "none", "correction": corr,
+                                "coef": {"coef": coef, "val_scores": scores}, "acc": acc})
+    if method == ("ties_tall" if "ties_tall" in p["methods"] else p["methods"][0]) and sites is not None:
+        _variance_collapse(results, method, corrected, experts, data, p, sites, notes)
+
+
+def _variance_collapse(results, method, corrected, experts, data, p, sites, notes):
+    """Per site: std of the merged model's activations / the expert's, on each task's val data."""
+    ratios: dict[str, list[float]] = {}
+    try:
+        for corr, ms in corrected.items():
+            per_task = []
+            for t in TASKS:
+                dl = data.enc[(t, "val")].loader(p["stat_batch"], p["stat_batches"])
+                ex = _site_std(experts[t], dl, sites)
+                mdl = ms[t]
+                if isinstance(mdl, _TaskModule):
+                    # the corrections live in hooks on tcm.model: read them at the same modules
+                    with torch.no_grad():
+                        mg = _site_std(_Fixed(mdl), dl, [f"m.tcm.model.{s}" for s in sites])
+                    mg = {s: mg[f"m.tcm.model.{s}"] for s in sites}
+                else:
+                    mg = _site_std(mdl, dl, sites)
+                per_task.append([float((mg[s] / ex[s].clamp_min(1e-8)).mean()) for s in sites])
+            ratios[corr] = np.mean(per_task, axis=0).tolist()
+    except Unavailable as e:
+        notes.append(f"variance collapse: skipped: {e}")
+        return
+    results["variance_collapse"].append({"setting": "local", "label": f"{method}", "sites": sites, "ratios": ratios})
+
+
+class _Fixed(nn.Module):
+    """Wraps a task module so the statistics pass sees a plain ``model(**batch)``."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x=None, **kwargs):
+        return self.m(x if x is not None else kwargs)
