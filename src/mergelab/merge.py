@@ -134,6 +134,7 @@ class _Plan:
     kwargs: dict[str, dict]                   # name -> resolved keyword params
     out_dtype: dict[str, torch.dtype]
     ref: _Input
+    models: dict[str, _Input] = field(default_factory=dict)  # recipe models[].model -> input as read
 
 
 def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None) -> _Plan:
@@ -211,7 +212,12 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None) -
             kwargs[n] = cache_kw[key]
     if not experts:
         method.resolve({}, [], where="recipe")  # raises the method's "takes at least N models"
-    return _Plan(r, method, base, experts, stats, names, merged, kwargs, out_dtype, ref)
+    models = {str(m.model): _open(m.model, r, f"models[{i}].model", inputs, cache) for i, m in enumerate(r.models)
+              if isinstance(m.model, (str, os.PathLike))}
+    if r.repair is not None or r.tact is not None:
+        from .repair.pipeline import check_stages
+        check_stages(r, models, multi_output=method.multi_output)
+    return _Plan(r, method, base, experts, stats, names, merged, kwargs, out_dtype, ref, models)
 
 
 # ------------------------------------------------------------------ the streaming pass
@@ -455,6 +461,9 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
                 copy_model_files(src_folder, folder, cfg_dtype)
                 write_model_card(folder, recipe_yaml=r.to_yaml(), version=__version__, inputs=sums,
                                  extra=(f"Variant `{v}` of method `{p.method.name}`." if v else ""))
+            if r.repair is not None or r.tact is not None:  # after the merge, inside the atomic folder
+                from .repair.pipeline import run_stages
+                run_stages(r, tmp, p.experts, p.models, shard_size=size, quiet=quiet)
     finally:
         for w in writers.values():
             w.abort()

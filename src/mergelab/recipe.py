@@ -36,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import MergelabError
+from .repair.pipeline import RepairSection, TactSection, TactTask
 
 # mergekit keys we know and do not support: named in the error message
 MERGEKIT_UNSUPPORTED = {
@@ -103,6 +104,8 @@ class Recipe(BaseModel):
     allow_nonfinite: bool = False
     name: str | None = None           # a label for the model card
     align: AlignSection | None = None  # permutation alignment before the merge
+    repair: RepairSection | None = None  # REPAIR folded into the merged weights (after the merge)
+    tact: TactSection | None = None      # per-task corrections + folded per-task models (after the merge)
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -176,15 +179,21 @@ class Recipe(BaseModel):
         return yaml.safe_dump(clean(d), sort_keys=False)
 
 
+_SECTIONS = {"align": AlignSection, "repair": RepairSection, "tact": TactSection}
+
+
 def _one_line(e: ValidationError) -> str:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("list[", "union[", "Rule", "bool", "int", "float", "str")))
-    if err["type"] == "extra_forbidden" and err["loc"][0] == "align":
-        return (f"unknown key '{err['loc'][-1]}' in '{'.'.join(map(str, err['loc'][:-1]))}' (supported: "
-                + ", ".join(AlignTransfer.model_fields if "transfer" in err["loc"][:-1] else AlignSection.model_fields) + ")")
+    if err["type"] == "extra_forbidden" and err["loc"][0] in _SECTIONS:
+        where = err["loc"][:-1]
+        cls = (AlignTransfer if "transfer" in where else TactTask if err["loc"][0] == "tact" and "tasks" in where
+               else _SECTIONS[err["loc"][0]])
+        return (f"unknown key '{err['loc'][-1]}' in '{'.'.join(map(str, where))}' (supported: "
+                + ", ".join(cls.model_fields) + ")")
     if err["type"] == "extra_forbidden":
         return f"unknown key '{err['loc'][-1]}'" + (f" in '{'.'.join(map(str, err['loc'][:-1]))}'" if len(err["loc"]) > 1 else "") + \
-            " (supported: models, merge_method, base_model, parameters, dtype, out_dtype, seed, allow_nonfinite, name, align)"
+            " (supported: models, merge_method, base_model, parameters, dtype, out_dtype, seed, allow_nonfinite, name, align, repair, tact)"
     if err["type"] == "missing":
         return f"missing key '{loc}'"
     return f"'{loc}': {err['msg']}"

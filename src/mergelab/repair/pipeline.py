@@ -170,3 +170,44 @@ def run_tact(section: TactSection, folder: Path, experts: Mapping[str, Any], *,
                    shard_size=shard_size)
     log(f"tact: {len(tcm.tasks)} tasks x {len(tcm.sites)} sites; corrections in "
         f"tact/corrections.safetensors, folded per-task checkpoints in tact/<task>/")
+
+
+def check_stages(recipe, models: Mapping[str, Any], *, multi_output: bool) -> None:
+    """What can be checked before the merge starts (so a bad stage writes nothing)."""
+    for key, sec in (("repair", recipe.repair), ("tact", recipe.tact)):
+        if sec is None:
+            continue
+        if multi_output:
+            raise MergelabError(f"recipe: '{key}:' needs a method with one merged model, found "
+                                f"'{recipe.merge_method}' (one output per task)")
+        paths = [sec.data] if key == "repair" else [t.data for t in sec.tasks.values()]
+        for d in paths:
+            if not Path(recipe.resolve_path(d)).exists():
+                raise MergelabError(f"recipe: {key}: calibration data '{d}': no such file or folder")
+    if recipe.tact is not None:
+        if not recipe.tact.tasks:
+            raise MergelabError("recipe: tact: 'tasks' is empty")
+        for task, t in recipe.tact.tasks.items():
+            if t.model not in models:
+                raise MergelabError(f"recipe: tact: task '{task}': model '{t.model}' is not one of the recipe's "
+                                    f"models ({', '.join(models)})")
+
+
+def run_stages(recipe, folder: Path, experts: Sequence[Any], models: Mapping[str, Any], *,
+               shard_size: Any = "5GB", quiet: bool = False) -> None:
+    """Run the recipe's ``repair:`` then ``tact:`` stages on the merged model in ``folder``."""
+    log = (lambda s: None) if quiet else print
+
+    def resolved(sec):
+        upd = {"data": recipe.resolve_path(sec.data)} if hasattr(sec, "data") else {}
+        if getattr(sec, "tasks", None):
+            upd["tasks"] = {k: t.model_copy(update={"data": recipe.resolve_path(t.data)})
+                            for k, t in sec.tasks.items()}
+        return sec.model_copy(update=upd)
+
+    if recipe.repair is not None:
+        run_repair(resolved(recipe.repair), folder, [(e.label, e.ckpt) for e in experts],
+                   shard_size=shard_size, quiet=quiet, log=log)
+    if recipe.tact is not None:
+        run_tact(resolved(recipe.tact), folder, {k: v.ckpt for k, v in models.items()},
+                 shard_size=shard_size, quiet=quiet, log=log)
