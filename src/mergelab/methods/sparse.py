@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Annotated, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
@@ -110,20 +111,42 @@ def trim_keep_count(n: int, density: float) -> int:
     return n if density >= 1.0 else max(1, int(density * n))
 
 
-def trim_states(tau_chunks: Callable[[], Iterable[Sequence[Tensor]]], density: Sequence[float]) -> list[list | None]:
-    """The per-tensor TIES trim of several task vectors, from two streaming passes.
+@dataclass
+class Trim:
+    """One model's per-tensor TIES trim: keep ``|τ| > threshold`` and, in flat order, the first
+    ``ties_left`` entries with ``|τ| == threshold`` (consumed as chunks go by); or, with
+    ``tie_break: argsort``, the whole tensor's flat keep-``mask``."""
+
+    threshold: float = 0.0
+    ties_left: int = 0
+    mask: Tensor | None = None
+
+
+def trim_states(tau_chunks: Callable[[], Iterable[Sequence[Tensor]]], density: Sequence[float],
+                tie_break: str = "index") -> list[Trim | None]:
+    """The per-tensor TIES trim of several task vectors, from streaming passes.
 
     ``tau_chunks()`` yields, in flat order, one chunk of every model's τ per step.  Returns
-    per model ``None`` (keep all, density ≥ 1) or a mutable ``[threshold, ties_left]``: keep
-    ``|τ| > threshold`` and, in flat order, the first ``ties_left`` entries with
-    ``|τ| == threshold``, so that exactly ``max(1, ⌊density·n⌋)`` entries survive (mergekit's
-    count; its unstable ``argsort`` leaves the choice among ties at the threshold
-    unspecified, ours is the lowest indices).  :func:`apply_trim` consumes the ties.
+    per model ``None`` (keep all, density ≥ 1) or a :class:`Trim` keeping exactly
+    ``max(1, ⌊density·n⌋)`` entries of largest ``|τ|`` (mergekit's count).  Which of several
+    entries of equal ``|τ|`` at the threshold survive: ``index`` keeps the lowest flat indices
+    (two streaming passes of radix select, memory independent of the tensor size);
+    ``argsort`` keeps the first k of ``torch.argsort(|τ|, descending=True)`` over the whole
+    flattened tensor, exactly as mergekit 0.1.5 does (its unstable sort's order among ties is
+    that of the installed torch build; holds the whole tensor's |τ| and indices in memory).
     """
     M = len(density)
     todo = [i for i in range(M) if density[i] < 1.0]
     if not todo:
         return [None] * M
+    if tie_break == "argsort":
+        out: list[Trim | None] = [None] * M
+        for i in todo:
+            a = torch.cat([taus[i].reshape(-1).abs() for taus in tau_chunks()])
+            mask = torch.zeros(a.numel(), dtype=torch.bool)
+            mask[torch.argsort(a, descending=True)[:trim_keep_count(a.numel(), density[i])]] = True
+            out[i] = Trim(mask=mask)
+        return out
     n = 0
     for taus in tau_chunks():
         n += taus[todo[0]].numel()
@@ -134,29 +157,31 @@ def trim_states(tau_chunks: Callable[[], Iterable[Sequence[Tensor]]], density: S
             yield [taus[i].abs() if ranks[i] is not None else None for i in range(M)]
 
     found = kth_largest_many(abs_chunks, ranks)
-    return [None if f is None else [f[0], ranks[i] - f[1]] for i, f in enumerate(found)]
+    return [None if f is None else Trim(f[0], ranks[i] - f[1]) for i, f in enumerate(found)]
 
 
-def trim_keep(tau: Tensor, state: list) -> Tensor:
-    """The keep-mask of one flat chunk of τ; chunks must come in flat order (the state counts
-    the ties at the threshold still to keep)."""
+def trim_keep(tau: Tensor, state: Trim, start: int = 0) -> Tensor:
+    """The keep-mask of one flat chunk of τ starting at flat index ``start``; with a threshold,
+    chunks must come in flat order (the state counts the ties still to keep)."""
+    if state.mask is not None:
+        return state.mask[start:start + tau.numel()]
     a = tau.abs()
-    keep = a > state[0]
-    if state[1] > 0:
-        tie = torch.nonzero(a == state[0]).squeeze(1)[:state[1]]
+    keep = a > state.threshold
+    if state.ties_left > 0:
+        tie = torch.nonzero(a == state.threshold).squeeze(1)[:state.ties_left]
         keep[tie] = True
-        state[1] -= tie.numel()
+        state.ties_left -= tie.numel()
     return keep
 
 
-def trim_mask(tau: Tensor, density: float) -> Tensor:
+def trim_mask(tau: Tensor, density: float, tie_break: str = "index") -> Tensor:
     """mergekit's per-tensor magnitude trim of one tensor as a bool mask (see :func:`trim_states`)."""
-    (st,) = trim_states(lambda: ((c,) for c in _flat_chunks(tau)), [density])
+    (st,) = trim_states(lambda: ((c,) for c in _flat_chunks(tau)), [density], tie_break)
     if st is None:
         return torch.ones_like(tau, dtype=torch.bool)
     mask = torch.empty(tau.numel(), dtype=torch.bool)
     for s, c in zip(range(0, tau.numel(), CHUNK), _flat_chunks(tau)):
-        mask[s:s + c.numel()] = trim_keep(c, st)
+        mask[s:s + c.numel()] = trim_keep(c, st, s)
     return mask.reshape(tau.shape)
 
 
@@ -254,7 +279,7 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
                       sparsify: str, consensus: bool, normalize: bool, majority: str = "mass",
                       rescale: bool = True, thresholds: Sequence[float] | None = None,
                       zero_sign: float = 1.0, name: str = "", seed: int = 0,
-                      trim: list | None = None, offset: int = 0) -> Tensor:
+                      trim: list | None = None, offset: int = 0, tie_break: str = "index") -> Tensor:
     """The merged task vector ``τ_m`` of the generalized task-arithmetic family.
 
     ``sparsify``: ``"magnitude"`` (TIES trim; per tensor unless ``thresholds`` gives each
@@ -270,9 +295,11 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
     numel = base.numel()
     flat_base = base.reshape(-1)
     flat = [t.reshape(-1) for t in tensors]
+    trim_at = offset  # flat index of this call's first entry in the trim's frame
     if sparsify == "magnitude" and thresholds is None and trim is None:
+        trim_at = 0
         trim = trim_states(lambda: ([f[s:s + CHUNK] - flat_base[s:s + CHUNK] for f in flat]
-                                    for s in range(0, numel, CHUNK)), density)
+                                    for s in range(0, numel, CHUNK)), density, tie_break)
     dare_seeds = [tensor_seed(seed, name, i) if sparsify == "random" and density[i] < 1.0 else None
                   for i in range(n_models)]
 
@@ -285,7 +312,7 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
         for i in range(n_models):
             tau = torch.sub(flat[i][s:e], b)  # a fresh temporary: masked and scaled in place
             if trim is not None and trim[i] is not None:
-                tau.mul_(trim_keep(tau, trim[i]))  # (mul by a bool mask: 4x faster than masked_fill_)
+                tau.mul_(trim_keep(tau, trim[i], trim_at + s))  # (mul by a bool mask: 4x faster than masked_fill_)
             elif thresholds is not None and thresholds[i] is not None:
                 tau.mul_(tau.abs() >= thresholds[i])
             elif dare_seeds[i] is not None:
@@ -396,7 +423,7 @@ def ties_tensor_prepass(params: dict, blocks) -> list | None:
             for s in range(0, fb.numel(), CHUNK):
                 yield [t.reshape(-1)[s:s + CHUNK] - fb[s:s + CHUNK] for t in ts]
 
-    return trim_states(taus, params["density"])
+    return trim_states(taus, params["density"], params.get("tie_break", "index"))
 
 
 @merge_method("ties", needs_base=True, prepass=global_ties_prepass, elementwise=True,
@@ -405,7 +432,8 @@ def ties(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
          weight: list[float] = 1.0, density: Density = 1.0, lambda_: float = 1.0,
          normalize: bool = True, majority: Literal["mass", "frequency"] = "mass",
          scope: Literal["per_tensor", "global"] = "per_tensor",
-         merge: Literal["auto", "mean", "sum"] = "auto", int8_mask: bool = False) -> Tensor:
+         merge: Literal["auto", "mean", "sum"] = "auto", int8_mask: bool = False,
+         tie_break: Literal["index", "argsort"] = "index") -> Tensor:
     """TIES-merging: trim each task vector to its top-``density`` magnitudes, elect a sign per
     entry, merge the agreeing entries, ``θ_0 + λ·τ_m``.
 
@@ -414,6 +442,9 @@ def ties(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
     the prepass, ties kept; a zero sign sum takes the whole model's majority sign.
     ``merge``: ``mean`` (dis-mean: divided by the weights of the agreeing entries), ``sum``
     (dis-sum), ``auto`` follows ``normalize`` (mergekit's key).
+    ``tie_break`` (per_tensor): which entries of equal ``|τ|`` at the trim threshold survive:
+    ``index`` the lowest flat indices (streamed, bounded memory), ``argsort`` mergekit's exact
+    choice (``torch.argsort`` over the whole tensor; see :func:`trim_states`).
     """
     thresholds, zero_sign = None, 1.0
     if scope == "global":
@@ -422,7 +453,8 @@ def ties(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
     tau = sparse_task_merge(tensors, base, weight=weight, density=density, sparsify="magnitude",
                             consensus=True, normalize=_resolve_normalize(normalize, merge),
                             majority=majority, thresholds=thresholds, zero_sign=zero_sign,
-                            trim=ctx.tensor_state if scope != "global" else None)
+                            trim=ctx.tensor_state if scope != "global" else None,
+                            offset=ctx.offset, tie_break=tie_break)
     return _finish(base, tau, lambda_)
 
 
