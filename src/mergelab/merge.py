@@ -149,6 +149,14 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None) -
     base = _open(r.base_model, r, "base_model", inputs, cache) if r.base_model is not None else None
     if method.needs_base and base is None:
         raise MergelabError(f"recipe: method '{method.name}' needs a base_model")
+    if r.weights is not None:  # mergelab's per-model weight list: one value per entry of `models`
+        if len(r.weights) != len(r.models):
+            raise MergelabError(
+                f"recipe: 'weights' has {len(r.weights)} values but 'models' has {len(r.models)} entries"
+                " (weight list of the wrong length)")
+        for i, m in enumerate(r.models):
+            if "weight" in m.parameters:
+                raise MergelabError(f"recipe: models[{i}]: weight given twice (in 'weights' and in its parameters)")
     entries = list(enumerate(r.models))
     if method.needs_base:  # mergekit: the base listed among the models is not an expert
         entries = [(i, m) for i, m in entries if not _same_input(m.model, r.base_model, r)]
@@ -157,6 +165,8 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None) -
     model_params = []
     for i, m in entries:
         p = dict(m.parameters)
+        if r.weights is not None:
+            p["weight"] = r.weights[i]
         for kind in method.stats:
             if kind not in p:
                 raise MergelabError(
@@ -182,19 +192,11 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None) -
     out_dtype = {n: (forced if (forced is not None and n in merged) else ref.ckpt.dtype(n)) for n in names}
 
     kwargs: dict[str, dict] = {}
-    # a top-level plain list for a per-model parameter is one value per model (the registry's
-    # rule); every other list is a mergekit depth gradient or a list of filter rules
-    glob, per_model_lists = {}, {}
-    for k, v in r.parameters.items():
-        ps = method.params.get(k)
-        if ps is not None and ps.per_model and isinstance(v, list) and all(
-                isinstance(x, (int, float, bool, str)) for x in v):
-            per_model_lists[k] = v
-        else:
-            glob[k] = v
+    # as in mergekit, every list is a depth gradient or a list of filter rules, wherever it is
+    glob = dict(r.parameters)
     static = is_static(glob) and all(is_static(p) for p in model_params)
     if static:
-        kw = method.resolve({**glob, **per_model_lists}, model_params, where="recipe")
+        kw = method.resolve(glob, model_params, where="recipe")
         kwargs = {n: kw for n in merged}
     else:
         L = _num_layers(ref)
@@ -203,7 +205,7 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None) -
             if n not in merged:
                 continue
             t = layer_t(n, L)
-            g = {**tensor_params(glob, n, t), **per_model_lists}
+            g = tensor_params(glob, n, t)
             mp = [tensor_params(p, n, t) for p in model_params]
             key = (repr(sorted(g.items())), repr([sorted(x.items()) for x in mp]))
             if key not in cache_kw:
