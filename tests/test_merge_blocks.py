@@ -229,3 +229,31 @@ def test_ties_argsort_tie_break_reproduces_mergekit_bit_for_bit():
         kth = a.reshape(-1).sort(descending=True).values[max(1, int(d * a.numel())) - 1]
         at_threshold |= a == kth
     assert int(diff.sum()) > 0 and not bool((diff & ~at_threshold).any())
+
+
+def test_blocks_of_one_tensor_run_on_every_worker(tmp_path):
+    import threading
+    import time
+
+    from mergelab.methods.registry import REGISTRY, merge_method
+
+    lock, inflight, seen = threading.Lock(), [0], []
+    REGISTRY.pop("_core_block_probe", None)
+
+    @merge_method("_core_block_probe", elementwise=True)
+    def _probe(tensors, base, *, ctx):
+        with lock:
+            inflight[0] += 1
+            seen.append((inflight[0], ctx.offset))
+        time.sleep(0.01)
+        with lock:
+            inflight[0] -= 1
+        return tensors[0]
+
+    save_hf(tmp_path / "m", {"w": torch.randn(64, 10)})
+    res = merge({"models": [{"model": str(tmp_path / "m")}], "merge_method": "_core_block_probe"}, tmp_path / "o",
+                block_size="160B", threads=2, quiet=True)  # 4 rows of 10 float32 per block: 16 blocks
+    del REGISTRY["_core_block_probe"]
+    assert sorted(o for _, o in seen) == list(range(0, 640, 40))
+    assert max(n for n, _ in seen) == 2  # two blocks in flight at once, never more
+    assert torch.equal(open_checkpoint(res.outputs[0]).get("w"), open_checkpoint(tmp_path / "m").get("w"))

@@ -417,7 +417,10 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
             jobs.append((n, rows, None, c))
         else:
             jobs += [(n, rows, (a, min(a + rows, shape[0])), c) for a in range(0, shape[0], rows)]
-    budget = _Budget(max((j[3] for j in jobs), default=1))
+    # the largest whole tensor runs alone; blocks (all about the same size) run one per worker
+    whole = [j[3] for j in jobs if j[1] is None]
+    blocks = [j[3] for j in jobs if j[1] is not None]
+    budget = _Budget(max(max(whole, default=1), nthreads * max(blocks, default=0)))
 
     # checksums of the inputs, on a background thread while the merge runs
     files: dict[str, list[Path]] = {}
