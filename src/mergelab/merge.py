@@ -249,6 +249,33 @@ class _Budget:
             self.cv.notify_all()
 
 
+_MALLOC_TUNED = False
+
+
+def _tune_malloc() -> None:
+    """Keep freed block-sized buffers in the C heap for reuse (glibc only, once per process).
+
+    glibc returns every allocation above its mmap threshold (128 KiB at first) to the OS on
+    free, so each fresh float32 block page-faults again: measured on the 110M task-arithmetic
+    merge, 130k-510k minor faults and 0.6-1.8 s of system time, against ~0 and 0.2 s with a
+    64 MiB mmap threshold and a 256 MiB trim threshold.  Buffers above 64 MiB (whole big
+    tensors) are still mapped and returned as before.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 64 << 20)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def _nonfinite(t: torch.Tensor) -> bool:
     """True if ``t`` holds NaN or Inf.  One reduction pass: the sum is finite whenever every
     element is (barring overflow past 3e38, which the exact check then settles)."""
@@ -400,6 +427,8 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     atomic = AtomicFolder(out, force)  # refuses an existing output before any work
 
     runner = _Runner(p, dev, allow, r.seed, block_bytes)
+    if runner.blockable:
+        _tune_malloc()
     specs = [TensorSpec(n, tuple(p.ref.ckpt.shape(n)), p.out_dtype[n]) for n in p.names]
     n_in = len({id(e.ckpt) for e in p.experts + ([p.base] if p.base else [])})
     # jobs: (name, rows per block or None for a whole tensor, row range or None for all rows)

@@ -43,12 +43,19 @@ def linear(tensors: list[Tensor], base: Tensor | None, *, ctx: TensorContext,
 def weighted_task_sum(tensors: list[Tensor], base: Tensor, weight: list[float], normalize: bool) -> Tensor:
     """``Σ w_i (θ_i − θ_0)``, divided by ``Σ w_i`` when ``normalize`` (|Σw| < 1e-8 divides by 1,
     as mergekit does)."""
-    acc = torch.zeros_like(base)
-    diff = None  # one scratch buffer for every θ_i − θ_0
+    acc = diff = None  # the sum, and one scratch buffer for every other θ_i − θ_0
     for w, t in zip(weight, tensors):
-        if w != 0.0:
+        if w == 0.0:
+            continue
+        if acc is None:  # the first term w·τ: the same number as 0 + w·τ
+            acc = torch.sub(t, base)
+            if w != 1.0:
+                acc.mul_(w)
+        else:
             diff = torch.sub(t, base, out=diff if diff is not None else torch.empty_like(base))
             acc.add_(diff, alpha=w)
+    if acc is None:
+        acc = torch.zeros_like(base)
     if normalize:
         total = math.fsum(weight)
         if abs(total) >= 1e-8 and total != 1.0:
