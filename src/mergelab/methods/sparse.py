@@ -123,7 +123,7 @@ class Trim:
 
 
 def trim_states(tau_chunks: Callable[[], Iterable[Sequence[Tensor]]], density: Sequence[float],
-                tie_break: str = "index") -> list[Trim | None]:
+                tie_break: str = "index", numel: int | None = None) -> list[Trim | None]:
     """The per-tensor TIES trim of several task vectors, from streaming passes.
 
     ``tau_chunks()`` yields, in flat order, one chunk of every model's τ per step.  Returns
@@ -147,9 +147,9 @@ def trim_states(tau_chunks: Callable[[], Iterable[Sequence[Tensor]]], density: S
             mask[torch.argsort(a, descending=True)[:trim_keep_count(a.numel(), density[i])]] = True
             out[i] = Trim(mask=mask)
         return out
-    n = 0
-    for taus in tau_chunks():
-        n += taus[todo[0]].numel()
+    n = numel
+    if n is None:  # one more pass, just to count
+        n = sum(taus[todo[0]].numel() for taus in tau_chunks())
     ranks = [trim_keep_count(n, density[i]) if i in todo and n else None for i in range(M)]
 
     def abs_chunks():
@@ -299,7 +299,7 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
     if sparsify == "magnitude" and thresholds is None and trim is None:
         trim_at = 0
         trim = trim_states(lambda: ([f[s:s + CHUNK] - flat_base[s:s + CHUNK] for f in flat]
-                                    for s in range(0, numel, CHUNK)), density, tie_break)
+                                    for s in range(0, numel, CHUNK)), density, tie_break, numel)
     dare_seeds = [tensor_seed(seed, name, i) if sparsify == "random" and density[i] < 1.0 else None
                   for i in range(n_models)]
 
@@ -417,13 +417,20 @@ def ties_tensor_prepass(params: dict, blocks) -> list | None:
     if params.get("scope", "per_tensor") == "global":
         return None
 
+    numel = []
+
     def taus():
-        for _ctx, base, ts in blocks():
+        for ctx, base, ts in blocks():
+            if not numel:
+                numel.append(ctx.numel if ctx.numel is not None else None)
             fb = base.reshape(-1)
             for s in range(0, fb.numel(), CHUNK):
                 yield [t.reshape(-1)[s:s + CHUNK] - fb[s:s + CHUNK] for t in ts]
 
-    return trim_states(taus, params["density"], params.get("tie_break", "index"))
+    if all(d >= 1.0 for d in params["density"]):
+        return [None] * len(params["density"])  # keep all (None would mean "not computed")
+    next(iter(taus()), None)  # reads one block only: the whole tensor's size from its ctx
+    return trim_states(taus, params["density"], params.get("tie_break", "index"), numel[0] if numel else None)
 
 
 @merge_method("ties", needs_base=True, prepass=global_ties_prepass, elementwise=True,
