@@ -407,7 +407,7 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     ``threads`` worker threads (default: all cores, at most 4); ``inputs`` maps model names
     used in the recipe to Checkpoint-like objects (e.g. lazily permuted views).
     ``block_size``: float32 bytes of one input's row block for elementwise methods (default
-    ``8MiB``); the output does not depend on it.
+    ``1MiB``); the output does not depend on it.
     Multi-output methods write one sub-folder of ``out`` per variant.
     """
     t0 = time.perf_counter()
@@ -561,7 +561,7 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
                        seconds=time.perf_counter() - t0, method=p.method.name, variants=[v for v in variants if v])
 
 
-DEFAULT_BLOCK_SIZE = 8 * 2**20
+DEFAULT_BLOCK_SIZE = 2**20
 
 
 def _numel(shape) -> int:
