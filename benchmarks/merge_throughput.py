@@ -106,8 +106,12 @@ def weight_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def run_child(cmd: list[str]) -> tuple[float, int, int]:
-    """Wall seconds, peak RSS (bytes, VmHWM polled from /proc) and exit status of a child."""
+def run_child(cmd: list[str]) -> tuple[float, int, int, float]:
+    """Wall seconds, peak RSS (bytes, VmHWM polled from /proc), exit status and CPU seconds
+    (user + system, from the reaped child's rusage: less sensitive to other load) of a child."""
+    import resource
+
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
@@ -125,11 +129,13 @@ def run_child(cmd: list[str]) -> tuple[float, int, int]:
             pass
         time.sleep(0.02)
     wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     th.join()
     if p.returncode != 0:
         msg = (err[0] if err else b"").decode(errors="replace").strip().splitlines()[-1:]
         print(f"  ! {' '.join(cmd[:3])} exited {p.returncode}: {msg}", file=sys.stderr)
-    return wall, peak, p.returncode
+    return wall, peak, p.returncode, cpu
 
 
 def memcpy_bandwidth(nbytes: int = 512 * 2**20, reps: int = 5) -> float:
@@ -160,6 +166,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="mergelab --threads")
     ap.add_argument("--workdir", default=None, help="where the temporary checkpoints go (default: $TMPDIR)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--tools", default="mergelab,mergekit", help="which tools to run")
+    ap.add_argument("--checkpoints", default=None,
+                    help="reuse (or create and keep) the checkpoints in DIR/<size>/{base,a,b}")
     args = ap.parse_args(argv)
     mk = find_mergekit(args.mergekit)
     bw = memcpy_bandwidth()
@@ -170,9 +179,11 @@ def main(argv=None):
         root = Path(tempfile.mkdtemp(prefix=f"mergelab-bench-{size}-", dir=args.workdir))
         try:
             t0 = time.perf_counter()
-            base = generate(root / "base", size, 0, None)
-            a = generate(root / "a", size, 1, 0)
-            b = generate(root / "b", size, 2, 0)
+            ck = Path(args.checkpoints) / size if args.checkpoints else root
+            base, a, b = ck / "base", ck / "a", ck / "b"
+            for folder, seed, of in ((base, 0, None), (a, 1, 0), (b, 2, 0)):
+                if not (folder / "config.json").is_file():
+                    generate(folder, size, seed, of)
             print(f"[{size}] {n_params(size) / 1e6:.0f}M params, generated 3 checkpoints in "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
             for method in args.methods.split(","):
@@ -181,28 +192,28 @@ def main(argv=None):
                 import yaml
                 rp.write_text(yaml.safe_dump(r))
                 reads = weight_bytes(a) + weight_bytes(b) + (weight_bytes(base) if method != "linear" else 0)
-                tools = [("mergelab", [sys.executable, "-m", "mergelab", "merge", str(rp), "-o", str(root / "out"),
+                tools = [] if "mergelab" not in args.tools else [("mergelab", [sys.executable, "-m", "mergelab", "merge", str(rp), "-o", str(root / "out"),
                                        "--quiet", "--no-checksums"] + (["--threads", str(args.threads)] if args.threads else []))]
-                if mk:
+                if mk and "mergekit" in args.tools:
                     tools.append(("mergekit", [mk, str(rp), str(root / "out"), "--quiet", "--lazy-unpickle",
                                                "--no-copy-tokenizer", "--no-cuda"]))
                 for tool, cmd in tools:
                     shutil.rmtree(root / "out", ignore_errors=True)
-                    wall, rss, rc = run_child(cmd)
+                    wall, rss, rc, cpu = run_child(cmd)
                     written = weight_bytes(root / "out") if rc == 0 else 0
                     row = {"size": size, "params": n_params(size), "method": method, "tool": tool, "ok": rc == 0,
-                           "wall_s": round(wall, 2), "peak_rss_mb": round(rss / 2**20),
+                           "wall_s": round(wall, 2), "cpu_s": round(cpu, 1), "peak_rss_mb": round(rss / 2**20),
                            "gb_per_s": round((reads + written) / wall / 1e9, 3), "memcpy_gb_per_s": round(bw / 1e9, 2)}
                     rows.append(row)
-                    print(f"  {size:>5} {method:<16} {tool:<9} wall {wall:7.1f} s  peak RSS {rss / 2**20:7.0f} MB  "
+                    print(f"  {size:>5} {method:<16} {tool:<9} wall {wall:7.1f} s  cpu {cpu:7.1f} s  peak RSS {rss / 2**20:7.0f} MB  "
                           f"{row['gb_per_s']:.2f} GB/s{'' if rc == 0 else '  FAILED'}", flush=True)
                     shutil.rmtree(root / "out", ignore_errors=True)
         finally:
             shutil.rmtree(root, ignore_errors=True)
-    print("\n| size | method | tool | wall (s) | peak RSS (MB) | read+write GB/s | memcpy GB/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| size | method | tool | wall (s) | CPU user+sys (s) | peak RSS (MB) | read+write GB/s | memcpy GB/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']} | {r['method']} | {r['tool']} | {r['wall_s']} | {r['peak_rss_mb']} | "
+        print(f"| {r['size']} | {r['method']} | {r['tool']} | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_mb']} | "
               f"{r['gb_per_s']} | {r['memcpy_gb_per_s']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -9,6 +9,8 @@ bit-identical elements, and the largest difference in units of one bfloat16 ulp 
 tensor's scale (2^(floor(log2 max|x|) - 7)).  Two compute settings: ``dtype: float32, out_dtype: bfloat16`` (both compute
 in float32: expect bit-equality up to float summation order) and ``dtype: bfloat16``
 (mergekit computes in bf16, mergelab in float32: differences are bf16 rounding).
+``ties+argsort`` runs mergekit's recipe in mergelab with ``tie_break: argsort`` (mergekit's
+own choice among equal magnitudes at the trim threshold) added to its parameters.
 """
 from __future__ import annotations
 
@@ -60,11 +62,16 @@ def main(argv=None):
         print("| method | compute dtype | tensors | elements | bit-identical | max diff (tensor-scale bf16 ulps) | elements > 1 such ulp |")
         print("|---|---|---|---|---|---|---|")
         for label, dt in (("float32", {"dtype": "float32", "out_dtype": "bfloat16"}), ("bfloat16", {"dtype": "bfloat16"})):
-            for name, r in recipes(base, a, b, dt).items():
+            rs = recipes(base, a, b, dt)
+            rs["ties+argsort"] = rs["ties"]
+            for name, r in rs.items():
                 rp = root / f"{name}.yaml"
                 rp.write_text(yaml.safe_dump(r))
+                rl = root / f"{name}.mergelab.yaml"
+                extra = {"tie_break": "argsort"} if name == "ties+argsort" else {}
+                rl.write_text(yaml.safe_dump({**r, "parameters": {**r.get("parameters", {}), **extra}}))
                 for tool, cmd in (("mk", [mk, str(rp), str(root / "mk"), "--quiet", "--no-cuda", "--no-copy-tokenizer"]),
-                                  ("ml", [sys.executable, "-m", "mergelab", "merge", str(rp), "-o", str(root / "ml"),
+                                  ("ml", [sys.executable, "-m", "mergelab", "merge", str(rl), "-o", str(root / "ml"),
                                           "--quiet", "--force"])):
                     shutil.rmtree(root / tool, ignore_errors=True)
                     p = subprocess.run(cmd, capture_output=True, text=True)

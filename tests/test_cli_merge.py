@@ -182,8 +182,8 @@ def test_cli_error_method_and_parameters(tmp_path):
     _cli_error(tmp_path, _r(paths[1], paths[2], method="frobnicate"), "unknown merge method 'frobnicate'")
     _cli_error(tmp_path, _r(paths[1], paths[2], parameters={"wieght": 1}), "unknown parameter 'wieght'")
     _cli_error(tmp_path, _r(paths[1], paths[2], mp=[{"densty": 0.5}, {}]), "unknown parameter 'densty'")
-    _cli_error(tmp_path, _r(paths[1], paths[2], parameters={"weight": [0.2, 0.3, 0.5]}),
-               "parameter 'weight' has 3 values, expected 2")
+    _cli_error(tmp_path, {**_r(paths[1], paths[2]), "weights": [0.2, 0.3, 0.5]},
+               "'weights' has 3 values but 'models' has 2 entries (weight list of the wrong length)")
     _cli_error(tmp_path, _r(paths[1], paths[2], method="_core_ta", base=paths[0], mp=[{"density": 0.0}, {}]),
                "parameter 'density' must be in (0, 1], found 0")
     _cli_error(tmp_path, _r(paths[1], paths[2], method="_core_ta", base=paths[0], parameters={"density": 1.01}),
@@ -237,7 +237,7 @@ def test_cli_refuses_malicious_bin_without_running_it(tmp_path):
 def test_cli_subprocess_exit_code_and_one_line(tmp_path):
     """The real process: exit status 2, one stderr line, no traceback, nothing written."""
     paths, _ = toy_family(tmp_path)
-    rp = _write_recipe(tmp_path, _r(paths[1], paths[2], parameters={"weight": [1, 2, 3]}))
+    rp = _write_recipe(tmp_path, {**_r(paths[1], paths[2]), "weights": [1, 2, 3]})
     out = tmp_path / "out"
     r = subprocess.run(WITH_TEST_METHODS + ["merge", str(rp), "-o", str(out)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2

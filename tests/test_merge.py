@@ -114,6 +114,25 @@ def test_gradient_and_filter_parameters_per_tensor(tmp_path):
     assert torch.equal(out["embed.weight"], 0.0 * a["embed.weight"] + 0.0 * b["embed.weight"])
 
 
+def test_top_level_list_is_a_depth_gradient_and_weights_is_per_model(tmp_path):
+    """mergekit: a list under the top-level parameters is a gradient over depth (for every
+    model), not one value per model; mergelab's `weights` key gives one weight per model."""
+    paths, (base, a, b) = toy_family(tmp_path)
+    top = _read(merge(_recipe(paths, parameters={"weight": [0.0, 1.0]}), tmp_path / "top", quiet=True).outputs[0])
+    each = _read(merge(_recipe(paths, model_params=[{"weight": [0.0, 1.0]}] * 2), tmp_path / "each",
+                       quiet=True).outputs[0])
+    for k in top:
+        assert torch.equal(top[k], each[k]), k
+    k = "layers.1.attn.weight"  # t = 1: weight 1 for both models
+    assert torch.equal(top[k], 1.0 * a[k] + 1.0 * b[k])
+    assert torch.equal(top["layers.0.attn.weight"], 0.0 * a["layers.0.attn.weight"] + 0.0 * b["layers.0.attn.weight"])
+    w = _read(merge({**_recipe(paths), "weights": [0.3, 0.7]}, tmp_path / "w", quiet=True).outputs[0])
+    m = _read(merge(_recipe(paths, model_params=[{"weight": 0.3}, {"weight": 0.7}]), tmp_path / "m",
+                    quiet=True).outputs[0])
+    assert all(torch.equal(w[k], m[k]) for k in w)
+    assert torch.equal(w["embed.weight"], 0.3 * a["embed.weight"] + 0.7 * b["embed.weight"])
+
+
 def test_prepass_sees_every_tensor_once_before_merge(tmp_path):
     paths, (base, a, b) = toy_family(tmp_path)
     H.CALLS["prepass_seen"].clear()
@@ -186,7 +205,8 @@ def test_error_parameters(tmp_path):
     paths, _ = toy_family(tmp_path)
     _err(tmp_path, _recipe(paths, "no_such_method"), "unknown merge method 'no_such_method'")
     _err(tmp_path, _recipe(paths, parameters={"bogus": 1}), "unknown parameter 'bogus'")
-    _err(tmp_path, _recipe(paths, parameters={"weight": [1, 2, 3]}), "has 3 values, expected 2")
+    _err(tmp_path, {**_recipe(paths), "weights": [1, 2, 3]}, r"'weights' has 3 values .* \(weight list of the wrong length\)")
+    _err(tmp_path, {**_recipe(paths, model_params=[{"weight": 1}, {}]), "weights": [1, 2]}, r"models\[0\]: weight given twice")
     _err(tmp_path, _recipe(paths, "_core_ta", model_params=[{"density": 0}, {}]), r"must be in \(0, 1\]")
     _err(tmp_path, _recipe(paths, "_core_ta", model_params=[{}, {"density": 1.5}]), r"must be in \(0, 1\]")
     # a per-tensor rule that is out of range for one tensor only is caught before any work

@@ -42,13 +42,15 @@ def main() -> None:
 @click.option("--threads", type=int, default=None, help="Worker threads (default: all cores, at most 4).")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Merge even when a tensor holds NaN or Inf.")
 @click.option("--no-checksums", is_flag=True, help="Skip the inputs' sha256 in the model card.")
+@click.option("--block-size", default="1MiB", show_default=True,
+              help="float32 bytes of one input's row block for elementwise methods (memory, not results).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
-def merge_cmd(recipe, out, force, dtype, shard_size, device, threads, allow_nonfinite, no_checksums, quiet):
+def merge_cmd(recipe, out, force, dtype, shard_size, device, threads, allow_nonfinite, no_checksums, block_size, quiet):
     """Merge the checkpoints of a YAML RECIPE into OUT."""
     from .merge import merge
 
     res = merge(recipe, out, force=force, dtype=dtype, shard_size=shard_size, device=device, threads=threads,
-                quiet=quiet, allow_nonfinite=allow_nonfinite, checksums=not no_checksums)
+                quiet=quiet, allow_nonfinite=allow_nonfinite, checksums=not no_checksums, block_size=block_size)
     if not quiet:
         click.echo(res.summary())
 

@@ -14,16 +14,19 @@
     parameters: {lambda: 1.0}
     dtype: bfloat16          # stored dtype (mergelab always computes in float32)
     seed: 0                  # mergelab: every random choice derives from it
+    # weights: [0.6, 0.4]    # mergelab: one weight per entry of `models`
     align:                   # mergelab: permutation alignment before the merge (docs/align.md)
       method: weight         # weight | activation (needs data)
       reference: path/to/base            # default: base_model, else the first model
       model_code: mypkg.models:resnet20  # not needed for Hugging Face folders
       input_shape: [1, 3, 32, 32]        # example inputs for tracing
 
-A parameter value is a scalar, a list of numbers (a gradient interpolated over layer depth,
-mergekit's semantics: layer ``i`` of ``L`` sits at ``t = i/(L-1)``; tensors outside the
-layers sit at ``t = 0``), or a list of ``{filter, value}`` rules (the first rule whose
-``filter`` is a substring of the tensor name, or that has no filter / ``*``, applies).
+A parameter value, wherever it is (``parameters`` or ``models[i].parameters``), is a scalar,
+a list of numbers (a gradient interpolated over layer depth, mergekit's semantics: layer
+``i`` of ``L`` sits at ``t = i/(L-1)``; tensors outside the layers sit at ``t = 0``), or a
+list of ``{filter, value}`` rules (the first rule whose ``filter`` is a substring of the
+tensor name, or that has no filter / ``*``, applies).  Per-model values go in
+``models[i].parameters`` (as in mergekit) or, for weights, in mergelab's ``weights`` list.
 """
 from __future__ import annotations
 
@@ -101,6 +104,7 @@ class Recipe(BaseModel):
     out_dtype: str | None = None      # stored dtype, wins over dtype
     # mergelab's own keys
     seed: int = 0
+    weights: list[float] | None = None  # one weight per entry of `models` (sets its `weight`)
     allow_nonfinite: bool = False
     name: str | None = None           # a label for the model card
     align: AlignSection | None = None  # permutation alignment before the merge
@@ -193,7 +197,7 @@ def _one_line(e: ValidationError) -> str:
                 + ", ".join(cls.model_fields) + ")")
     if err["type"] == "extra_forbidden":
         return f"unknown key '{err['loc'][-1]}'" + (f" in '{'.'.join(map(str, err['loc'][:-1]))}'" if len(err["loc"]) > 1 else "") + \
-            " (supported: models, merge_method, base_model, parameters, dtype, out_dtype, seed, allow_nonfinite, name, align, repair, tact)"
+            " (supported: models, merge_method, base_model, parameters, dtype, out_dtype, seed, weights, allow_nonfinite, name, align, repair, tact)"
     if err["type"] == "missing":
         return f"missing key '{loc}'"
     return f"'{loc}': {err['msg']}"

@@ -147,6 +147,7 @@ class ShardedWriter:
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
         self._written: set[str] = set()
+        self._rows: dict[str, int] = {}  # rows written so far, for tensors written in row blocks
         self._lock = threading.Lock()
         meta = {"format": "pt", **(metadata or {})}
         for fname, group in zip(names, groups):
@@ -173,14 +174,33 @@ class ShardedWriter:
         fd, off, spec = self._where[name]
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise AssertionError(f"{name}: planned {spec.shape} {spec.dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+        self._pwrite(fd, off, tensor)
+        with self._lock:
+            self._written.add(name)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write rows ``start:start+len(rows)`` (axis 0) of a planned tensor at their byte
+        offset.  A tensor is complete once all its rows were written, in any order."""
+        fd, off, spec = self._where[name]
+        if (not spec.shape or tuple(rows.shape[1:]) != spec.shape[1:] or rows.dtype != spec.dtype
+                or start < 0 or start + rows.shape[0] > spec.shape[0]):
+            raise AssertionError(f"{name}: planned {spec.shape} {spec.dtype}, got rows {start}+{tuple(rows.shape)} {rows.dtype}")
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape[0] else 0
+        self._pwrite(fd, off + start * row_bytes, rows)
+        with self._lock:
+            n = self._rows.get(name, 0) + rows.shape[0]
+            self._rows[name] = n
+            if n == spec.shape[0]:
+                self._written.add(name)
+
+    @staticmethod
+    def _pwrite(fd: int, off: int, tensor: torch.Tensor) -> None:
         t = tensor.detach().to("cpu").contiguous()
-        if spec.nbytes:
+        if t.numel():
             view = memoryview(t.view(-1).view(torch.uint8).numpy())
             done = 0
             while done < len(view):
                 done += os.pwrite(fd, view[done:], off + done)
-        with self._lock:
-            self._written.add(name)
 
     def close(self) -> None:
         """Close the shards and write the index; every planned tensor must have been written."""

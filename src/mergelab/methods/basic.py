@@ -14,7 +14,7 @@ from ..errors import MergelabError
 from .registry import Range, TensorContext, merge_method
 
 
-@merge_method("linear")
+@merge_method("linear", elementwise=True)
 def linear(tensors: list[Tensor], base: Tensor | None, *, ctx: TensorContext,
            weight: list[float] = 1.0, normalize: bool = True) -> Tensor:
     """Weighted average ``Σ w_i θ_i / Σ w_i`` (mergekit's ``linear``); without ``normalize``
@@ -32,19 +32,30 @@ def linear(tensors: list[Tensor], base: Tensor | None, *, ctx: TensorContext,
     first = tensors[0]
     c = total / d
     out = first.clone() if c == 1.0 else first * c
+    diff = None  # one scratch buffer for every θ_i − θ_1
     for w, t in zip(weight[1:], tensors[1:]):
         if w != 0.0:
-            out.add_(t - first, alpha=w / d)
+            diff = torch.sub(t, first, out=diff if diff is not None else torch.empty_like(first))
+            out.add_(diff, alpha=w / d)
     return out
 
 
 def weighted_task_sum(tensors: list[Tensor], base: Tensor, weight: list[float], normalize: bool) -> Tensor:
     """``Σ w_i (θ_i − θ_0)``, divided by ``Σ w_i`` when ``normalize`` (|Σw| < 1e-8 divides by 1,
     as mergekit does)."""
-    acc = torch.zeros_like(base)
+    acc = diff = None  # the sum, and one scratch buffer for every other θ_i − θ_0
     for w, t in zip(weight, tensors):
-        if w != 0.0:
-            acc.add_(t - base, alpha=w)
+        if w == 0.0:
+            continue
+        if acc is None:  # the first term w·τ: the same number as 0 + w·τ
+            acc = torch.sub(t, base)
+            if w != 1.0:
+                acc.mul_(w)
+        else:
+            diff = torch.sub(t, base, out=diff if diff is not None else torch.empty_like(base))
+            acc.add_(diff, alpha=w)
+    if acc is None:
+        acc = torch.zeros_like(base)
     if normalize:
         total = math.fsum(weight)
         if abs(total) >= 1e-8 and total != 1.0:
@@ -52,7 +63,7 @@ def weighted_task_sum(tensors: list[Tensor], base: Tensor, weight: list[float], 
     return acc
 
 
-@merge_method("task_arithmetic", needs_base=True)
+@merge_method("task_arithmetic", needs_base=True, elementwise=True)
 def task_arithmetic(tensors: list[Tensor], base: Tensor, *, weight: list[float] = 1.0,
                     lambda_: float = 1.0, normalize: bool = False, int8_mask: bool = False) -> Tensor:
     """Task arithmetic: ``θ_0 + λ Σ w_i τ_i`` with ``τ_i = θ_i − θ_0`` (divided by ``Σ w_i`` when
@@ -63,7 +74,7 @@ def task_arithmetic(tensors: list[Tensor], base: Tensor, *, weight: list[float] 
     tau = weighted_task_sum(tensors, base, weight, normalize)
     if lambda_ != 1.0:
         tau.mul_(lambda_)
-    return base + tau
+    return tau.add_(base)  # θ_0 + λτ, in place (a + b == b + a exactly)
 
 
 def slerp_pair(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:

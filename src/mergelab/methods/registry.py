@@ -21,9 +21,19 @@ A merge method is a pure function over the tensors of ONE parameter name::
   method declares ``stats=("fisher",)``.
 * A method returns one tensor, or with ``multi_output=True`` a dict ``{variant: tensor}``
   (for example one masked model per task); the engine writes one folder per variant.
-* ``prepass(params, stream)`` (optional) sees every (name, base, tensors) once before the
+* ``prepass(params, stream)`` (optional) sees every ``(ctx, base, tensors)`` once before the
   merge, for whole-model quantities such as global top-k thresholds; its result is
   ``ctx.prepass``.
+* ``elementwise=True`` promises that output entry j depends only on entry j of the inputs
+  (given the parameters and ``ctx``): the engine may then call the method on row blocks of a
+  big tensor (``ctx.offset`` = flat index of the block's first entry, ``ctx.numel`` = the
+  whole tensor's), so memory stays a constant whatever the model size.  Random choices must
+  depend on the absolute entry index (see ``sparse.dare_keep``), not on the block.
+* ``tensor_prepass(params, blocks)`` (optional, with ``elementwise``) computes a per-tensor
+  state before the blocks of that tensor are merged (e.g. TIES' per-tensor top-k threshold):
+  ``blocks()`` restarts a stream of ``(ctx, base_block, tensor_blocks)`` in order; the result
+  is ``ctx.tensor_state``, and the blocks of one tensor are then merged in order, in one
+  thread.  Called on a whole tensor (``ctx.tensor_state is None``), the method computes it.
 
 Methods never open files; the engine feeds them.
 """
@@ -71,6 +81,9 @@ class TensorContext:
     prepass: Any = None
     stats: dict[str, list[Any]] = field(default_factory=dict)  # kind -> per-model tensors
     model_names: Sequence[str] = ()
+    offset: int = 0                 # flat index of the first entry when called on a row block
+    numel: int | None = None        # entries of the whole tensor (None: the call sees all of it)
+    tensor_state: Any = None        # the result of the method's tensor_prepass for this tensor
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,8 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     doc: str = ""
+    elementwise: bool = False
+    tensor_prepass: Callable[[dict, Callable[[], Iterable]], Any] | None = None
 
     def resolve(self, global_params: dict[str, Any], model_params: Sequence[dict[str, Any]],
                 where: str = "recipe") -> dict[str, Any]:
@@ -229,7 +244,8 @@ def _param_from_annotation(pname: str, ann: Any, default: Any) -> ParamSpec:
 
 def merge_method(name: str | None = None, *, needs_base: bool = False, stats: tuple[str, ...] = (),
                  multi_output: bool = False, prepass: Callable | None = None,
-                 min_models: int = 1, max_models: int | None = None):
+                 min_models: int = 1, max_models: int | None = None, elementwise: bool = False,
+                 tensor_prepass: Callable | None = None):
     """Register a per-tensor merge function; its keyword-only signature is the schema."""
 
     def wrap(fn: Callable) -> MethodSpec:
@@ -243,9 +259,12 @@ def merge_method(name: str | None = None, *, needs_base: bool = False, stats: tu
             params[spec.name] = spec
         if mname in REGISTRY:
             raise ValueError(f"merge method {mname!r} registered twice")
+        if tensor_prepass is not None and not elementwise:
+            raise ValueError(f"merge method {mname!r}: tensor_prepass needs elementwise=True")
         ms = MethodSpec(name=mname, fn=fn, needs_base=needs_base, params=params, stats=tuple(stats),
                         multi_output=multi_output, prepass=prepass, min_models=min_models,
-                        max_models=max_models, doc=inspect.getdoc(fn) or "")
+                        max_models=max_models, doc=inspect.getdoc(fn) or "",
+                        elementwise=elementwise, tensor_prepass=tensor_prepass)
         REGISTRY[mname] = ms
         return ms
 

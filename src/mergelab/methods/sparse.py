@@ -5,10 +5,12 @@ Building blocks (usable on their own):
 * :func:`kth_largest` — exact k-th largest of non-negative float32 values streamed in chunks,
   by a two-level radix select on the float32 bit pattern (65,536-bin histograms of the high
   and then the low 16 bits), so memory does not grow with the number of values;
-* :func:`trim_mask` — the TIES trim, per tensor (mergekit: exactly ⌊k·n⌋ entries survive) or
-  against a given threshold (the paper's global top-k);
+* :func:`trim_states` / :func:`trim_mask` — the TIES trim per tensor (mergekit: exactly
+  max(1, ⌊k·n⌋) entries survive), from a streaming pass over the tensor's chunks, so the
+  engine can merge a big tensor in row blocks;
 * :func:`elect_sign` and :func:`disjoint_merge` — TIES sign election and disjoint merge;
-* :func:`dare_mask` — DARE's seeded Bernoulli keep-mask, reproducible per tensor name.
+* :func:`dare_keep` — DARE's seeded Bernoulli keep-mask of any flat range of a tensor: the
+  same entries are dropped whatever the block size (one generator per fixed 2^20-entry chunk).
 
 Work on big tensors is done in chunks of ``CHUNK`` entries so that the temporaries stay small:
 peak memory is the inputs, the output and O(models × CHUNK).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Annotated, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
@@ -41,30 +44,55 @@ def _bucket(counts: Tensor, rank: int) -> tuple[int, int]:
     return counts.numel() - 1 - i, rank - above
 
 
-def kth_largest(chunks: Callable[[], Iterable[Tensor]], rank: int) -> float:
-    """The ``rank``-th largest (1-based) of the non-negative float32 values yielded by ``chunks()``.
+def _bits(x: Tensor) -> Tensor:
+    return x.detach().reshape(-1).to(torch.float32).view(torch.int32)
 
-    ``chunks`` is called twice (two streaming passes).  Non-negative IEEE floats order like
-    their bit patterns read as integers, so pass 1 histograms the high 16 bits, pass 2 the
-    low 16 bits of the values in the selected high bucket; the result is exact.
+
+def kth_largest_many(chunks: Callable[[], Iterable[Sequence[Tensor]]],
+                     ranks: Sequence[int | None]) -> list[tuple[float, int] | None]:
+    """For S streams at once: the ``ranks[s]``-th largest (1-based) non-negative float32 value
+    of stream s and how many values are strictly greater; ``None`` ranks are skipped.
+
+    ``chunks()`` (called twice: two streaming passes) yields, per step, one chunk of every
+    stream (``None`` for a skipped stream).  Non-negative IEEE floats order like their bit
+    patterns read as integers, so pass 1 histograms the high 16 bits, pass 2 the low 16 bits
+    of the values in the selected high bucket; the result is exact.  A rank of 0 or larger
+    than the stream's length is an error.
     """
-    hi_counts = torch.zeros(1 << 16, dtype=torch.int64)
-    n = 0
-    for x in chunks():
-        bits = x.detach().reshape(-1).to(torch.float32).view(torch.int32)
-        hi_counts += torch.bincount(bits >> 16, minlength=1 << 16)
-        n += bits.numel()
-    if not 1 <= rank <= n:
-        raise ValueError(f"rank {rank} outside 1..{n}")
-    hi, rank2 = _bucket(hi_counts, rank)
-    lo_counts = torch.zeros(1 << 16, dtype=torch.int64)
-    for x in chunks():
-        bits = x.detach().reshape(-1).to(torch.float32).view(torch.int32)
-        sel = bits[(bits >> 16) == hi]
-        if sel.numel():
-            lo_counts += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
-    lo, _ = _bucket(lo_counts, rank2)
-    return float(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32))
+    S = len(ranks)
+    live = [s for s in range(S) if ranks[s] is not None]
+    hi_counts = {s: torch.zeros(1 << 16, dtype=torch.int64) for s in live}
+    n = [0] * S
+    for xs in chunks():
+        for s in live:
+            bits = _bits(xs[s])
+            hi_counts[s] += torch.bincount(bits >> 16, minlength=1 << 16)
+            n[s] += bits.numel()
+    hi, rank2 = {}, {}
+    for s in live:
+        if not 1 <= ranks[s] <= n[s]:
+            raise ValueError(f"rank {ranks[s]} outside 1..{n[s]}")
+        hi[s], rank2[s] = _bucket(hi_counts[s], ranks[s])
+    lo_counts = {s: torch.zeros(1 << 16, dtype=torch.int64) for s in live}
+    for xs in chunks():
+        for s in live:
+            bits = _bits(xs[s])
+            sel = bits[(bits >> 16) == hi[s]]
+            if sel.numel():
+                lo_counts[s] += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
+    out: list[tuple[float, int] | None] = [None] * S
+    for s in live:
+        lo, _ = _bucket(lo_counts[s], rank2[s])
+        value = float(torch.tensor([(hi[s] << 16) | lo], dtype=torch.int32).view(torch.float32))
+        greater = int(hi_counts[s][hi[s] + 1:].sum()) + int(lo_counts[s][lo + 1:].sum())
+        out[s] = (value, greater)
+    return out
+
+
+def kth_largest(chunks: Callable[[], Iterable[Tensor]], rank: int) -> float:
+    """The ``rank``-th largest (1-based) of the non-negative float32 values yielded by ``chunks()``
+    (two streaming passes; see :func:`kth_largest_many`)."""
+    return kth_largest_many(lambda: ((x,) for x in chunks()), [rank])[0][0]
 
 
 def _flat_chunks(x: Tensor) -> Iterator[Tensor]:
@@ -75,24 +103,86 @@ def _flat_chunks(x: Tensor) -> Iterator[Tensor]:
 
 # ------------------------------------------------------------------ trim / elect / disjoint
 
-def trim_mask(tau: Tensor, density: float) -> Tensor:
-    """mergekit's per-tensor magnitude trim: a bool mask keeping exactly ``⌊density·n⌋``
-    entries of largest ``|τ|``; among equal magnitudes at the threshold the lowest flat
-    indices are kept (mergekit's argsort leaves that order unspecified)."""
-    n = tau.numel()
-    if density >= 1.0:
-        return torch.ones_like(tau, dtype=torch.bool)
-    k = int(density * n)
-    if k == 0:
-        return torch.zeros_like(tau, dtype=torch.bool)
+def trim_keep_count(n: int, density: float) -> int:
+    """mergekit's number of survivors of the magnitude trim: ``max(1, ⌊density·n⌋)``
+    (all for density ≥ 1, none of an empty tensor)."""
+    if n == 0:
+        return 0
+    return n if density >= 1.0 else max(1, int(density * n))
+
+
+@dataclass
+class Trim:
+    """One model's per-tensor TIES trim: keep ``|τ| > threshold`` and, in flat order, the first
+    ``ties_left`` entries with ``|τ| == threshold`` (consumed as chunks go by); or, with
+    ``tie_break: argsort``, the whole tensor's flat keep-``mask``."""
+
+    threshold: float = 0.0
+    ties_left: int = 0
+    mask: Tensor | None = None
+
+
+def trim_states(tau_chunks: Callable[[], Iterable[Sequence[Tensor]]], density: Sequence[float],
+                tie_break: str = "index", numel: int | None = None) -> list[Trim | None]:
+    """The per-tensor TIES trim of several task vectors, from streaming passes.
+
+    ``tau_chunks()`` yields, in flat order, one chunk of every model's τ per step.  Returns
+    per model ``None`` (keep all, density ≥ 1) or a :class:`Trim` keeping exactly
+    ``max(1, ⌊density·n⌋)`` entries of largest ``|τ|`` (mergekit's count).  Which of several
+    entries of equal ``|τ|`` at the threshold survive: ``index`` keeps the lowest flat indices
+    (two streaming passes of radix select, memory independent of the tensor size);
+    ``argsort`` keeps the first k of ``torch.argsort(|τ|, descending=True)`` over the whole
+    flattened tensor, exactly as mergekit 0.1.5 does (its unstable sort's order among ties is
+    that of the installed torch build; holds the whole tensor's |τ| and indices in memory).
+    """
+    M = len(density)
+    todo = [i for i in range(M) if density[i] < 1.0]
+    if not todo:
+        return [None] * M
+    if tie_break == "argsort":
+        out: list[Trim | None] = [None] * M
+        for i in todo:
+            a = torch.cat([taus[i].reshape(-1).abs() for taus in tau_chunks()])
+            mask = torch.zeros(a.numel(), dtype=torch.bool)
+            mask[torch.argsort(a, descending=True)[:trim_keep_count(a.numel(), density[i])]] = True
+            out[i] = Trim(mask=mask)
+        return out
+    n = numel
+    if n is None:  # one more pass, just to count
+        n = sum(taus[todo[0]].numel() for taus in tau_chunks())
+    ranks = [trim_keep_count(n, density[i]) if i in todo and n else None for i in range(M)]
+
+    def abs_chunks():
+        for taus in tau_chunks():
+            yield [taus[i].abs() if ranks[i] is not None else None for i in range(M)]
+
+    found = kth_largest_many(abs_chunks, ranks)
+    return [None if f is None else Trim(f[0], ranks[i] - f[1]) for i, f in enumerate(found)]
+
+
+def trim_keep(tau: Tensor, state: Trim, start: int = 0) -> Tensor:
+    """The keep-mask of one flat chunk of τ starting at flat index ``start``; with a threshold,
+    chunks must come in flat order (the state counts the ties still to keep)."""
+    if state.mask is not None:
+        return state.mask[start:start + tau.numel()]
     a = tau.abs()
-    t = kth_largest(lambda: (a,), k)
-    mask = a > t
-    need = k - int(mask.sum())
-    if need > 0:
-        ties = torch.nonzero((a == t).reshape(-1)).squeeze(1)[:need]
-        mask.view(-1)[ties] = True
-    return mask
+    keep = a > state.threshold
+    if state.ties_left > 0:
+        tie = torch.nonzero(a == state.threshold).squeeze(1)[:state.ties_left]
+        keep[tie] = True
+        state.ties_left -= tie.numel()
+    return keep
+
+
+def trim_mask(tau: Tensor, density: float, tie_break: str = "index") -> Tensor:
+    """mergekit's per-tensor magnitude trim of one tensor as a bool mask (see :func:`trim_states`)."""
+    (st,) = trim_states(lambda: ((c,) for c in _flat_chunks(tau)), [density], tie_break)
+    if st is None:
+        return torch.ones_like(tau, dtype=torch.bool)
+    mask = torch.empty(tau.numel(), dtype=torch.bool)
+    for s, c in zip(range(0, tau.numel(), CHUNK), _flat_chunks(tau)):
+        mask[s:s + c.numel()] = trim_keep(c, st, s)
+    return mask.reshape(tau.shape)
 
 
 def global_rank(n_total: int, density: float) -> int | None:
@@ -113,7 +203,9 @@ def elect_sign(weighted: Sequence[Tensor], majority: str = "mass", zero_sign: fl
     exactly 0 take ``zero_sign`` (+1 in mergekit; the paper uses the sign of the whole
     model's sum of elected signs, 0 leaves them unmerged)."""
     if majority == "mass":
-        s = torch.stack(list(weighted)).sum(0) if len(weighted) > 1 else weighted[0].clone()
+        s = weighted[0].clone()
+        for x in weighted[1:]:  # the same sums, in the same order, as stack(...).sum(0)
+            s += x
     elif majority == "frequency":
         s = torch.zeros_like(weighted[0])
         for x in weighted:
@@ -121,7 +213,8 @@ def elect_sign(weighted: Sequence[Tensor], majority: str = "mass", zero_sign: fl
     else:
         raise MergelabError(f"majority must be 'mass' or 'frequency', found {majority!r}")
     gamma = torch.sign(s)
-    gamma[gamma == 0] = zero_sign
+    if zero_sign != 0.0:
+        gamma.add_(gamma == 0, alpha=zero_sign)  # 0 -> zero_sign
     return gamma
 
 
@@ -132,12 +225,12 @@ def disjoint_merge(weighted: Sequence[Tensor], weights: Sequence[float], gamma: 
     num = torch.zeros_like(gamma)
     den = torch.zeros_like(gamma) if normalize else None
     for w, x in zip(weights, weighted):
-        keep = (x * gamma) > 0  # non-zero and of the elected sign
-        num += x * keep
+        keep = torch.mul(x, gamma).gt_(0)  # 1.0 where non-zero and of the elected sign, else 0.0
+        num.addcmul_(x, keep)
         if den is not None:
             den.add_(keep, alpha=w)
     if den is not None:
-        den[den == 0] = 1.0
+        den.add_(den == 0)  # 0 -> 1
         num /= den
     return num
 
@@ -151,12 +244,29 @@ def tensor_seed(seed: int, name: str, index: int) -> int:
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
-def dare_keep(shape_numel: int, density: float, seed: int) -> Iterator[Tensor]:
-    """Chunks (of ``CHUNK`` entries, flat order) of DARE's Bernoulli(density) keep-mask."""
+def _chunk_seed(seed: int, chunk: int) -> int:
+    h = hashlib.blake2b(f"{int(seed)}\x00{int(chunk)}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def dare_keep(start: int, stop: int, density: float, seed: int) -> Tensor:
+    """DARE's Bernoulli(density) keep-mask of the flat entries ``start:stop`` of a tensor.
+
+    Entry j is kept when the ``(j mod 2^20)``-th draw of a generator seeded with
+    ``(seed, j // 2^20)`` is below ``density``: the mask of an entry does not depend on how
+    the tensor is cut into blocks.  ``seed`` is :func:`tensor_seed` (recipe seed, tensor
+    name, model index).
+    """
+    out = torch.empty(max(0, stop - start), dtype=torch.bool)
     g = torch.Generator(device="cpu")
-    g.manual_seed(seed)
-    for s in range(0, shape_numel, CHUNK):
-        yield torch.rand(min(CHUNK, shape_numel - s), generator=g) < density
+    pos = start
+    while pos < stop:
+        c = pos // CHUNK
+        lo, hi = pos - c * CHUNK, min(stop - c * CHUNK, CHUNK)
+        g.manual_seed(_chunk_seed(seed, c))
+        out[pos - start:pos - start + hi - lo] = torch.rand(hi, generator=g)[lo:] < density
+        pos = c * CHUNK + hi
+    return out
 
 
 # ------------------------------------------------------------------ the shared core
@@ -168,7 +278,8 @@ def _resolve_normalize(normalize: bool, merge: str) -> bool:
 def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float], density: list[float],
                       sparsify: str, consensus: bool, normalize: bool, majority: str = "mass",
                       rescale: bool = True, thresholds: Sequence[float] | None = None,
-                      zero_sign: float = 1.0, name: str = "", seed: int = 0) -> Tensor:
+                      zero_sign: float = 1.0, name: str = "", seed: int = 0,
+                      trim: list | None = None, offset: int = 0, tie_break: str = "index") -> Tensor:
     """The merged task vector ``τ_m`` of the generalized task-arithmetic family.
 
     ``sparsify``: ``"magnitude"`` (TIES trim; per tensor unless ``thresholds`` gives each
@@ -176,36 +287,36 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
     trimmed deltas are multiplied by their weights; with ``consensus`` the signs are elected
     and only agreeing entries are merged (:func:`disjoint_merge`), otherwise all are summed
     (divided by Σw when ``normalize``, as in mergekit).
+
+    Called on a block of a bigger tensor: ``trim`` is the tensor's :func:`trim_states`
+    (consumed in flat order) and ``offset`` the block's first flat index (DARE's masks).
     """
     n_models = len(tensors)
     numel = base.numel()
-    masks: list[Tensor | None] = [None] * n_models
-    if sparsify == "magnitude" and thresholds is None:
-        for i, t in enumerate(tensors):
-            if density[i] < 1.0:
-                masks[i] = trim_mask(t - base, density[i]).reshape(-1)
-    keep_iters: list[Iterator[Tensor] | None] = [None] * n_models
-    if sparsify == "random":
-        for i in range(n_models):
-            if density[i] < 1.0:
-                keep_iters[i] = dare_keep(numel, density[i], tensor_seed(seed, name, i))
-
-    out = torch.empty(numel, dtype=torch.float32)
     flat_base = base.reshape(-1)
     flat = [t.reshape(-1) for t in tensors]
+    trim_at = offset  # flat index of this call's first entry in the trim's frame
+    if sparsify == "magnitude" and thresholds is None and trim is None:
+        trim_at = 0
+        trim = trim_states(lambda: ([f[s:s + CHUNK] - flat_base[s:s + CHUNK] for f in flat]
+                                    for s in range(0, numel, CHUNK)), density, tie_break, numel)
+    dare_seeds = [tensor_seed(seed, name, i) if sparsify == "random" and density[i] < 1.0 else None
+                  for i in range(n_models)]
+
+    out = torch.empty(numel, dtype=torch.float32)
     total = math.fsum(weight)
     for s in range(0, numel, CHUNK):
         e = min(s + CHUNK, numel)
         b = flat_base[s:e]
         weighted = []
         for i in range(n_models):
-            tau = flat[i][s:e] - b  # a fresh temporary: masked and scaled in place
-            if masks[i] is not None:
-                tau.masked_fill_(~masks[i][s:e], 0.0)
+            tau = torch.sub(flat[i][s:e], b)  # a fresh temporary: masked and scaled in place
+            if trim is not None and trim[i] is not None:
+                tau.mul_(trim_keep(tau, trim[i], trim_at + s))  # (mul by a bool mask: 4x faster than masked_fill_)
             elif thresholds is not None and thresholds[i] is not None:
-                tau.masked_fill_(tau.abs() < thresholds[i], 0.0)
-            elif keep_iters[i] is not None:
-                tau.masked_fill_(~next(keep_iters[i]), 0.0)
+                tau.mul_(tau.abs() >= thresholds[i])
+            elif dare_seeds[i] is not None:
+                tau.mul_(dare_keep(offset + s, offset + e, density[i], dare_seeds[i]))
                 if rescale:
                     tau.div_(density[i])
             if weight[i] != 1.0:
@@ -225,11 +336,12 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
 
 
 def _finish(base: Tensor, tau: Tensor, lam: float) -> Tensor:
+    """``θ_0 + λ τ`` in place of ``τ`` (a fresh tensor of sparse_task_merge)."""
     if lam == 0.0:
         return base.clone()
     if lam != 1.0:
-        tau = tau * lam
-    return base + tau
+        tau.mul_(lam)
+    return tau.add_(base)  # a + b == b + a exactly
 
 
 # ------------------------------------------------------------------ TIES
@@ -299,12 +411,36 @@ def _global_state(ctx: TensorContext, method: str) -> dict:
     return ctx.prepass
 
 
-@merge_method("ties", needs_base=True, prepass=global_ties_prepass)
+def ties_tensor_prepass(params: dict, blocks) -> list | None:
+    """Per-tensor state of ``scope: per_tensor``: each model's trim threshold over the whole
+    tensor (:func:`trim_states`), from a stream of row blocks; None for ``scope: global``."""
+    if params.get("scope", "per_tensor") == "global":
+        return None
+
+    numel = []
+
+    def taus():
+        for ctx, base, ts in blocks():
+            if not numel:
+                numel.append(ctx.numel if ctx.numel is not None else None)
+            fb = base.reshape(-1)
+            for s in range(0, fb.numel(), CHUNK):
+                yield [t.reshape(-1)[s:s + CHUNK] - fb[s:s + CHUNK] for t in ts]
+
+    if all(d >= 1.0 for d in params["density"]):
+        return [None] * len(params["density"])  # keep all (None would mean "not computed")
+    next(iter(taus()), None)  # reads one block only: the whole tensor's size from its ctx
+    return trim_states(taus, params["density"], params.get("tie_break", "index"), numel[0] if numel else None)
+
+
+@merge_method("ties", needs_base=True, prepass=global_ties_prepass, elementwise=True,
+              tensor_prepass=ties_tensor_prepass)
 def ties(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
          weight: list[float] = 1.0, density: Density = 1.0, lambda_: float = 1.0,
          normalize: bool = True, majority: Literal["mass", "frequency"] = "mass",
          scope: Literal["per_tensor", "global"] = "per_tensor",
-         merge: Literal["auto", "mean", "sum"] = "auto", int8_mask: bool = False) -> Tensor:
+         merge: Literal["auto", "mean", "sum"] = "auto", int8_mask: bool = False,
+         tie_break: Literal["index", "argsort"] = "index") -> Tensor:
     """TIES-merging: trim each task vector to its top-``density`` magnitudes, elect a sign per
     entry, merge the agreeing entries, ``θ_0 + λ·τ_m``.
 
@@ -313,6 +449,9 @@ def ties(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
     the prepass, ties kept; a zero sign sum takes the whole model's majority sign.
     ``merge``: ``mean`` (dis-mean: divided by the weights of the agreeing entries), ``sum``
     (dis-sum), ``auto`` follows ``normalize`` (mergekit's key).
+    ``tie_break`` (per_tensor): which entries of equal ``|τ|`` at the trim threshold survive:
+    ``index`` the lowest flat indices (streamed, bounded memory), ``argsort`` mergekit's exact
+    choice (``torch.argsort`` over the whole tensor; see :func:`trim_states`).
     """
     thresholds, zero_sign = None, 1.0
     if scope == "global":
@@ -320,13 +459,15 @@ def ties(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
         thresholds, zero_sign = st["thresholds"], st["zero_sign"]
     tau = sparse_task_merge(tensors, base, weight=weight, density=density, sparsify="magnitude",
                             consensus=True, normalize=_resolve_normalize(normalize, merge),
-                            majority=majority, thresholds=thresholds, zero_sign=zero_sign)
+                            majority=majority, thresholds=thresholds, zero_sign=zero_sign,
+                            trim=ctx.tensor_state if scope != "global" else None,
+                            offset=ctx.offset, tie_break=tie_break)
     return _finish(base, tau, lambda_)
 
 
 # ------------------------------------------------------------------ DARE
 
-@merge_method("dare_linear", needs_base=True)
+@merge_method("dare_linear", needs_base=True, elementwise=True)
 def dare_linear(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
                 weight: list[float] = 1.0, density: Density = 1.0, lambda_: float = 1.0,
                 rescale: bool = True, normalize: bool = False, int8_mask: bool = False) -> Tensor:
@@ -336,11 +477,11 @@ def dare_linear(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
     the tensor name and the model index: same inputs, same bytes."""
     tau = sparse_task_merge(tensors, base, weight=weight, density=density, sparsify="random",
                             consensus=False, normalize=normalize, rescale=rescale,
-                            name=ctx.name, seed=ctx.seed)
+                            name=ctx.name, seed=ctx.seed, offset=ctx.offset)
     return _finish(base, tau, lambda_)
 
 
-@merge_method("dare_ties", needs_base=True)
+@merge_method("dare_ties", needs_base=True, elementwise=True)
 def dare_ties(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
               weight: list[float] = 1.0, density: Density = 1.0, lambda_: float = 1.0,
               rescale: bool = True, normalize: bool = False,
@@ -349,7 +490,7 @@ def dare_ties(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
     defaults to false, a zero sign sum elects +)."""
     tau = sparse_task_merge(tensors, base, weight=weight, density=density, sparsify="random",
                             consensus=True, normalize=normalize, rescale=rescale, majority=majority,
-                            name=ctx.name, seed=ctx.seed)
+                            name=ctx.name, seed=ctx.seed, offset=ctx.offset)
     return _finish(base, tau, lambda_)
 
 
