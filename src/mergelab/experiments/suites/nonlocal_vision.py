@@ -49,14 +49,13 @@ PROFILES: dict[str, dict[str, Any]] = {
                   settings=list(SETTINGS), methods=list(METHODS), alignments=list(ALIGNMENTS),
                   corrections=list(CORRECTIONS), grid_ta=[0.3, 1.0], grid_ties=[0.7, 1.0], ties_density=0.5,
                   barrier_points=5),
-    "quick": dict(model={"arch": "vgg", "cfg": (32, "M", 64, "M", 128, 128), "dense": (128,), "norm": "ln"},
-                  pre_steps=1500, probe_steps=100, ft_steps=400, scratch_steps=800,
-                  batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=1000, test_limit=None,
-                  stat_batches=20, stat_batch=128, fisher_examples=512,
-                  settings=list(SETTINGS), methods=["task_arithmetic", "ties", "ties_tall", "fisher", "regmean"],
-                  alignments=["none", "weight", "activation"], corrections=["none", "repair", "tact"],
-                  grid_ta=[0.2, 0.3, 0.4, 0.5, 0.7, 1.0], grid_ties=[0.6, 0.8, 1.0, 1.2, 1.5],
-                  ties_density=0.5, barrier_points=11),
+    "quick": dict(model={"arch": "vgg", "cfg": ("M", 32, "M", 64, 64), "dense": (64,), "norm": "ln"},
+                  pre_steps=500, probe_steps=30, ft_steps=150, scratch_steps=300,
+                  batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=500, test_limit=1000,
+                  stat_batches=8, stat_batch=128, fisher_examples=256, threads=1,
+                  settings=list(SETTINGS), methods=list(METHODS), alignments=list(ALIGNMENTS),
+                  corrections=list(CORRECTIONS), grid_ta=[0.2, 0.3, 0.5, 0.7, 1.0],
+                  grid_ties=[0.6, 0.8, 1.0, 1.2, 1.5], ties_density=0.5, barrier_points=11),
     "full": dict(model={"arch": "vgg", "cfg": (64, "M", 128, "M", 256, 256), "dense": (256,), "norm": "ln"},
                  pre_steps=4000, probe_steps=200, ft_steps=1000, scratch_steps=2000,
                  batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=None, test_limit=None,
@@ -189,11 +188,27 @@ def _align_perm(kind: str, spec, ref: nn.Module, other: nn.Module, data: list) -
     return lambda state: dict(permute(spec, state, perm))
 
 
+def _sites(model: nn.Module, head_input: bool = True) -> list:
+    """The paper's correction sites: every conv->norm block output and every hidden dense
+    output (before the ReLU), and (``head_input``) the features entering the head. Channel
+    axes are explicit (1 for NCHW norm outputs), so no shape guess can pick a spatial axis."""
+    from ...stats import Site
+
+    sites = [Site(n, "output", channel_dim=1) for n in model.norm_sites()]
+    sites += [Site(n, "output", channel_dim=-1) for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and n != HEAD]
+    if head_input:
+        sites.append(Site(HEAD, "input", channel_dim=-1))
+    return sites
+
+
 def _repair(merged: nn.Module, experts: list[nn.Module], data: list) -> nn.Module:
-    """REPAIR (``mergelab.repair.repair``): one shared correction towards the mean expert statistics."""
+    """REPAIR (``mergelab.repair.repair``): one shared correction towards the mean expert
+    statistics, at the pre-activation sites (not the head input, as REPAIR's default)."""
     from ...repair import repair
 
-    return repair(merged, experts, data, head=HEAD, mode=CORRECTION_MODE, progress=False)
+    return repair(merged, experts, data, sites=_sites(merged, head_input=False), head=HEAD,
+                  mode=CORRECTION_MODE, progress=False)
 
 
 def _tact(merged: nn.Module, experts: dict[str, nn.Module], data: dict[str, list]) -> dict[str, nn.Module]:
@@ -202,14 +217,15 @@ def _tact(merged: nn.Module, experts: dict[str, nn.Module], data: dict[str, list
     per-task models with the corrections folded in (``TaskConditionedModel.folded_model``)."""
     from ...repair import tact
 
-    tcm = tact(merged, experts, data, head=HEAD, mode=CORRECTION_MODE, progress=False)
+    tcm = tact(merged, experts, data, sites=_sites(merged), head=HEAD, mode=CORRECTION_MODE, progress=False)
     return {t: tcm.folded_model(t).eval() for t in experts}
 
 
 def _site_std(model, data: list, sites: list[str]) -> dict[str, torch.Tensor]:
-    from ...stats import activation_stats
+    from ...stats import Site, activation_stats
 
-    st = activation_stats(model, data, sites=sites, head=HEAD, progress=False)
+    st = activation_stats(model, data, sites=[Site(s, "output", channel_dim=1) for s in sites], head=HEAD,
+                          progress=False)
     return {s: st.std[s] for s in sites}
 
 
