@@ -152,3 +152,33 @@ def test_every_profile_runs_every_setting_and_method():
         p = N.PROFILES[name]
         assert set(p["settings"]) == set(N.SETTINGS) and set(p["methods"]) == set(N.METHODS)
         assert set(p["alignments"]) == set(N.ALIGNMENTS) and set(p["corrections"]) == set(N.CORRECTIONS)
+
+
+def test_joint_correction_on_one_batch_equals_sequential():
+    """Why the suite uses mode='joint' with one calibration batch: the same corrections as the
+    exact layer-by-layer estimate."""
+    from mergelab.repair import tact
+    e, other = _vgg(1), _vgg(3)
+    merged = copy.deepcopy(e)
+    merged.load_state_dict({k: 0.5 * (v + other.state_dict()[k]) for k, v in e.state_dict().items()})
+    x, y = _data(seed=7)[0]
+    data = {"t": [(torch.cat([x, x.flip(0)]), torch.cat([y, y]))]}
+    a = tact(merged, {"t": e}, data, sites=N._sites(merged), head="head", mode="joint", progress=False)
+    b = tact(merged, {"t": e}, data, sites=N._sites(merged), head="head", mode="sequential", progress=False)
+    for s in a.corrections["t"]:
+        for u, v in zip(a.corrections["t"][s], b.corrections["t"][s]):
+            torch.testing.assert_close(u, v, atol=1e-4, rtol=1e-4)
+
+
+def test_fisher_of_aligned_expert_is_the_permuted_fisher():
+    """The suite computes each expert's Fisher once and permutes it with the expert's mapper."""
+    ref = _vgg(0)
+    other = _permuted_copy(_vgg(1), seed=2)
+    data = _data(n_batches=1)
+    mapper = N._align_perm("weight", N._spec(ref, data), ref, other, data)
+    moved = copy.deepcopy(other)
+    moved.load_state_dict(mapper(other.state_dict()))
+    direct = N._fisher(moved, data, 16)
+    permuted = mapper(N._fisher(other, data, 16))
+    for k in direct:
+        torch.testing.assert_close(permuted[k], direct[k], rtol=1e-4, atol=1e-7)
