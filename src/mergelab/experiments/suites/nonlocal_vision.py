@@ -15,6 +15,16 @@ Methods (through the registry): task arithmetic, TIES, TIES+TALL, Fisher, RegMea
 x alignment {none, weight, activation} x correction {none, REPAIR, TACT}. Coefficients are
 chosen on the validation split. Heads are never merged: task t is evaluated with its own
 expert's head.
+
+Library pieces (a failure raises; nothing is skipped): ``mergelab.align`` (spec traced on the
+reference model; weight matching with the heads zeroed, as the paper matches its foundations
+with zeroed classifiers; activation matching on pre-training images), ``mergelab.repair``
+(REPAIR: one shared correction towards the mean of the experts' means and stds on a pooled
+batch of every task; TACT: per task towards its own expert's statistics on that task's
+training images, its own expert head, folded into a plain model), ``mergelab.stats`` (diagonal
+Fisher, "expected" mode, of each expert once, permuted with its alignment; Gram matrices of
+the aligned experts' dense layers; activation stds for the variance-collapse plot). Sites: every
+conv->LayerNorm output and hidden dense output (before the ReLU) and, for TACT, the head's input.
 """
 from __future__ import annotations
 
@@ -56,8 +66,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                   stat_batches=4, stat_batch=128, fisher_examples=128, calib_examples=512,
                   repair_per_task=64, threads=1,
                   settings=list(SETTINGS), methods=list(METHODS), alignments=list(ALIGNMENTS),
-                  corrections=list(CORRECTIONS), grid_ta=[0.15, 0.25, 0.4, 0.6],
-                  grid_ties=[0.6, 0.8, 1.0, 1.3], ties_density=0.5, barrier_points=11),
+                  corrections=list(CORRECTIONS), grid_ta=[0.1, 0.15, 0.25, 0.4, 0.6],
+                  grid_ties=[0.4, 0.6, 0.8, 1.0, 1.3], ties_density=0.5, barrier_points=11),
     "full": dict(model={"arch": "vgg", "cfg": (64, "M", 128, "M", 256, 256), "dense": (256,), "norm": "ln"},
                  pre_steps=4000, probe_steps=200, ft_steps=1000, scratch_steps=2000,
                  batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=None, test_limit=None,
@@ -228,12 +238,11 @@ def _tact(merged: nn.Module, experts: dict[str, nn.Module], data: dict[str, list
     return {t: tcm.folded_model(t).eval() for t in experts}
 
 
-def _site_std(model, data: list, sites: list[str]) -> dict[str, torch.Tensor]:
-    from ...stats import Site, activation_stats
+def _site_std(model, data: list, sites: list) -> dict[str, torch.Tensor]:
+    from ...stats import activation_stats
 
-    st = activation_stats(model, data, sites=[Site(s, "output", channel_dim=1) for s in sites], head=HEAD,
-                          progress=False)
-    return {s: st.std[s] for s in sites}
+    st = activation_stats(model, data, sites=sites, head=HEAD, progress=False)
+    return {s.name: st.std[s.name] for s in sites}
 
 
 def _fisher(model: nn.Module, data: list, n: int) -> dict[str, torch.Tensor]:
@@ -463,8 +472,9 @@ def _run_method(results, setting, alignment, method, states, base, experts, data
 
 
 def _variance_collapse(results, setting, alignment, method, corrected, aligned, data, p):
-    """Per norm site: std of the merged model's activations / the expert's, on each task's val data."""
-    sites = aligned[TASKS[0]].norm_sites()
+    """Per correction site: mean over channels of the std of the merged model's activations / the
+    expert's, on each task's validation images (one batch)."""
+    sites = _sites(aligned[TASKS[0]])
     ratios: dict[str, list[float]] = {}
     for corr, ms in corrected.items():
         per_task = []
@@ -472,10 +482,10 @@ def _variance_collapse(results, setting, alignment, method, corrected, aligned, 
             dl = data.loader(t, "val", p["calib_examples"], 1)
             ex = _site_std(aligned[t], dl, sites)
             mg = _site_std(ms[t], dl, sites)
-            per_task.append([float((mg[s] / ex[s].clamp_min(1e-8)).mean()) for s in sites])
+            per_task.append([float((mg[s.name] / ex[s.name].clamp_min(1e-8)).mean()) for s in sites])
         ratios[corr] = np.mean(per_task, axis=0).tolist()
     results["variance_collapse"].append({"setting": setting, "label": f"{method} / {alignment}",
-                                         "sites": sites, "ratios": ratios})
+                                         "sites": [s.name for s in sites], "ratios": ratios})
 
 
 def _barrier(results, fa, fb, data, p, mappers):
