@@ -472,8 +472,9 @@ def _run_method(results, setting, alignment, method, states, base, experts, data
 
 
 def _variance_collapse(results, setting, alignment, method, corrected, aligned, data, p):
-    """Per correction site: mean over channels of the std of the merged model's activations / the
-    expert's, on each task's validation images (one batch)."""
+    """Per correction site: the merged model's activation std summed over channels / the expert's
+    (a ratio of channel sums, so channels a ReLU left dead in the expert cannot blow it up), on
+    each task's validation images (one batch), averaged over tasks."""
     sites = _sites(aligned[TASKS[0]])
     ratios: dict[str, list[float]] = {}
     for corr, ms in corrected.items():
@@ -482,7 +483,7 @@ def _variance_collapse(results, setting, alignment, method, corrected, aligned, 
             dl = data.loader(t, "val", p["calib_examples"], 1)
             ex = _site_std(aligned[t], dl, sites)
             mg = _site_std(ms[t], dl, sites)
-            per_task.append([float((mg[s.name] / ex[s.name].clamp_min(1e-8)).mean()) for s in sites])
+            per_task.append([float(mg[s.name].sum() / ex[s.name].sum().clamp_min(1e-12)) for s in sites])
         ratios[corr] = np.mean(per_task, axis=0).tolist()
     results["variance_collapse"].append({"setting": setting, "label": f"{method} / {alignment}",
                                          "sites": [s.name for s in sites], "ratios": ratios})
