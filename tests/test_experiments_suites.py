@@ -57,6 +57,14 @@ def test_nonlocal_vision_smoke_end_to_end(tmp_path, monkeypatch):
     assert (out / "report.md").read_text().startswith("# mergelab reproduce: nonlocal-vision")
     for run in res["runs"]:
         assert set(run["acc"]) == set(res["tasks"])
+    # every setting x method x alignment x correction of the profile ran (nothing skipped)
+    cfg = res["config"]
+    want = {(s, m, a, c) for s in cfg["settings"] for m in cfg["methods"]
+            for a in (["none"] if s == "local" else cfg["alignments"]) for c in cfg["corrections"]}
+    assert {(r["setting"], r["method"], r["alignment"], r["correction"]) for r in res["runs"]} == want
+    assert res["notes"] == []
+    assert {b["alignment"] for b in res["barrier"]} == {"none", *cfg["alignments"]}
+    assert all(set(v["ratios"]) == set(cfg["corrections"]) for v in res["variance_collapse"])
     # a second run hits the expert cache (no training)
     r2 = _cli("reproduce", "nonlocal-vision", "--profile", "smoke", "--out", str(out), "--quiet")
     assert r2.returncode == 0, r2.stderr

@@ -20,14 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channel axis of an NCHW tensor (Flax ``LayerNorm`` on NHWC)."""
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channel axis of an NCHW tensor (Flax ``LayerNorm`` on NHWC).
+
+    A subclass of ``nn.LayerNorm`` (same ``weight`` / ``bias`` parameters) so that statistics,
+    REPAIR and TACT recognise it as a per-channel affine norm and can fold corrections into it.
+    """
 
     def __init__(self, channels: int, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
+        super().__init__(channels, eps=eps)
         self.channels = channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

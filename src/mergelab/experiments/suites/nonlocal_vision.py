@@ -15,6 +15,16 @@ Methods (through the registry): task arithmetic, TIES, TIES+TALL, Fisher, RegMea
 x alignment {none, weight, activation} x correction {none, REPAIR, TACT}. Coefficients are
 chosen on the validation split. Heads are never merged: task t is evaluated with its own
 expert's head.
+
+Library pieces (a failure raises; nothing is skipped): ``mergelab.align`` (spec traced on the
+reference model; weight matching with the heads zeroed, as the paper matches its foundations
+with zeroed classifiers; activation matching on pre-training images), ``mergelab.repair``
+(REPAIR: one shared correction towards the mean of the experts' means and stds on a pooled
+batch of every task; TACT: per task towards its own expert's statistics on that task's
+training images, its own expert head, folded into a plain model), ``mergelab.stats`` (diagonal
+Fisher, "expected" mode, of each expert once, permuted with its alignment; Gram matrices of
+the aligned experts' dense layers; activation stds for the variance-collapse plot). Sites: every
+conv->LayerNorm output and hidden dense output (before the ReLU) and, for TACT, the head's input.
 """
 from __future__ import annotations
 
@@ -37,36 +47,37 @@ from .common import Timer, choose, interpolate, merge_state, versions
 TASKS = [f"{ds}-{lo}-{lo + 4}" for ds in ("fmnist", "mnist", "animal") for lo in (0, 5)]
 _POOL = {"fmnist": "fashion-mnist", "mnist": "mnist", "animal": "animal-mnist"}
 SETTINGS = ("local", "two-foundations", "no-foundation")
+METHODS = ("task_arithmetic", "ties", "ties_tall", "fisher", "regmean")
+ALIGNMENTS = ("none", "weight", "activation")
+CORRECTIONS = ("none", "repair", "tact")
 
 _SMALL_VGG = {"arch": "vgg", "cfg": ("M", 8, "M", 16), "dense": (16,), "norm": "ln"}  # plumbing only
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model=_SMALL_VGG, pre_steps=30, probe_steps=5, ft_steps=15, scratch_steps=25,
                   batch=32, lr=0.05, ft_lr=0.02, train_limit=3000, val_limit=200, test_limit=300,
-                  stat_batches=2, stat_batch=64, fisher_examples=64,
-                  settings=list(SETTINGS), methods=["task_arithmetic", "ties_tall"],
-                  alignments=["none", "weight"], corrections=["none", "repair", "tact"],
-                  grid_ta=[0.3, 0.7, 1.0], grid_ties=[0.7, 1.0], ties_density=0.5, barrier_points=5),
-    "quick": dict(model={"arch": "vgg", "cfg": (32, "M", 64, "M", 128, 128), "dense": (128,), "norm": "ln"},
-                  pre_steps=1500, probe_steps=100, ft_steps=400, scratch_steps=800,
-                  batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=1000, test_limit=None,
-                  stat_batches=20, stat_batch=128, fisher_examples=512,
-                  settings=list(SETTINGS), methods=["task_arithmetic", "ties", "ties_tall", "fisher", "regmean"],
-                  alignments=["none", "weight", "activation"], corrections=["none", "repair", "tact"],
-                  grid_ta=[0.2, 0.3, 0.4, 0.5, 0.7, 1.0], grid_ties=[0.6, 0.8, 1.0, 1.2, 1.5],
-                  ties_density=0.5, barrier_points=11),
+                  stat_batches=2, stat_batch=64, fisher_examples=64, calib_examples=128, repair_per_task=32,
+                  threads=1,
+                  settings=list(SETTINGS), methods=list(METHODS), alignments=list(ALIGNMENTS),
+                  corrections=list(CORRECTIONS), grid_ta=[0.3, 1.0], grid_ties=[0.7, 1.0], ties_density=0.5,
+                  barrier_points=5),
+    "quick": dict(model={"arch": "vgg", "cfg": ("M", 32, "M", 64, 64), "dense": (64,), "norm": "ln"},
+                  pre_steps=500, probe_steps=30, ft_steps=150, scratch_steps=300,
+                  batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=300, test_limit=500,
+                  stat_batches=4, stat_batch=128, fisher_examples=128, calib_examples=512,
+                  repair_per_task=64, threads=1,
+                  settings=list(SETTINGS), methods=list(METHODS), alignments=list(ALIGNMENTS),
+                  corrections=list(CORRECTIONS), grid_ta=[0.1, 0.15, 0.25, 0.4, 0.6],
+                  grid_ties=[0.4, 0.6, 0.8, 1.0, 1.3], ties_density=0.5, barrier_points=11),
     "full": dict(model={"arch": "vgg", "cfg": (64, "M", 128, "M", 256, 256), "dense": (256,), "norm": "ln"},
                  pre_steps=4000, probe_steps=200, ft_steps=1000, scratch_steps=2000,
                  batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=None, test_limit=None,
-                 stat_batches=50, stat_batch=128, fisher_examples=1024,
+                 stat_batches=50, stat_batch=128, fisher_examples=1024, calib_examples=2048,
+                 repair_per_task=256,
                  settings=list(SETTINGS), methods=["task_arithmetic", "ties", "ties_tall", "fisher", "regmean"],
                  alignments=["none", "weight", "activation"], corrections=["none", "repair", "tact"],
                  grid_ta=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                  grid_ties=[0.6, 0.8, 1.0, 1.2, 1.5, 2.0], ties_density=0.5, barrier_points=11),
 }
-
-
-class Unavailable(Exception):
-    """A library piece this run needs is missing (recorded as a note, the run goes on)."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -159,73 +170,91 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- library seams
+# Every library piece is called through its public API; a failure raises (nothing is skipped).
 
-def _align_perm(kind: str, ref: nn.Module, other: nn.Module, data: list) -> Callable[[dict], dict]:
+HEAD = "head"          # the zoo's head module: never merged, per task
+# TACT / REPAIR estimate their corrections on ONE calibration batch per call (``calib_examples``
+# images of the task; REPAIR: ``repair_per_task`` images of every task pooled). With one batch the
+# reference's joint pass is exact (every site sees exactly the corrected inputs the final model
+# gives it), the same corrections as "sequential" at a fraction of the cost (tested).
+CORRECTION_MODE = "joint"
+
+
+def _spec(model: nn.Module, data: list):
+    from ...align import permutation_spec
+
+    return permutation_spec(model, data[0][0][:4])
+
+
+def _no_head(state: dict) -> dict:
+    """The state with zeroed head weights: heads are per task, so weight matching ignores them
+    (the non-local paper matches its foundations with zeroed classifiers)."""
+    return {k: torch.zeros_like(v) if k.startswith(HEAD + ".") else v for k, v in state.items()}
+
+
+def _align_perm(kind: str, spec, ref: nn.Module, other: nn.Module, data: list) -> Callable[[dict], dict]:
     """Permutation aligning ``other`` to ``ref`` (``mergelab.align``); returns a state mapper."""
-    try:
-        from ...align import activation_matching, permutation_spec, permute, weight_matching
-    except ImportError as e:
-        raise Unavailable(f"mergelab.align is not available ({e})") from None
-    x0 = data[0][0][:4]
-    spec = permutation_spec(ref, x0)
+    from ...align import activation_matching, permute, weight_matching
+
     if kind == "weight":
-        perm = weight_matching(spec, ref.state_dict(), other.state_dict())
-    else:
+        perm = weight_matching(spec, _no_head(ref.state_dict()), _no_head(other.state_dict()))
+    elif kind == "activation":
         perm = activation_matching(spec, ref, other, data)
+    else:
+        raise ValueError(f"unknown alignment {kind!r}")
     return lambda state: dict(permute(spec, state, perm))
 
 
+def _sites(model: nn.Module, head_input: bool = True) -> list:
+    """The paper's correction sites: every conv->norm block output and every hidden dense
+    output (before the ReLU), and (``head_input``) the features entering the head. Channel
+    axes are explicit (1 for NCHW norm outputs), so no shape guess can pick a spatial axis."""
+    from ...stats import Site
+
+    sites = [Site(n, "output", channel_dim=1) for n in model.norm_sites()]
+    sites += [Site(n, "output", channel_dim=-1) for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and n != HEAD]
+    if head_input:
+        sites.append(Site(HEAD, "input", channel_dim=-1))
+    return sites
+
+
 def _repair(merged: nn.Module, experts: list[nn.Module], data: list) -> nn.Module:
-    try:
-        from ...repair import repair
-    except ImportError as e:
-        raise Unavailable(f"mergelab.repair.repair is not available ({e})") from None
-    return repair(merged, experts, data)
+    """REPAIR (``mergelab.repair.repair``): one shared correction towards the mean expert
+    statistics, at the pre-activation sites (not the head input, as REPAIR's default)."""
+    from ...repair import repair
+
+    return repair(merged, experts, data, sites=_sites(merged, head_input=False), head=HEAD,
+                  mode=CORRECTION_MODE, progress=False)
 
 
-def _tact(merged: nn.Module, expert: nn.Module, task: str, data: list):
-    """TACT for one task's merged model; returns a callable model for that task."""
-    try:
-        from ...repair import tact
-    except ImportError as e:
-        raise Unavailable(f"mergelab.repair.tact is not available ({e})") from None
-    return _TaskModule(tact(merged, {task: expert}, {task: data}), task)
+def _tact(merged: nn.Module, experts: dict[str, nn.Module], data: dict[str, list]) -> dict[str, nn.Module]:
+    """TACT (``mergelab.repair.tact``) for the tasks sharing the body ``merged``: each task's
+    corrections towards its own expert's statistics, its own expert head; returned as plain
+    per-task models with the corrections folded in (``TaskConditionedModel.folded_model``)."""
+    from ...repair import tact
+
+    tcm = tact(merged, experts, data, sites=_sites(merged), head=HEAD, mode=CORRECTION_MODE, progress=False)
+    return {t: tcm.folded_model(t).eval() for t in experts}
 
 
-class _TaskModule(nn.Module):
-    """A task-conditioned model fixed to one task (so it evaluates like a plain model)."""
+def _site_std(model, data: list, sites: list) -> dict[str, torch.Tensor]:
+    from ...stats import activation_stats
 
-    def __init__(self, tcm: nn.Module, task: str):
-        super().__init__()
-        self.tcm, self.task = tcm, task
-
-    def forward(self, x):
-        return self.tcm(x, task=self.task)
-
-
-def _site_std(model, data: list, sites: list[str]) -> dict[str, torch.Tensor]:
-    try:
-        from ...stats import activation_stats
-    except ImportError as e:
-        raise Unavailable(f"mergelab.stats.activation_stats is not available ({e})") from None
-    st = activation_stats(model, data, sites=sites, progress=False)
-    return {s: st.std[s] for s in sites}
+    st = activation_stats(model, data, sites=sites, head=HEAD, progress=False)
+    return {s.name: st.std[s.name] for s in sites}
 
 
 def _fisher(model: nn.Module, data: list, n: int) -> dict[str, torch.Tensor]:
-    try:
-        from ...stats import diagonal_fisher
-    except ImportError as e:
-        raise Unavailable(f"mergelab.stats.diagonal_fisher is not available ({e})") from None
-    return dict(diagonal_fisher(model, data, n_examples=n, progress=False))
+    from ...stats import diagonal_fisher
+
+    return dict(diagonal_fisher(model, data, mode="expected", n_examples=n, progress=False))
 
 
 def _grams(model: nn.Module, data: list) -> dict[str, torch.Tensor]:
-    try:
-        from ...stats import gram_matrices
-    except ImportError as e:
-        raise Unavailable(f"mergelab.stats.gram_matrices is not available ({e})") from None
-    return dict(gram_matrices(model, data, exclude_head="head", progress=False))
+    from ...stats import gram_matrices
+
+    return dict(gram_matrices(model, data, exclude_head=HEAD, progress=False))
 
 
 # ----------------------------------------------------------------------------- the suite
@@ -240,6 +269,15 @@ def _with_state(template: nn.Module, body: dict, head_from: nn.Module) -> nn.Mod
 def run(profile_name: str = "smoke", out: str | Path = "runs/nonlocal-vision", quiet: bool = False,
         cache_root: str | Path | None = None) -> dict:
     p = PROFILES[profile_name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(p.get("threads", threads))
+    try:
+        return _run(profile_name, p, out, quiet, cache_root)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(profile_name, p, out, quiet, cache_root) -> dict:
     torch.manual_seed(0)
     timer = Timer()
     t_start = time.perf_counter()
@@ -251,12 +289,15 @@ def run(profile_name: str = "smoke", out: str | Path = "runs/nonlocal-vision", q
     results: dict[str, Any] = {
         "suite": "nonlocal-vision", "profile": profile_name, "config": p, "seeds": {},
         "versions": versions(), "splits": data.split_hashes(), "tasks": TASKS, "experts": {},
-        "runs": [], "variance_collapse": [], "barrier": [], "timings": timer.t, "notes": notes}
+        "runs": [], "variance_collapse": [], "barrier": [], "alignment": [], "timings": timer.t, "notes": notes}
 
     with timer("train"):
         fa = tr.foundation(0)
         fb = tr.foundation(1) if "two-foundations" in p["settings"] else None
     results["seeds"] = {"foundation_A": 0, "foundation_B": 1, "experts": "task index (+100 no-foundation)"}
+    results["foundations"] = {"A": T.evaluate(fa, data.loader("pretrain", "val"))["acc"]}
+    if fb is not None:
+        results["foundations"]["B"] = T.evaluate(fb, data.loader("pretrain", "val"))["acc"]
 
     for setting in p["settings"]:
         with timer("train"):
@@ -271,56 +312,73 @@ def run(profile_name: str = "smoke", out: str | Path = "runs/nonlocal-vision", q
                     inits[t] = f
         results["experts"][setting] = {t: T.evaluate(experts[t], data.loader(t, "test"))["acc"] for t in TASKS}
         alignments = ["none"] if setting == "local" else p["alignments"]
-        for alignment in alignments:
-            try:
-                with timer("align"):
-                    states, init_states = _aligned(setting, alignment, experts, inits, fa, fb, data, p)
-            except Unavailable as e:
-                notes.append(f"{setting}/{alignment}: skipped: {e}")
-                continue
+        mappers: dict[str, Callable[[dict], dict]] = {}
+        fishers: dict[str, dict] = {}   # per expert, unaligned: an aligned expert's Fisher is its permutation
+        for alignment in tqdm(alignments, desc=f"{setting}: alignments", disable=quiet, leave=False):
+            with timer("align"):
+                states, init_states, maps = _aligned(setting, alignment, experts, inits, fa, fb, data, p, mappers)
+            results["alignment"].append({"setting": setting, "alignment": alignment,
+                                         "expert_l2_to_ref": _spread(states)})
             base = {k: torch.stack([s[k].float() for s in init_states.values()]).mean(0)
                     if torch.is_floating_point(s0) else s0 for k, s0 in next(iter(init_states.values())).items()}
-            for method in p["methods"]:
-                try:
-                    with timer("merge"):
-                        _run_method(results, setting, alignment, method, states, base, experts, data, p, timer, notes)
-                except Unavailable as e:
-                    notes.append(f"{setting}/{alignment}/{method}: skipped: {e}")
+            for method in tqdm(p["methods"], desc=f"{setting}/{alignment}: methods", disable=quiet, leave=False):
+                with timer("merge"):
+                    _run_method(results, setting, alignment, method, states, base, experts, data, p, timer,
+                                {"maps": maps, "fishers": fishers})
         if setting == "two-foundations":
             with timer("barrier"):
-                _barrier(results, fa, fb, data, p, notes)
+                _barrier(results, fa, fb, data, p, mappers)
     timer.t["total"] = round(time.perf_counter() - t_start, 2)
     results["cache"] = {"hits": cache.hits, "misses": cache.misses, "root": str(cache.root)}
     results["paths"] = {k: str(v) for k, v in R.write_report(results, out).items()}
     return results
 
 
-def _aligned(setting, alignment, experts, inits, fa, fb, data, p):
-    """(aligned expert states, aligned init states) for a setting and alignment."""
+def _spread(states: dict[str, dict]) -> float:
+    """Mean L2 distance of the experts' bodies to expert 0's (smaller after a good alignment)."""
+    order = list(states)
+    ref = states[order[0]]
+    names = [k for k in ref if not k.startswith(HEAD + ".") and torch.is_floating_point(ref[k])]
+    d = [float(torch.sqrt(sum(((states[t][k].float() - ref[k].float()) ** 2).sum() for k in names)))
+         for t in order[1:]]
+    return float(np.mean(d)) if d else 0.0
+
+
+def _aligned(setting, alignment, experts, inits, fa, fb, data, p, mappers):
+    """(aligned expert states, aligned init states, {task: state mapper or None}) for a setting
+    and alignment; the two-foundations mapper (B -> A) is kept in ``mappers[alignment]``."""
     states = {t: dict(m.state_dict()) for t, m in experts.items()}
     init_states = {t: dict(m.state_dict()) for t, m in inits.items()}
+    maps: dict[str, Callable[[dict], dict] | None] = {t: None for t in TASKS}
     if alignment == "none" or setting == "local":
         if setting == "local":
             init_states = {"A": dict(fa.state_dict())}
         elif setting == "two-foundations":
             init_states = {"A": dict(fa.state_dict()), "B": dict(fb.state_dict())}
-        return states, init_states
+        return states, init_states, maps
     stat_data = data.loader("pretrain", "pretrain", p["stat_batch"], p["stat_batches"])
     if setting == "two-foundations":
-        mapper = _align_perm(alignment, fa, fb, stat_data)
+        # the paper's pipeline: match foundation B to A, apply that permutation to B's experts
+        mapper = _align_perm(alignment, _spec(fa, stat_data), fa, fb, stat_data)
+        mappers[alignment] = mapper
         for i, t in enumerate(TASKS):
             if i % 2 == 1:
                 states[t] = mapper(states[t])
-        return states, {"A": dict(fa.state_dict()), "B": mapper(dict(fb.state_dict()))}
+                maps[t] = mapper
+        return states, {"A": dict(fa.state_dict()), "B": mapper(dict(fb.state_dict()))}, maps
+    # no foundation: every expert matched to expert 0, its init permuted the same way
     ref = TASKS[0]
+    spec = _spec(experts[ref], stat_data)
     for t in TASKS[1:]:
-        mapper = _align_perm(alignment, experts[ref], experts[t], stat_data)
+        mapper = _align_perm(alignment, spec, experts[ref], experts[t], stat_data)
         states[t] = mapper(states[t])
         init_states[t] = mapper(init_states[t])
-    return states, init_states
+        maps[t] = mapper
+    return states, init_states, maps
 
 
-def _merged_bodies(method: str, coef: float, states, base, experts, data, p, cache: dict) -> dict[str, dict]:
+def _merged_bodies(method: str, coef: float, states, base, experts, data, p, cache: dict,
+                   shared: dict) -> dict[str, dict]:
     """{task: merged body state} (one shared body, or one per task for TALL)."""
     order = list(states)
     es = [states[t] for t in order]
@@ -334,17 +392,20 @@ def _merged_bodies(method: str, coef: float, states, base, experts, data, p, cac
         return {t: per[t] for t in order}
     elif method in ("fisher", "regmean"):
         if method not in cache:
-            kind = "fisher" if method == "fisher" else "gram"
             per_model = []
             for t in order:
-                mdl = _with_state(experts[t], states[t], experts[t])
-                dl = data.loader(t, "train", 32 if method == "fisher" else p["stat_batch"],
-                                 None if method == "fisher" else p["stat_batches"])
                 if method == "fisher":
-                    per_model.append(_fisher(mdl, dl, p["fisher_examples"]))
+                    # Fisher of the unaligned expert (once per setting), permuted like the expert
+                    if t not in shared["fishers"]:
+                        n_b = -(-p["fisher_examples"] // p["stat_batch"])
+                        shared["fishers"][t] = _fisher(experts[t], data.loader(t, "train", p["stat_batch"], n_b),
+                                                       p["fisher_examples"])
+                    f, m = shared["fishers"][t], shared["maps"][t]
+                    per_model.append(f if m is None else m(f))
                 else:
-                    per_model.append(_grams(mdl, dl))
-            cache[method] = {kind: per_model}
+                    mdl = _with_state(experts[t], states[t], experts[t])
+                    per_model.append(_grams(mdl, data.loader(t, "train", p["stat_batch"], p["stat_batches"])))
+            cache[method] = {"fisher" if method == "fisher" else "gram": per_model}
         params = {} if method == "fisher" else {"alpha": coef}
         m = merge_state(method, None, es, params, stats=cache[method])
     else:
@@ -357,102 +418,83 @@ def _grid(method: str, p: dict) -> list:
             "fisher": [None], "regmean": [0.9]}[method]
 
 
-def _need_methods(*names: str) -> None:
-    from ...methods.registry import REGISTRY
-    from ...methods import _load_all  # noqa: F401
-
-    missing = [n for n in names if n not in REGISTRY]
-    if missing:
-        raise Unavailable(f"merge method(s) {', '.join(missing)} not registered in mergelab.methods")
-
-
-_METHOD_NEEDS = {"task_arithmetic": ("task_arithmetic",), "ties": ("ties",), "ties_tall": ("tall_masks",),
-                 "fisher": ("fisher",), "regmean": ("regmean",)}
+def _groups(bodies: dict[str, dict]) -> list[list[str]]:
+    """Tasks grouped by shared merged body (one group for a single merge, singletons for TALL)."""
+    out: dict[int, list[str]] = {}
+    for t, b in bodies.items():
+        out.setdefault(id(b), []).append(t)
+    return list(out.values())
 
 
-def _run_method(results, setting, alignment, method, states, base, experts, data, p, timer, notes):
-    _need_methods(*_METHOD_NEEDS[method])
+def _run_method(results, setting, alignment, method, states, base, experts, data, p, timer, shared):
     stat_cache: dict = {}
+    aligned = {t: _with_state(experts[t], states[t], experts[t]) for t in TASKS}
 
-    def models_for(coef):
-        bodies = _merged_bodies(method, coef, states, base, experts, data, p, stat_cache)
+    def models_for(bodies):
         # every task: the merged body with the (aligned) expert's own head and buffers
         return {t: _with_state(experts[t], {**states[t], **bodies[t]}, experts[t]) for t in TASKS}
 
     def val_score(coef):
-        ms = models_for(coef)
-        return float(np.mean([T.evaluate(ms[t], data.loader(t, "val"))["acc"] for t in TASKS]))
+        ms = models_for(_merged_bodies(method, coef, states, base, experts, data, p, stat_cache, shared))
+        return float(np.mean([T.evaluate(ms[t], data.loader(t, "val", 512))["acc"] for t in TASKS]))
 
     coef, scores = choose(_grid(method, p), val_score)
-    merged = models_for(coef)
+    bodies = _merged_bodies(method, coef, states, base, experts, data, p, stat_cache, shared)
+    merged = models_for(bodies)
     coef_rec = {"coef": coef, "val_scores": scores}
     corrected: dict[str, dict[str, Any]] = {"none": merged}
     for corr in p["corrections"]:
         if corr == "none":
             continue
-        try:
-            with timer(corr):
+        with timer(corr):
+            corrected[corr] = {}
+            for group in _groups(bodies):
                 if corr == "repair":
-                    pooled = [b for t in TASKS for b in data.loader(t, "train", p["stat_batch"], 1)]
-                    aligned_experts = [_with_state(experts[t], states[t], experts[t]) for t in TASKS]
-                    corrected[corr] = {t: _repair(copy.deepcopy(merged[t]), aligned_experts, pooled) for t in TASKS}
+                    # one shared correction per body, measured on one pooled batch of every task
+                    xs, ys = zip(*[data.loader(t, "train", p["repair_per_task"], 1)[0] for t in TASKS])
+                    pooled = [(torch.cat(xs), torch.cat(ys))]
+                    fixed = _repair(merged[group[0]], [aligned[t] for t in TASKS], pooled)
+                    for t in group:
+                        m = copy.deepcopy(fixed)
+                        m.head = copy.deepcopy(aligned[t].head)   # heads are never merged
+                        corrected[corr][t] = m.eval()
                 else:
-                    corrected[corr] = {t: _tact(merged[t], _with_state(experts[t], states[t], experts[t]), t,
-                                                data.loader(t, "train", p["stat_batch"], p["stat_batches"]))
-                                       for t in TASKS}
-        except Unavailable as e:
-            notes.append(f"{setting}/{alignment}/{method}/{corr}: skipped: {e}")
+                    corrected[corr].update(_tact(
+                        merged[group[0]], {t: aligned[t] for t in group},
+                        {t: data.loader(t, "train", p["calib_examples"], 1) for t in group}))
     for corr, ms in corrected.items():
-        acc = {t: T.evaluate(ms[t], data.loader(t, "test"))["acc"] for t in TASKS}
+        acc = {t: T.evaluate(ms[t], data.loader(t, "test", 512))["acc"] for t in TASKS}
         results["runs"].append({"setting": setting, "method": method, "alignment": alignment, "correction": corr,
                                 "coef": coef_rec, "acc": acc})
     vc_method = "ties_tall" if "ties_tall" in p["methods"] else p["methods"][0]
-    if setting != "local" and method == vc_method:
-        _variance_collapse(results, setting, alignment, method, corrected, experts, states, data, p, notes)
+    if method == vc_method:
+        _variance_collapse(results, setting, alignment, method, corrected, aligned, data, p)
 
 
-def _variance_collapse(results, setting, alignment, method, corrected, experts, states, data, p, notes):
-    sites = experts[TASKS[0]].norm_sites()
+def _variance_collapse(results, setting, alignment, method, corrected, aligned, data, p):
+    """Per correction site: the merged model's activation std summed over channels / the expert's
+    (a ratio of channel sums, so channels a ReLU left dead in the expert cannot blow it up), on
+    each task's validation images (one batch), averaged over tasks."""
+    sites = _sites(aligned[TASKS[0]])
     ratios: dict[str, list[float]] = {}
-    try:
-        for corr, ms in corrected.items():
-            per_task = []
-            for t in TASKS:
-                dl = data.loader(t, "val", p["stat_batch"], p["stat_batches"])
-                ex = _site_std(_with_state(experts[t], states[t], experts[t]), dl, sites)
-                mdl = ms[t]
-                mg = _site_std(mdl, dl, [f"tcm.{s}" for s in sites]) if isinstance(mdl, _TaskModule) \
-                    else _site_std(mdl, dl, sites)
-                mg = {s: mg.get(s, mg.get(f"tcm.{s}")) for s in sites}
-                per_task.append([float((mg[s] / ex[s].clamp_min(1e-8)).mean()) for s in sites])
-            if per_task:
-                ratios[corr] = np.mean(per_task, axis=0).tolist()
-    except Unavailable as e:
-        notes.append(f"variance collapse: skipped: {e}")
-        return
+    for corr, ms in corrected.items():
+        per_task = []
+        for t in TASKS:
+            dl = data.loader(t, "val", p["calib_examples"], 1)
+            ex = _site_std(aligned[t], dl, sites)
+            mg = _site_std(ms[t], dl, sites)
+            per_task.append([float(mg[s.name].sum() / ex[s.name].sum().clamp_min(1e-12)) for s in sites])
+        ratios[corr] = np.mean(per_task, axis=0).tolist()
     results["variance_collapse"].append({"setting": setting, "label": f"{method} / {alignment}",
-                                         "sites": sites, "ratios": ratios})
+                                         "sites": [s.name for s in sites], "ratios": ratios})
 
 
-def _barrier(results, fa, fb, data, p, notes):
+def _barrier(results, fa, fb, data, p, mappers):
     """Loss of (1-α)A + α·π(B) on the pre-training task's validation split."""
-    try:
-        _need_methods("linear")
-    except Unavailable as e:
-        notes.append(f"barrier: skipped: {e}")
-        return
-    val = data.loader("pretrain", "val")
-    stat_data = data.loader("pretrain", "pretrain", p["stat_batch"], p["stat_batches"])
+    val = data.loader("pretrain", "val", 512)
     alphas = np.linspace(0, 1, p["barrier_points"]).tolist()
-    for alignment in ["none"] + list(p["alignments"]):
-        if alignment == "none":
-            sb = dict(fb.state_dict())
-        else:
-            try:
-                sb = _align_perm(alignment, fa, fb, stat_data)(dict(fb.state_dict()))
-            except Unavailable as e:
-                notes.append(f"barrier/{alignment}: skipped: {e}")
-                continue
+    for alignment in ["none"] + [a for a in p["alignments"] if a != "none"]:
+        sb = dict(fb.state_dict()) if alignment == "none" else mappers[alignment](dict(fb.state_dict()))
         losses, accs = [], []
         for a in alphas:
             m = copy.deepcopy(fa)
