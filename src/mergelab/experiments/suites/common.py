@@ -123,3 +123,22 @@ class Timer:
             yield
         finally:
             self.t[key] = round(self.t.get(key, 0.0) + time.perf_counter() - t0, 2)
+
+
+def data_free_bodies(method: str, coef: float, base: Mapping[str, Tensor], states: Mapping[str, Mapping[str, Tensor]],
+                     order: Sequence[str], ties_density: float) -> dict[str, Any] | None:
+    """``{task: merged body state}`` for the data-free suite methods (``task_arithmetic``,
+    ``ties``, ``ties_tall``: one shared body, or one per task for TALL), or ``None`` for a
+    method that needs statistics (the suite builds those itself)."""
+    es = [states[t] for t in order]
+    if method == "task_arithmetic":
+        m = merge_state("task_arithmetic", base, es, {"lambda": coef})
+    elif method == "ties":
+        m = merge_state("ties", base, es, {"lambda": coef, "density": ties_density, "merge": "mean"})
+    elif method == "ties_tall":
+        per = merge_state("tall_masks", base, es, {"base_merge": "ties", "density": ties_density,
+                                                   "merge": "mean", "lambda": coef}, model_names=list(order))
+        return {t: per[t] for t in order}
+    else:
+        return None
+    return {t: m for t in order}

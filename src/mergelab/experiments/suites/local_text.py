@@ -34,7 +34,7 @@ from .. import data as D
 from .. import report as R
 from .. import train as T
 from .. import zoo
-from .common import Timer, choose, merge_state, versions
+from .common import Timer, choose, data_free_bodies, merge_state, versions
 
 TASKS = list(D.TEXT_TASKS)
 METHODS = ["task_arithmetic", "ties", "ties_tall", "fisher", "regmean"]
@@ -327,16 +327,11 @@ def run(profile_name: str = "smoke", out: str | Path = "runs/local-text", quiet:
 
 def _merged_bodies(method, coef, states, base, experts, data, p, stat_cache) -> dict[str, dict]:
     """{task: merged body} (one shared body, or one per task for TALL)."""
+    bodies = data_free_bodies(method, coef, base, states, TASKS, p["ties_density"])
+    if bodies is not None:
+        return bodies
     es = [states[t] for t in TASKS]
-    if method == "task_arithmetic":
-        m = merge_state("task_arithmetic", base, es, {"lambda": coef})
-    elif method == "ties":
-        m = merge_state("ties", base, es, {"lambda": coef, "density": p["ties_density"], "merge": "mean"})
-    elif method == "ties_tall":
-        per = merge_state("tall_masks", base, es, {"base_merge": "ties", "density": p["ties_density"],
-                                                   "merge": "mean", "lambda": coef}, model_names=TASKS)
-        return {t: per[t] for t in TASKS}
-    elif method in ("fisher", "regmean"):
+    if method in ("fisher", "regmean"):
         if method not in stat_cache:
             per_model = []
             for t in TASKS:

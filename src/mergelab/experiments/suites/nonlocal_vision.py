@@ -42,7 +42,7 @@ from .. import data as D
 from .. import report as R
 from .. import train as T
 from .. import zoo
-from .common import Timer, choose, interpolate, merge_state, versions
+from .common import Timer, choose, data_free_bodies, interpolate, merge_state, versions
 
 TASKS = [f"{ds}-{lo}-{lo + 4}" for ds in ("fmnist", "mnist", "animal") for lo in (0, 5)]
 _POOL = {"fmnist": "fashion-mnist", "mnist": "mnist", "animal": "animal-mnist"}
@@ -381,16 +381,11 @@ def _merged_bodies(method: str, coef: float, states, base, experts, data, p, cac
                    shared: dict) -> dict[str, dict]:
     """{task: merged body state} (one shared body, or one per task for TALL)."""
     order = list(states)
+    bodies = data_free_bodies(method, coef, base, states, order, p["ties_density"])
+    if bodies is not None:
+        return bodies
     es = [states[t] for t in order]
-    if method == "task_arithmetic":
-        m = merge_state("task_arithmetic", base, es, {"lambda": coef})
-    elif method == "ties":
-        m = merge_state("ties", base, es, {"lambda": coef, "density": p["ties_density"], "merge": "mean"})
-    elif method == "ties_tall":
-        per = merge_state("tall_masks", base, es, {"base_merge": "ties", "density": p["ties_density"],
-                                                   "merge": "mean", "lambda": coef}, model_names=order)
-        return {t: per[t] for t in order}
-    elif method in ("fisher", "regmean"):
+    if method in ("fisher", "regmean"):
         if method not in cache:
             per_model = []
             for t in order:
