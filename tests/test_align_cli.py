@@ -178,7 +178,6 @@ def test_cli_align_module_factory_from_cwd(pair, monkeypatch):
 
 
 def test_cli_align_activation_with_npz_data(pair):
-    pytest.importorskip("mergelab.stats.data", reason="the local-data reader (stats) is not in this build")
     import numpy as np
     t = pair["tmp"]
     np.savez(t / "data.npz", x=np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32))

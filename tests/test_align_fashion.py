@@ -1,15 +1,10 @@
 """Real data: alignment lowers the loss barrier between two independently trained MLPs.
 
-Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (offline-data.md section 3:
-``apt-get download dataset-fashion-mnist && dpkg-deb -x *.deb $MERGELAB_CACHE/deb-root``);
-skipped with a reason when it is not installed.
+Fashion-MNIST through ``mergelab.experiments.data`` (installed into the cache if missing;
+skipped with the reason only when it cannot be installed).
 """
 import copy
-import gzip
-import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,33 +14,18 @@ from mergelab.align.apply import permute
 from mergelab.align.matching import activation_matching, weight_matching
 from mergelab.align.spec import permutation_spec
 
-REL = "usr/share/datasets/fashion-mnist"
-
-
-def _fashion_dir():
-    cache = Path(os.environ.get("MERGELAB_CACHE", Path.home() / ".cache" / "mergelab"))
-    for root in (cache / "deb-root", Path("/")):
-        if (root / REL / "train-images-idx3-ubyte.gz").exists():
-            return root / REL
-    return None
-
-
-def _idx(path):
-    with gzip.open(path, "rb") as f:
-        b = f.read()
-    nd = b[3]
-    dims = [int.from_bytes(b[4 + 4 * i: 8 + 4 * i], "big") for i in range(nd)]
-    return np.frombuffer(b, dtype=np.uint8, offset=4 + 4 * nd).reshape(dims)
-
-
 def _load():
-    d = _fashion_dir()
-    if d is None:
-        pytest.skip("Fashion-MNIST not installed (apt-get download dataset-fashion-mnist; see offline-data.md)")
-    x = torch.tensor(_idx(d / "train-images-idx3-ubyte.gz")).float().div(255).view(-1, 784)
-    y = torch.tensor(_idx(d / "train-labels-idx1-ubyte.gz")).long()
-    xt = torch.tensor(_idx(d / "t10k-images-idx3-ubyte.gz")).float().div(255).view(-1, 784)
-    yt = torch.tensor(_idx(d / "t10k-labels-idx1-ubyte.gz")).long()
+    """Fashion-MNIST through the project's own checksummed loader, installed if missing."""
+    from mergelab.experiments import data
+    if not data.source_ok("fashion-mnist"):
+        try:
+            data.install(["fashion-mnist"], log=lambda s: None)
+        except Exception as e:  # pragma: no cover
+            pytest.skip(f"Fashion-MNIST cannot be installed here: {e}")
+    xa, ya, xta, yta = data.load_fashion_mnist()
+    x = torch.tensor(xa).float().div(255).view(-1, 784)
+    xt = torch.tensor(xta).float().div(255).view(-1, 784)
+    y, yt = torch.tensor(ya).long(), torch.tensor(yta).long()
     mu, sd = x.mean(), x.std()
     return (x - mu) / sd, y, (xt - mu) / sd, yt
 

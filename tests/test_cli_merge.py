@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from core_helpers import nothing_written, save_hf, toy_family
 from mergelab.cli import main
 from mergelab.io import open_checkpoint
-from mergelab.methods.registry import REGISTRY, get_method
+from mergelab.methods.registry import get_method
 
 TESTS = pathlib.Path(__file__).resolve().parent
 # a `mergelab` process that also knows the test-only methods of core_helpers
@@ -53,20 +53,10 @@ def minilm_family(tmp_path_factory):
     return out, sd
 
 
-def _linear_available():
-    try:
-        get_method("linear")
-        return True
-    except Exception:
-        return False
-
-
 @pytest.mark.parametrize("flavour", ["test_method", "builtin_linear"])
 def test_end_to_end_cli_merge_minilm(tmp_path, minilm_family, flavour):
     (base, ft1, ft2), sd = minilm_family
     if flavour == "builtin_linear":
-        if not _linear_available():
-            pytest.skip("the built-in 'linear' method is not on this branch yet (helper 'methods')")
         recipe = {"models": [{"model": str(ft1), "parameters": {"weight": 1.0}},
                              {"model": str(ft2), "parameters": {"weight": 1.0}}],
                   "merge_method": "linear", "base_model": str(base), "dtype": "bfloat16"}

@@ -25,10 +25,6 @@ def test_choose_picks_best_first_on_ties():
 
 
 def test_merge_state_task_arithmetic_matches_formula():
-    from mergelab.methods.registry import REGISTRY
-    from mergelab.methods import _load_all  # noqa: F401
-    if "task_arithmetic" not in REGISTRY:
-        pytest.skip("task_arithmetic not registered yet (methods branch not merged)")
     from mergelab.experiments.suites.common import merge_state
     base = {"a.weight": torch.randn(3, 4), "head.weight": torch.randn(2, 3)}
     ex = [{k: v + torch.randn_like(v) for k, v in base.items()} for _ in range(3)]
