@@ -22,48 +22,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mergelab.experiments import zoo
 from mergelab.repair.correct import estimate_corrections
 from mergelab.stats import activation_stats, diagonal_fisher, resolve_sites
 
 
 # ---------------------------------------------------------------- models
 def mlp():
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                         nn.Linear(512, 10))
+    return zoo.MLP(784, (512, 512), 10)
 
 
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.short = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        h = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(h)) + self.short(x))
-
-
-class ResNet20(nn.Module):
-    def __init__(self, n_classes=10, w=16):
-        super().__init__()
-        self.conv = nn.Conv2d(3, w, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(w)
-        layers, cin = [], w
-        for i, c in enumerate((w, 2 * w, 4 * w)):
-            for j in range(3):
-                layers.append(Block(cin, c, 2 if (i > 0 and j == 0) else 1))
-                cin = c
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(cin, n_classes)
-
-    def forward(self, x):
-        h = self.layers(torch.relu(self.bn(self.conv(x))))
-        return self.fc(h.mean((2, 3)))
+def resnet20():
+    """CIFAR-style ResNet-20 (16/32/64 channels, BatchNorm), 3-channel input."""
+    return zoo.ResNet20(width=1, in_channels=3, n_classes=10)
 
 
 class MiniLMClassifier(nn.Module):
@@ -189,7 +160,7 @@ def main():
                      min(n, 32), fisher, 128)
         bench_pass("MLP", m, [(torch.randn(n, 784),) for _ in range(4)], passes)
     if "resnet" in which:
-        r = ResNet20()
+        r = resnet20()
         img = (torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)))
         bench_fisher("ResNet-20 (CIFAR, BN)", r, img, n, min(n, 32), fisher, 128)
         bench_pass("ResNet-20", r, [(torch.randn(n, 3, 32, 32),) for _ in range(4)], passes)
