@@ -122,3 +122,31 @@ def test_user_errors_are_one_line():
         gram_matrices(net, vector_batches(1), layers=["1"], progress=False)
     with pytest.raises(MergelabError, match="batch: expected"):
         activation_stats(net, [42], progress=False)
+
+
+class _Unknown(nn.Module):
+    """A parameter-free module of a kind the site code cannot know: (N, C, H, W) -> same."""
+
+    def forward(self, x):
+        return x * 2.0
+
+
+def test_channel_axis_is_structural_or_an_error():
+    from mergelab.stats.sites import Site, channel_dim
+
+    x4 = torch.zeros(2, 8, 8, 8)        # square: the shape alone cannot tell the axis
+    assert channel_dim(Site("c"), nn.Conv2d(3, 8, 3), x4) == 1
+    assert channel_dim(Site("b"), nn.BatchNorm2d(8), x4) == 1
+    assert channel_dim(Site("l"), nn.Linear(4, 8), x4) == 3
+    assert channel_dim(Site("t"), _Unknown(), torch.zeros(2, 5, 8)) == 2    # (N, T, C) tokens
+    assert channel_dim(Site("u", channel_dim=1), _Unknown(), x4) == 1
+    with pytest.raises(MergelabError, match=r"site 'u': cannot tell the channel axis of a \(2, 8, 8, 8\)"):
+        channel_dim(Site("u"), _Unknown(), x4)
+    with pytest.raises(MergelabError, match="channel_dim 4 is out of range"):
+        channel_dim(Site("u", channel_dim=4), _Unknown(), x4)
+    # through a statistics pass: one clear error, not statistics on the wrong axis
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), _Unknown(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    with pytest.raises(MergelabError, match="site '1'"):
+        activation_stats(net, [(torch.randn(4, 1, 6, 6),)], sites=["1"], progress=False)
+    st = activation_stats(net, [(torch.randn(4, 1, 6, 6),)], sites=[Site("1", channel_dim=1)], progress=False)
+    assert st.mean["1"].shape == (4,)

@@ -98,8 +98,11 @@ def test_joint_pass_is_exact_with_one_calibration_batch():
     for t in experts:
         for site in j.sites:
             for k in (0, 1):
+                # the joint pass applies its per-batch affine to the float32 centred tensor, the
+                # sequential one to the raw activations: equal up to float32 rounding (~1e-7
+                # relative) that the shift b = mu* - a mu_hat can amplify by cancellation
                 torch.testing.assert_close(j.corrections[t][site.name][k], s.corrections[t][site.name][k],
-                                           rtol=1e-4, atol=1e-5)
+                                           rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.parametrize("kind", ["bn", "bert"])

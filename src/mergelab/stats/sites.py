@@ -70,8 +70,17 @@ def n_channels(module: nn.Module, where: str) -> int | None:
 
 
 def channel_dim(site: Site, module: nn.Module, x: Tensor) -> int:
-    """The channel axis (non-negative) of the tensor seen at ``site``."""
+    """The channel axis (non-negative) of the tensor seen at ``site``.
+
+    Explicit ``Site.channel_dim`` first; then the module's channel count when it picks one
+    axis; then the module's kind (convs and channel-first norms: axis 1; linears and
+    LayerNorm: the last axis; a 3-D tensor of another module: ``(N, T, C)`` token features,
+    the last axis).  A tensor of 4 or more axes from a module of unknown kind is an error
+    naming the site, never a guess."""
     if site.channel_dim is not None:
+        if not -x.ndim <= site.channel_dim < x.ndim:
+            raise MergelabError(f"site '{site.name}': channel_dim {site.channel_dim} is out of range "
+                                f"for a tensor of shape {tuple(x.shape)}")
         return site.channel_dim % x.ndim
     if x.ndim <= 2:
         return x.ndim - 1
@@ -80,8 +89,13 @@ def channel_dim(site: Site, module: nn.Module, x: Tensor) -> int:
         return 1
     if n is not None and x.shape[-1] == n and x.shape[1] != n:
         return x.ndim - 1
-    first = isinstance(module, CONV) or (site.where == "output" and isinstance(module, _CHANNEL_FIRST))
-    return 1 if first else x.ndim - 1
+    if isinstance(module, _CHANNEL_FIRST):
+        return 1
+    if n is not None or x.ndim == 3:
+        return x.ndim - 1
+    raise MergelabError(f"site '{site.name}': cannot tell the channel axis of a {tuple(x.shape)} "
+                        f"tensor from a {type(module).__name__}; expected a conv/norm/linear module "
+                        f"or an explicit Site('{site.module}', '{site.where}', channel_dim=...)")
 
 
 def find_head(model: nn.Module, head: str | None = "auto") -> str | None:
