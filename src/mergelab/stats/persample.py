@@ -165,19 +165,22 @@ def _conv_weight(m: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor) -> Tensor:
             pad = (0, 0)
     b, cin, h, w = x.shape
     cout, groups = g.shape[1], m.groups
-    kk = k[0] * k[1]
-    if g.shape[2] * g.shape[3] <= 128 or b == 1:
-        # small maps: unfold + one batched matmul per group
-        u = F.unfold(x, k, dilation=d, padding=pad, stride=s)            # (B, cin·kk, L)
-        u = u.view(b, groups, (cin // groups) * kk, -1)
-        gg = g.reshape(b, groups, cout // groups, -1)
-        wg = torch.matmul(gg, u.transpose(-1, -2))                      # (B, G, cout/G, cin/G·kk)
-        out = wg.reshape(b, cout, cin // groups, *k)
+    ho, wo = g.shape[2], g.shape[3]
+    if groups == 1 and (ho * wo <= 64 or k == (1, 1)):
+        # small maps / 1x1: a channels-last strided view of the padded input is the unfolded
+        # matrix (B, L, kh·kw·cin); one batched matmul
+        xp = F.pad(x, (pad[1], pad[1], pad[0], pad[0])) if pad[0] or pad[1] else x
+        xp = xp.contiguous(memory_format=torch.channels_last)
+        sb, sc, sh, sw = xp.stride()
+        u = xp.as_strided((b, ho, wo, k[0], k[1], cin),
+                          (sb, sh * s[0], sw * s[1], sh * d[0], sw * d[1], sc))
+        out = torch.bmm(g.reshape(b, cout, ho * wo), u.reshape(b, ho * wo, k[0] * k[1] * cin))
+        out = out.view(b, cout, k[0], k[1], cin).permute(0, 1, 4, 2, 3)
     else:
-        # large maps: the weight-gradient convolution with the batch folded into the groups
+        # larger maps: the weight-gradient convolution with the batch folded into the groups
         out = torch.nn.grad.conv2d_weight(
             x.reshape(1, b * cin, h, w), (b * cout, cin // groups, *k),
-            g.reshape(1, b * cout, *g.shape[2:]), stride=s, padding=pad, dilation=d,
+            g.reshape(1, b * cout, ho, wo), stride=s, padding=pad, dilation=d,
             groups=b * groups).view(b, cout, cin // groups, *k)
     return out.squeeze(3) if isinstance(m, nn.Conv1d) else out
 
@@ -225,6 +228,11 @@ def per_example(call: Call, g: Tensor, b: int, want: str) -> Tensor | Rows:
             out["weight"] = _conv_weight(m, x, g)
         if want == "bias":
             out["bias"] = g.flatten(2).sum(2)
+    elif isinstance(m, _BN) and want == "weight" and x.ndim > 2:
+        # Σ g·x̂ = (Σ g·x − μ Σ g) / √(σ² + ε): no x̂ temporary
+        xf, gf = x.reshape(b, x.shape[1], -1), g.reshape(b, g.shape[1], -1)
+        gx = (gf * xf).sum(2)
+        out["weight"] = (gx - m.running_mean * gf.sum(2)) * torch.rsqrt(m.running_var + m.eps)
     elif isinstance(m, (*_BN, nn.LayerNorm, nn.GroupNorm)):
         if want == "weight":
             xh, axes = _norm_hat(m, x)
@@ -259,7 +267,7 @@ def _rows_square_sum(parts: list[Rows], shape: torch.Size) -> Tensor:
     per = torch.zeros(uk.shape[0], vals.shape[1], dtype=vals.dtype, device=vals.device)
     per.index_add_(0, inv, vals)                                 # per (example, row) sums
     out = torch.zeros(shape, dtype=torch.float64, device=vals.device)
-    return out.index_add_(0, uk % parts[0].n_rows, per.square().double())
+    return out.index_add_(0, uk % parts[0].n_rows, per.square().to(torch.float64))
 
 
 class Accumulator:
@@ -308,9 +316,9 @@ class Accumulator:
                 if isinstance(c.module, nn.Linear) and c.input.ndim == 2 and g.ndim == 2:
                     _check_batch(c, g, b)
                     if a == "weight":     # Σ_n (g_n a_nᵀ)² = (g²)ᵀ(a²): no per-example tensor
-                        sums[n] += (g.square().t() @ c.input.square()).double()
+                        sums[n] += g.square().t() @ c.input.square()
                     else:
-                        sums[n] += g.square().sum(0, dtype=torch.float64)
+                        sums[n] += g.square().sum(0)
                     continue
             vals = [per_example(c, g, b, a) for c, g, a in parts]
             if all(isinstance(v, Rows) for v in vals):
@@ -320,7 +328,7 @@ class Accumulator:
             for v in vals:
                 v = _densify(v, b) if isinstance(v, Rows) else v
                 tot = v if tot is None else tot + v
-            sums[n] += tot.square().sum(0, dtype=torch.float64)
+            sums[n] += tot.square().sum(0)   # float32 sum over the chunk, float64 across chunks
 
 
 def seeded_backward(logp: Tensor, seed: Tensor, calls: list[Call], retain: bool
