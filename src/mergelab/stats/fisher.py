@@ -19,7 +19,7 @@ Two backends compute the per-example gradients, never with a Python loop over ex
   with weight ``p_c`` for "expected"), per-example gradients in closed form; ``chunk_size``
   examples per forward;
 * ``backend="auto"`` (default): hooks when every requested parameter belongs to a supported leaf
-  module, and, on the first batch, the hooks' per-example gradients of up to 3 examples agree
+  module, and, on the first batch, the hooks' per-example gradients of 2 examples agree
   with autograd's (a parameter also used outside its module's forward would not); else vmap for
   the whole pass (with a warning).
 
@@ -241,7 +241,7 @@ class _Hooks:
             return False
         if not self.checked:
             self.checked = True
-            k = min(3, n)
+            k = min(2, n)
 
             def forward():
                 return _log_probs(call_model(self.model, take(inputs, slice(0, k))))

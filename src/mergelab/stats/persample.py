@@ -267,7 +267,11 @@ def _rows_square_sum(parts: list[Rows], shape: torch.Size) -> Tensor:
     per = torch.zeros(uk.shape[0], vals.shape[1], dtype=vals.dtype, device=vals.device)
     per.index_add_(0, inv, vals)                                 # per (example, row) sums
     out = torch.zeros(shape, dtype=torch.float64, device=vals.device)
-    return out.index_add_(0, uk % parts[0].n_rows, per.square().to(torch.float64))
+    return out.index_add_(0, uk % parts[0].n_rows, _at_least_float32(per).square().to(torch.float64))
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class Accumulator:
@@ -299,11 +303,12 @@ class Accumulator:
         """Dense per-example gradients ``(B, *shape)`` (for checks)."""
         out = {}
         for n, parts in self.contributions(calls, grads, b).items():
-            acc = torch.zeros((b, *self.shape[n]), dtype=torch.float64)
+            acc = None
             for c, g, a in parts:
                 v = per_example(c, g, b, a)
-                acc += (_densify(v, b) if isinstance(v, Rows) else v).double().cpu()
-            out[n] = acc
+                v = _densify(v, b) if isinstance(v, Rows) else v
+                acc = v if acc is None else acc + v
+            out[n] = torch.zeros((b, *self.shape[n])) if acc is None else acc.detach().float().cpu()
         return out
 
     def add_squares(self, sums: dict[str, Tensor], calls, grads, b: int) -> None:
@@ -315,8 +320,9 @@ class Accumulator:
                 c, g, a = parts[0]
                 if isinstance(c.module, nn.Linear) and c.input.ndim == 2 and g.ndim == 2:
                     _check_batch(c, g, b)
+                    g, x = _at_least_float32(g), _at_least_float32(c.input)
                     if a == "weight":     # Σ_n (g_n a_nᵀ)² = (g²)ᵀ(a²): no per-example tensor
-                        sums[n] += g.square().t() @ c.input.square()
+                        sums[n] += g.square().t() @ x.square()
                     else:
                         sums[n] += g.square().sum(0)
                     continue
@@ -328,7 +334,8 @@ class Accumulator:
             for v in vals:
                 v = _densify(v, b) if isinstance(v, Rows) else v
                 tot = v if tot is None else tot + v
-            sums[n] += tot.square().sum(0)   # float32 sum over the chunk, float64 across chunks
+            # squares summed over the chunk in (at least) float32, then added to float64 sums
+            sums[n] += _at_least_float32(tot).square().sum(0)
 
 
 def seeded_backward(logp: Tensor, seed: Tensor, calls: list[Call], retain: bool
@@ -342,8 +349,10 @@ def seeded_backward(logp: Tensor, seed: Tensor, calls: list[Call], retain: bool
 def hooks_check(model: nn.Module, modules: list[nn.Module], names: list[str],
                 forward: Callable[[], Tensor], b: int, rtol: float = 1e-4) -> str | None:
     """Compare the hooks' per-example gradients of ``b`` examples (the inputs ``forward`` runs)
-    with autograd's, one backward per example, for a random seed over the classes.  Returns
-    None when they agree, else a one-line description of the first mismatch."""
+    with autograd's, one backward per example, for a random seed over the classes.  Each
+    example separately, not only their sum: this also catches a module whose first axis is not
+    the example axis.  Returns None when they agree, else a one-line description of the first
+    mismatch."""
     params = dict(model.named_parameters())
     acc = Accumulator(model, names)
     try:
@@ -365,7 +374,7 @@ def hooks_check(model: nn.Module, modules: list[nn.Module], names: list[str],
                                  retain_graph=i + 1 < b, allow_unused=True)
         for n, v in zip(names, gi):
             if v is not None:
-                ref[n][i] = v.double().cpu()
+                ref[n][i] = v.float().cpu()
     scale = max(float(v.abs().max()) for v in ref.values())
     for n in names:
         tol = rtol * max(float(ref[n].abs().max()), 1e-3 * scale) + 1e-12
