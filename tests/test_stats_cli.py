@@ -50,11 +50,16 @@ def test_fisher_from_npz_and_checkpoint(workdir):
                         "--batch-size", "8", "--quiet"])
     assert code == 0, out
     assert "over 20 examples" in out
+    assert "(hooks)" in out                     # auto picks the closed-form backend for an MLP
     want = diagonal_fisher(net, [(x[i:i + 8], y[i:i + 8]) for i in range(0, 20, 8)], mode="empirical",
-                           progress=False)
+                           backend="vmap", progress=False)
     got = load_file("f.safetensors")
     for k in want:
-        torch.testing.assert_close(got[k], want[k])
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-8)
+    code, out = invoke(["stats", "fisher", "m.safetensors", "--model-code", "mymodels:make_mlp",
+                        "--data", "d.npz", "-o", "v.safetensors", "--mode", "empirical",
+                        "--batch-size", "8", "--backend", "vmap", "--quiet"])
+    assert code == 0 and "(vmap)" in out, out
 
 
 def test_activations_from_image_folder(workdir):

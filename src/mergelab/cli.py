@@ -170,16 +170,20 @@ def _done(output, what):
               show_default=True)
 @click.option("--n-examples", default=None, type=int, help="At most this many examples (default all).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--backend", type=click.Choice(["auto", "hooks", "vmap"]), default="auto", show_default=True,
+              help="Per-example gradients: closed-form from layer hooks, torch.func vmap, or hooks "
+                   "where every parameter's layer is supported (checked), else vmap.")
 def stats_fisher(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
-                 label_column, max_length, quiet, mode, n_examples, seed):
+                 label_column, max_length, quiet, mode, n_examples, seed, backend):
     """Diagonal Fisher of MODEL's parameters (mean of squared per-example gradients)."""
     from .stats import diagonal_fisher
 
     net, data = _stats_inputs(model, data_path, model_code, batch_size, limit, image_size,
                               text_column, label_column, max_length, quiet)
-    f = diagonal_fisher(net, data, mode=mode, n_examples=n_examples, seed=seed, progress=not quiet)
+    f = diagonal_fisher(net, data, mode=mode, n_examples=n_examples, seed=seed, backend=backend,
+                        progress=not quiet)
     f.save(output)
-    _done(output, f"the {mode} Fisher of {len(f)} tensors over {f.n_examples} examples")
+    _done(output, f"the {mode} Fisher of {len(f)} tensors over {f.n_examples} examples ({f.backend})")
 
 
 @stats_group.command("activations")
