@@ -112,3 +112,19 @@ def test_encode_chunks_equal_one_padded_pass():
     ref = lower_hidden(bert, 1, tok["input_ids"], tok["attention_mask"])
     real = tok["attention_mask"].bool()
     torch.testing.assert_close(enc.hidden[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_eval_loader_covers_every_example_once_and_matches_data_order_accuracy():
+    from mergelab.experiments.train import evaluate
+    bert = _tiny_bert()
+    ids, mask = _ids()
+    h = lower_hidden(bert, 1, ids, mask)
+    enc = Encoded(h, mask, np.array([0, 1, 2, 0]))
+    bl = enc.eval_loader(batch=3)
+    # shortest first: lengths 3, 5, 7 then 10; every batch trimmed to its own longest text
+    assert [xb["hidden"].shape[1] for xb, _ in bl] == [7, 10]
+    assert sorted(y for _, yb in bl for y in yb.tolist()) == sorted(enc.labels.tolist())
+    top = MiniLMTop(bert, 1, 3).eval()
+    a, b = evaluate(top, bl), evaluate(top, enc.loader(batch=3))
+    assert a["acc"] == b["acc"] and a["n"] == b["n"] == 4
+    assert abs(a["loss"] - b["loss"]) < 1e-5

@@ -134,24 +134,36 @@ class Encoded:
         return sample
 
     def loader(self, batch: int = 64, n_batches: int | None = None) -> list:
+        """Batches in data order (the first ``n_batches`` are a fixed, unbiased subset)."""
         out = [self.batch(torch.arange(i, min(i + batch, len(self)))) for i in range(0, len(self), batch)]
         return out[:n_batches] if n_batches else out
+
+    def eval_loader(self, batch: int = 64) -> list:
+        """Every example once, batched by length (shortest first) so each batch is trimmed to
+        little padding: for full passes whose result does not depend on order (accuracy)."""
+        if getattr(self, "_eval", None) is None or self._eval[0] != batch:
+            order = torch.argsort(self.mask.sum(1), stable=True)
+            self._eval = (batch, [self.batch(order[i:i + batch]) for i in range(0, len(self), batch)])
+        return self._eval[1]
 
 
 def encode(bert: nn.Module, tokenizer, texts: list[str], labels: np.ndarray, max_len: int, first: int,
            chunk: int = 64) -> Encoded:
-    """Tokenise (truncating to ``max_len``) and run the frozen lower layers, ``chunk`` texts at a
-    time padded to the chunk's longest text; stored zero-padded to ``max_len`` (padding is masked
+    """Tokenise (truncating to ``max_len``) and run the frozen lower layers, ``chunk`` texts of
+    similar length at a time, each chunk trimmed to its longest text; stored zero-padded to ``max_len`` (padding is masked
     everywhere downstream, so its values never matter)."""
     n = len(texts)
     hidden = torch.zeros(n, max_len, bert.config.hidden_size)
     mask = torch.zeros(n, max_len, dtype=torch.long)
+    tok = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    # chunks of similar length (sorted by token count) so the per-chunk padding is small
+    order = torch.argsort(tok["attention_mask"].sum(1), stable=True)
     for i in range(0, n, chunk):
-        tok = tokenizer(list(texts[i:i + chunk]), padding=True, truncation=True, max_length=max_len,
-                        return_tensors="pt")
-        t = tok["input_ids"].shape[1]
-        hidden[i:i + chunk, :t] = lower_hidden(bert, first, tok["input_ids"], tok["attention_mask"])
-        mask[i:i + chunk, :t] = tok["attention_mask"]
+        idx = order[i:i + chunk]
+        m = tok["attention_mask"][idx]
+        t = max(1, int(m.sum(1).max()))
+        hidden[idx, :t] = lower_hidden(bert, first, tok["input_ids"][idx, :t], m[:, :t])
+        mask[idx, :t] = m[:, :t]
     return Encoded(hidden, mask, labels)
 
 
@@ -258,7 +270,7 @@ class Trainer:
             T.train(m, s, steps=p["steps"], batch_size=p["batch"], lr=p["lr"], optimizer="adamw",
                     weight_decay=0.01, warmup=max(1, p["steps"] // 10), seed=seed + 1, quiet=self.quiet,
                     desc=f"expert {task}")
-            return {"val": T.evaluate(m, self.data.enc[(task, "val")].loader())}
+            return {"val": T.evaluate(m, self.data.enc[(task, "val")].eval_loader())}
         return self.cache.get_or_train(cfg, build, fit)
 
 
@@ -304,13 +316,13 @@ def run(profile_name: str = "smoke", out: str | Path = "runs/local-text", quiet:
         "suite": "local-text", "profile": profile_name, "config": p, "seeds": {"experts": "task index"},
         "versions": versions(), "splits": data.split_hashes(), "tasks": TASKS, "experts": {},
         "expert_val": {}, "runs": [], "variance_collapse": [], "barrier": [], "timings": timer.t,
-        "notes": notes}
+        "timings_cpu": timer.cpu, "notes": notes}
     experts: dict[str, nn.Module] = {}
     with timer("train"):
         for i, t in enumerate(TASKS):
             experts[t], info = tr.expert(t, i)
             results["expert_val"][t] = info.get("val", {}).get("acc")
-    results["experts"]["local"] = {t: T.evaluate(experts[t], data.enc[(t, "test")].loader())["acc"] for t in TASKS}
+    results["experts"]["local"] = {t: T.evaluate(experts[t], data.enc[(t, "test")].eval_loader())["acc"] for t in TASKS}
     base = dict(tr.pretrained().state_dict())
     states = {t: dict(m.state_dict()) for t, m in experts.items()}
     for method in p["methods"]:
@@ -357,11 +369,14 @@ def _run_method(results, method, states, base, experts, data, p, timer, notes):
         return {t: _with_state(experts[t], bodies[t], experts[t]) for t in TASKS}
 
     def val_score(coef):
-        ms = models_for(coef)
-        return float(np.mean([T.evaluate(ms[t], data.enc[(t, "val")].loader())["acc"] for t in TASKS]))
+        with timer("merge"):
+            ms = models_for(coef)
+        with timer("eval_val"):
+            return float(np.mean([T.evaluate(ms[t], data.enc[(t, "val")].eval_loader())["acc"] for t in TASKS]))
 
     coef, scores = choose(_grid(method, p), val_score)
-    merged = models_for(coef)
+    with timer("merge"):
+        merged = models_for(coef)
     corrected: dict[str, dict[str, nn.Module]] = {"none": merged}
     calib = {t: data.enc[(t, "train")].loader(p["stat_batch"], p["stat_batches"]) for t in TASKS}
     sites = tact_sites(experts[TASKS[0]], p["tact_sites"])
@@ -377,11 +392,13 @@ def _run_method(results, method, states, base, experts, data, p, timer, notes):
         except Unavailable as e:
             notes.append(f"local/{method}/tact: skipped: {e}")
     for corr, ms in corrected.items():
-        acc = {t: T.evaluate(ms[t], data.enc[(t, "test")].loader())["acc"] for t in TASKS}
+        with timer("eval_test"):
+            acc = {t: T.evaluate(ms[t], data.enc[(t, "test")].eval_loader())["acc"] for t in TASKS}
         results["runs"].append({"setting": "local", "method": method, "alignment": "none", "correction": corr,
                                 "coef": {"coef": coef, "val_scores": scores}, "acc": acc})
     if method == ("ties_tall" if "ties_tall" in p["methods"] else p["methods"][0]) and sites is not None:
-        _variance_collapse(results, method, corrected, experts, data, p, sites, notes)
+        with timer("variance_collapse"):
+            _variance_collapse(results, method, corrected, experts, data, p, sites, notes)
 
 
 def _variance_collapse(results, method, corrected, experts, data, p, sites, notes):
