@@ -46,7 +46,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                   fisher_examples=16, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
                   grid_ta=[0.3, 1.0], grid_ties=[1.0], grid_tall=[1.0], ties_density=0.5,
                   regmean_alpha=[0.9], tact_sites="norms"),
-    "quick": dict(max_len=64, first_trainable=4, probe_steps=20, steps=100, batch=32, lr=1e-4, probe_lr=3e-3,
+    "quick": dict(max_len=64, first_trainable=4, probe_steps=20, steps=100, batch=32, group_by_length=8,
+                  lr=1e-4, probe_lr=3e-3,
                   train_limit=1500, val_limit=200, test_limit=500, stat_batches=4, stat_batch=32,
                   fisher_examples=128, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
                   grid_ta=[0.2, 0.3, 0.5, 0.7, 1.0], grid_ties=[0.7, 1.0, 1.5], grid_tall=[0.4, 1.0],
@@ -128,10 +129,26 @@ class Encoded:
         t = max(1, int(m.sum(1).max()))  # trim the padding no text of this batch uses
         return {"hidden": self.hidden[idx][:, :t], "attention_mask": m[:, :t]}, self.labels[idx]
 
-    def sampler(self):
-        def sample(g: torch.Generator, bs: int):
-            return self.batch(torch.randint(len(self), (bs,), generator=g))
-        return sample
+    def sampler(self, group: int = 1):
+        """Uniform random batches (with replacement). With ``group`` > 1, batches are grouped by
+        length (the ``group_by_length`` of common trainers): ``group`` batches' worth of uniform
+        draws are sorted by length, cut into ``group`` batches and served in random order, so
+        each batch is padded to a similar length; every example is still drawn uniformly."""
+        if group <= 1:
+            def sample(g: torch.Generator, bs: int):
+                return self.batch(torch.randint(len(self), (bs,), generator=g))
+            return sample
+        lengths = self.mask.sum(1)
+        queue: list[torch.Tensor] = []
+
+        def sample_grouped(g: torch.Generator, bs: int):
+            if not queue:
+                idx = torch.randint(len(self), (bs * group,), generator=g)
+                idx = idx[torch.argsort(lengths[idx], stable=True)]
+                chunks = list(idx.split(bs))
+                queue.extend(chunks[int(i)] for i in torch.randperm(len(chunks), generator=g))
+            return self.batch(queue.pop(0))
+        return sample_grouped
 
     def loader(self, batch: int = 64, n_batches: int | None = None) -> list:
         """Batches in data order (the first ``n_batches`` are a fixed, unbiased subset)."""
@@ -257,17 +274,20 @@ class Trainer:
         p = self.p
         cfg = {**self.base_cfg, "kind": "expert", "task": task, "seed": seed, "steps": p["steps"],
                "probe": p["probe_steps"], "lr": p["lr"], "probe_lr": p["probe_lr"]}
+        if p.get("group_by_length", 1) > 1:  # (absent from the key otherwise: older experts stay valid)
+            cfg["group_by_length"] = p["group_by_length"]
 
         def build():
             return zoo.replace_head(self.pretrained(), self.data.n_classes(task), seed=seed)
 
         def fit(m):
-            s = self.data.enc[(task, "train")].sampler()
+            enc, group = self.data.enc[(task, "train")], p.get("group_by_length", 1)
             if p["probe_steps"]:
-                T.train(m, s, steps=p["probe_steps"], batch_size=p["batch"], lr=p["probe_lr"], optimizer="adamw",
+                T.train(m, enc.sampler(group), steps=p["probe_steps"], batch_size=p["batch"], lr=p["probe_lr"],
+                        optimizer="adamw",
                         weight_decay=0.0, seed=seed, trainable=lambda n: n.startswith("head."),
                         quiet=self.quiet, desc=f"probe {task}")
-            T.train(m, s, steps=p["steps"], batch_size=p["batch"], lr=p["lr"], optimizer="adamw",
+            T.train(m, enc.sampler(group), steps=p["steps"], batch_size=p["batch"], lr=p["lr"], optimizer="adamw",
                     weight_decay=0.01, warmup=max(1, p["steps"] // 10), seed=seed + 1, quiet=self.quiet,
                     desc=f"expert {task}")
             return {"val": T.evaluate(m, self.data.enc[(task, "val")].eval_loader())}
