@@ -52,11 +52,12 @@ PROFILES: dict[str, dict[str, Any]] = {
                   fisher_examples=128, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
                   grid_ta=[0.2, 0.3, 0.5, 0.7, 1.0], grid_ties=[0.7, 1.0, 1.5], grid_tall=[0.4, 1.0],
                   ties_density=0.5, regmean_alpha=[0.5, 0.9], tact_sites="norms"),
-    # full: sized for <= 28 min cold at 1 thread (docs/experiments.md): three of the six layers
-    # fine-tuned, 300 steps on up to 4000 texts per task; grids around quick's validation optima
-    "full": dict(max_len=64, first_trainable=3, probe_steps=50, steps=300, batch=32, group_by_length=8,
+    # full: sized for <= 28 min cold at 1 thread from quick's measured phase costs
+    # (docs/experiments.md): the quick model, twice the steps, ~2.7x the training texts,
+    # larger validation / test sets and statistics samples, wider grids
+    "full": dict(max_len=64, first_trainable=4, probe_steps=50, steps=200, batch=32, group_by_length=8,
                  lr=1e-4, probe_lr=3e-3,
-                 train_limit=4000, val_limit=300, test_limit=1000, stat_batches=8, stat_batch=32,
+                 train_limit=4000, val_limit=300, test_limit=800, stat_batches=8, stat_batch=32,
                  fisher_examples=256, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
                  grid_ta=[0.2, 0.3, 0.4, 0.5, 0.7, 1.0], grid_ties=[0.7, 1.0, 1.5, 2.0],
                  grid_tall=[0.4, 0.7, 1.0], ties_density=0.5, regmean_alpha=[0.5, 0.9],
