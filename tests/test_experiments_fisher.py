@@ -57,8 +57,11 @@ def test_fisher_smoke_end_to_end(tmp_path):
             ("transfer", "target_alone")} <= methods
     for x in res["runs"]:
         assert all(0 <= a <= 1 for a in x["acc"].values())
+    assert "unlabelled" in res["transfer_protocol"]["target_fisher"]
     for row in res["transfer_seeds"]:
-        for m in ("average", "fisher", "fisher_normalized"):
+        # the target's Fisher on unlabelled inputs and on its labelled examples, both recorded
+        assert set(row["fisher_norm"]) == {"donor", "target_unlabelled", "target_labelled_only"}
+        for m in ("average", "fisher", "fisher_normalized", "fisher_labelled_only"):
             if m in row:  # λ chosen on validation: the best of the grid's validation scores
                 assert row[m]["val"] == max(row[m]["val_grid"].values())
                 assert len(row[m]["val_grid"]) == res["config"]["grid"]

@@ -67,3 +67,16 @@ def test_nonlocal_vision_smoke_end_to_end(tmp_path, monkeypatch):
     res2 = json.loads((out / "results.json").read_text())
     assert res2["cache"]["misses"] == 0 and res2["cache"]["hits"] > 0
     assert res2["experts"] == res["experts"]
+
+
+def test_timer_records_wall_and_cpu_seconds_per_phase():
+    import time
+
+    from mergelab.experiments.suites.common import Timer
+    t = Timer()
+    with t("sleep"):
+        time.sleep(0.2)  # wall time, almost no CPU
+    with t("sleep"):
+        time.sleep(0.1)
+    assert set(t.t) == set(t.cpu) == {"sleep"}
+    assert t.t["sleep"] >= 0.29 and t.cpu["sleep"] < 0.1

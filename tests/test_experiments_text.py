@@ -112,3 +112,39 @@ def test_encode_chunks_equal_one_padded_pass():
     ref = lower_hidden(bert, 1, tok["input_ids"], tok["attention_mask"])
     real = tok["attention_mask"].bool()
     torch.testing.assert_close(enc.hidden[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_eval_loader_covers_every_example_once_and_matches_data_order_accuracy():
+    from mergelab.experiments.train import evaluate
+    bert = _tiny_bert()
+    ids, mask = _ids()
+    h = lower_hidden(bert, 1, ids, mask)
+    enc = Encoded(h, mask, np.array([0, 1, 2, 0]))
+    bl = enc.eval_loader(batch=3)
+    # shortest first: lengths 3, 5, 7 then 10; every batch trimmed to its own longest text
+    assert [xb["hidden"].shape[1] for xb, _ in bl] == [7, 10]
+    assert sorted(y for _, yb in bl for y in yb.tolist()) == sorted(enc.labels.tolist())
+    top = MiniLMTop(bert, 1, 3).eval()
+    a, b = evaluate(top, bl), evaluate(top, enc.loader(batch=3))
+    assert a["acc"] == b["acc"] and a["n"] == b["n"] == 4
+    assert abs(a["loss"] - b["loss"]) < 1e-5
+
+
+def test_length_grouped_sampler_draws_the_same_examples_in_length_sorted_batches():
+    L = torch.tensor([3, 9, 1, 7, 5, 2, 8, 4, 6, 10])
+    mask = (torch.arange(10)[None, :] < L[:, None]).long()
+    enc = Encoded(torch.randn(10, 10, 4), mask, np.arange(10))
+    g, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    sample = enc.sampler(group=4)
+    batches = [sample(g, 3) for _ in range(4)]
+    draws = torch.randint(10, (12,), generator=g2)  # the same uniform draws, in one pool
+    got = sorted(y for _, yb in batches for y in yb.tolist())
+    assert got == sorted(draws.tolist())
+    for xb, yb in batches:  # each batch trimmed to its own longest example
+        assert xb["hidden"].shape[1] == int(L[yb].max())
+    # the batches partition the pool's length order (no two batches' length ranges interleave)
+    spans = sorted((int(L[yb].min()), int(L[yb].max())) for _, yb in batches)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    # group=1 is the plain uniform sampler
+    g3, g4 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert enc.sampler()(g3, 5)[1].tolist() == torch.randint(10, (5,), generator=g4).tolist()

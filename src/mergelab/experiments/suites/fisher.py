@@ -18,10 +18,21 @@ A foundation MLP is pre-trained on the ``pretrain`` split of MNIST-10k and Anima
   ``normalize`` option). Compared with the target alone; repeated for each seed in ``seeds`` (a different
   labelled subset each time), the reported accuracy is the mean over seeds.
 
+  The target's Fisher is estimated on ``target_fisher_n`` *unlabelled* images of the target's
+  training pool (drawn with the seed; their labels are never read): the Fisher of a classifier
+  is an expectation over the model's own predictive distribution, so it needs inputs, not
+  labels, and a low-resource task is short of labels, not of inputs. Validation and test
+  images are never used for it. Estimated on the 20 labelled examples instead (the row
+  ``fisher_labelled_only``, the suite's first protocol) it is 3-4 orders of magnitude smaller
+  than the donor's - the target fits those examples, so p(y|x) is nearly one-hot and the
+  expected squared score vanishes - and the merge is the donor unless λ_target = 1
+  (``docs/experiments.md``).
+
 Fisher merges use :func:`mergelab.methods.fisher.fisher_merge`; Fisher estimates come from
 :func:`mergelab.stats.diagonal_fisher`: the exact expectation over labels (``expected``) in
-smoke and full, one sampled label per example (``sampled``, an unbiased estimate of the same
-Fisher at 1/C of the cost) in quick.
+smoke, one sampled label per example (``sampled``, an unbiased estimate of the same Fisher at
+1/C of the cost) in quick (1024 examples) and full (2048: the expected Fisher of five
+10-class 0.67M-parameter members alone would take most of full's 10-minute budget).
 """
 from __future__ import annotations
 
@@ -43,13 +54,14 @@ from .common import Timer, versions
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(widths=(64, 64), pre_steps=100, ft_steps=60, n_members=2, batch=64, lr=0.05, ft_lr=0.05,
                   train_limit=3000, val_limit=300, test_limit=500, fisher_examples=128, fisher_mode="expected",
-                  target_n=20, target_steps=40, donor_steps=60, seeds=[0], grid=11),
+                  target_n=20, target_steps=40, donor_steps=60, seeds=[0], grid=11, target_fisher_n=128),
     "quick": dict(widths=(256, 256), pre_steps=1500, ft_steps=500, n_members=4, batch=128, lr=0.05, ft_lr=0.05,
                   train_limit=None, val_limit=1000, test_limit=None, fisher_examples=1024, fisher_mode="sampled",
-                  target_n=20, target_steps=100, donor_steps=800, seeds=[0, 1, 2], grid=51),
+                  target_n=20, target_steps=100, donor_steps=800, seeds=[0, 1, 2], grid=51, target_fisher_n=1024),
     "full": dict(widths=(512, 512), pre_steps=3000, ft_steps=1000, n_members=5, batch=128, lr=0.05, ft_lr=0.05,
-                 train_limit=None, val_limit=None, test_limit=None, fisher_examples=1024, fisher_mode="expected",
-                 target_n=20, target_steps=100, donor_steps=1500, seeds=[0, 1, 2, 3, 4], grid=51),
+                 train_limit=None, val_limit=None, test_limit=None, fisher_examples=2048, fisher_mode="sampled",
+                 target_n=20, target_steps=100, donor_steps=1500, seeds=[0, 1, 2, 3, 4], grid=51,
+                 target_fisher_n=1024),
 }
 
 ENSEMBLE_TASK = "fmnist"
@@ -62,7 +74,12 @@ class Unavailable(Exception):
     """A library piece this run needs is missing (recorded as a note, the run goes on)."""
 
 
-def _fisher(model: nn.Module, data: list, n: int, mode: str) -> dict[str, torch.Tensor]:
+def _norm(fisher: dict, names) -> float:
+    """‖F‖₂ over the merged (body) entries."""
+    return float(sum(float(fisher[k].double().square().sum()) for k in names if k in fisher) ** 0.5)
+
+
+def _fisher(model: nn.Module, data: list, n: int | None, mode: str) -> dict[str, torch.Tensor]:
     try:
         from ...stats import diagonal_fisher
     except ImportError as e:
@@ -109,6 +126,12 @@ class Data:
         idx = np.random.default_rng(seed).permutation(len(y))[: self.p["target_n"]]
         return x[idx], y[idx]
 
+    def target_unlabelled(self, seed: int) -> np.ndarray:
+        """``target_fisher_n`` images of the target's training pool, without their labels."""
+        x, _ = self.fm.part("train", (5, 6, 7, 8, 9))
+        idx = np.random.default_rng(10_000 + seed).permutation(len(x))[: self.p["target_fisher_n"]]
+        return x[idx]
+
     def pretrain(self, split: str = "pretrain"):
         xs, ys = [], []
         for i, pool in enumerate(self.pre):
@@ -141,7 +164,17 @@ def run(profile_name: str = "smoke", out: str | Path = "runs/fisher", quiet: boo
     results: dict[str, Any] = {
         "suite": "fisher", "profile": profile_name, "config": p, "versions": versions(),
         "splits": data.split_hashes(), "tasks": TASKS, "experts": {}, "runs": [], "variance_collapse": [],
-        "barrier": [], "members": {}, "transfer_seeds": [], "timings": timer.t, "notes": notes,
+        "barrier": [], "members": {}, "transfer_seeds": [], "timings": timer.t, "timings_cpu": timer.cpu,
+        "notes": notes,
+        "transfer_protocol": {
+            "target": f"{p['target_n']} labelled Fashion-MNIST 5-9 training examples, {p['target_steps']} steps",
+            "donor": f"Fashion-MNIST 0-4, full training split, {p['donor_steps']} steps; same foundation as the target",
+            "donor_fisher": f"{p['fisher_mode']}, {p['fisher_examples']} donor training images",
+            "target_fisher": f"{p['fisher_mode']}, {p['target_fisher_n']} unlabelled images of the target's training "
+                             "pool (labels never read; no validation or test image)",
+            "target_fisher_labelled_only": f"{p['fisher_mode']}, the {p['target_n']} labelled examples (first protocol)",
+            "merged": "bodies (target keeps its head); floor 1e-6",
+            "lambda": f"target weight on a {p['grid']}-point grid in [0, 1], chosen on the target's validation split"},
         "seeds": {"foundation": 0, "members": f"1000 + i, i < {p['n_members']}",
                   "transfer": "target subset / target fine-tune seed s, donor seed 500", "list": p["seeds"]}}
 
@@ -224,7 +257,7 @@ def _transfer(results, data, p, finetune, notes):
         tx, ty = data.target_subset(s)
         target = finetune(TARGET_TASK, tx, ty, p["target_steps"], s, {"target_n": p["target_n"], "subset_seed": s})
         t_state = {k: v for k, v in target.state_dict().items() if k in body}
-        row: dict[str, Any] = {"seed": s, "target_alone": T.evaluate(target, test)["acc"]}
+        row: dict[str, Any] = {"seed": s, "target_alone": T.evaluate(target, test)["acc"], "fisher_norm": {}}
 
         def with_body(b, target=target):
             m = copy.deepcopy(target)
@@ -234,10 +267,15 @@ def _transfer(results, data, p, finetune, notes):
         merges = {"average": lambda c: with_body(parameter_average([t_state, donor_state], list(c)))}
         if donor_fisher is not None:
             from ...methods.fisher import fisher_merge
-            t_fisher = _fisher(target, _loader((tx, ty), 64), p["fisher_examples"], p["fisher_mode"])
-            for name, norm in (("fisher", False), ("fisher_normalized", True)):
-                merges[name] = (lambda c, norm=norm: with_body(fisher_merge(
-                    [t_state, donor_state], [t_fisher, donor_fisher], weights=list(c), normalize=norm)))
+            ux = data.target_unlabelled(s)
+            t_fisher = _fisher(target, _loader((ux, np.zeros(len(ux), dtype=np.int64)), 64), None, p["fisher_mode"])
+            t_fisher_lab = _fisher(target, _loader((tx, ty), 64), None, p["fisher_mode"])
+            row["fisher_norm"] = {"donor": _norm(donor_fisher, body), "target_unlabelled": _norm(t_fisher, body),
+                                  "target_labelled_only": _norm(t_fisher_lab, body)}
+            for name, tf, norm in (("fisher", t_fisher, False), ("fisher_normalized", t_fisher, True),
+                                   ("fisher_labelled_only", t_fisher_lab, False)):
+                merges[name] = (lambda c, tf=tf, norm=norm: with_body(fisher_merge(
+                    [t_state, donor_state], [tf, donor_fisher], weights=list(c), normalize=norm)))
         for method, merge_fn in merges.items():
             res = coefficient_search(merge_fn, 2, lambda m: T.evaluate(m, val)["acc"], grid=pairwise_grid(p["grid"]))
             lam = res.best_coefficients
@@ -250,7 +288,7 @@ def _transfer(results, data, p, finetune, notes):
     results["runs"].append({"setting": "transfer", "method": "target_alone", "alignment": "none", "correction": "none",
                             "acc": {TARGET_TASK: results["experts"]["transfer"][TARGET_TASK]},
                             "acc_per_seed": [r["target_alone"] for r in per_seed]})
-    for method in ("average", "fisher", "fisher_normalized"):
+    for method in ("average", "fisher", "fisher_normalized", "fisher_labelled_only"):
         if method not in per_seed[0]:
             continue
         results["runs"].append({

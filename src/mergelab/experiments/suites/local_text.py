@@ -46,16 +46,21 @@ PROFILES: dict[str, dict[str, Any]] = {
                   fisher_examples=16, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
                   grid_ta=[0.3, 1.0], grid_ties=[1.0], grid_tall=[1.0], ties_density=0.5,
                   regmean_alpha=[0.9], tact_sites="norms"),
-    "quick": dict(max_len=64, first_trainable=4, probe_steps=20, steps=100, batch=32, lr=1e-4, probe_lr=3e-3,
+    "quick": dict(max_len=64, first_trainable=4, probe_steps=20, steps=100, batch=32, group_by_length=8,
+                  lr=1e-4, probe_lr=3e-3,
                   train_limit=1500, val_limit=200, test_limit=500, stat_batches=4, stat_batch=32,
                   fisher_examples=128, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
                   grid_ta=[0.2, 0.3, 0.5, 0.7, 1.0], grid_ties=[0.7, 1.0, 1.5], grid_tall=[0.4, 1.0],
                   ties_density=0.5, regmean_alpha=[0.5, 0.9], tact_sites="norms"),
-    "full": dict(max_len=64, first_trainable=2, probe_steps=50, steps=300, batch=32, lr=1e-4, probe_lr=3e-3,
-                 train_limit=6000, val_limit=400, test_limit=1000, stat_batches=8, stat_batch=32,
-                 fisher_examples=512, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
-                 grid_ta=[0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0], grid_ties=[0.5, 0.7, 1.0, 1.5, 2.0],
-                 grid_tall=[0.2, 0.4, 0.6, 1.0], ties_density=0.5, regmean_alpha=[0.5, 0.9, 1.0],
+    # full: sized for <= 28 min cold at 1 thread from quick's measured phase costs
+    # (docs/experiments.md): the quick model, twice the steps, ~2.7x the training texts,
+    # larger validation / test sets and statistics samples, wider grids
+    "full": dict(max_len=64, first_trainable=4, probe_steps=50, steps=200, batch=32, group_by_length=8,
+                 lr=1e-4, probe_lr=3e-3,
+                 train_limit=4000, val_limit=300, test_limit=800, stat_batches=8, stat_batch=32,
+                 fisher_examples=256, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
+                 grid_ta=[0.2, 0.3, 0.4, 0.5, 0.7, 1.0], grid_ties=[0.7, 1.0, 1.5, 2.0],
+                 grid_tall=[0.4, 0.7, 1.0], ties_density=0.5, regmean_alpha=[0.5, 0.9],
                  tact_sites="norms"),
 }
 
@@ -128,30 +133,58 @@ class Encoded:
         t = max(1, int(m.sum(1).max()))  # trim the padding no text of this batch uses
         return {"hidden": self.hidden[idx][:, :t], "attention_mask": m[:, :t]}, self.labels[idx]
 
-    def sampler(self):
-        def sample(g: torch.Generator, bs: int):
-            return self.batch(torch.randint(len(self), (bs,), generator=g))
-        return sample
+    def sampler(self, group: int = 1):
+        """Uniform random batches (with replacement). With ``group`` > 1, batches are grouped by
+        length (the ``group_by_length`` of common trainers): ``group`` batches' worth of uniform
+        draws are sorted by length, cut into ``group`` batches and served in random order, so
+        each batch is padded to a similar length; every example is still drawn uniformly."""
+        if group <= 1:
+            def sample(g: torch.Generator, bs: int):
+                return self.batch(torch.randint(len(self), (bs,), generator=g))
+            return sample
+        lengths = self.mask.sum(1)
+        queue: list[torch.Tensor] = []
+
+        def sample_grouped(g: torch.Generator, bs: int):
+            if not queue:
+                idx = torch.randint(len(self), (bs * group,), generator=g)
+                idx = idx[torch.argsort(lengths[idx], stable=True)]
+                chunks = list(idx.split(bs))
+                queue.extend(chunks[int(i)] for i in torch.randperm(len(chunks), generator=g))
+            return self.batch(queue.pop(0))
+        return sample_grouped
 
     def loader(self, batch: int = 64, n_batches: int | None = None) -> list:
+        """Batches in data order (the first ``n_batches`` are a fixed, unbiased subset)."""
         out = [self.batch(torch.arange(i, min(i + batch, len(self)))) for i in range(0, len(self), batch)]
         return out[:n_batches] if n_batches else out
+
+    def eval_loader(self, batch: int = 64) -> list:
+        """Every example once, batched by length (shortest first) so each batch is trimmed to
+        little padding: for full passes whose result does not depend on order (accuracy)."""
+        if getattr(self, "_eval", None) is None or self._eval[0] != batch:
+            order = torch.argsort(self.mask.sum(1), stable=True)
+            self._eval = (batch, [self.batch(order[i:i + batch]) for i in range(0, len(self), batch)])
+        return self._eval[1]
 
 
 def encode(bert: nn.Module, tokenizer, texts: list[str], labels: np.ndarray, max_len: int, first: int,
            chunk: int = 64) -> Encoded:
-    """Tokenise (truncating to ``max_len``) and run the frozen lower layers, ``chunk`` texts at a
-    time padded to the chunk's longest text; stored zero-padded to ``max_len`` (padding is masked
+    """Tokenise (truncating to ``max_len``) and run the frozen lower layers, ``chunk`` texts of
+    similar length at a time, each chunk trimmed to its longest text; stored zero-padded to ``max_len`` (padding is masked
     everywhere downstream, so its values never matter)."""
     n = len(texts)
     hidden = torch.zeros(n, max_len, bert.config.hidden_size)
     mask = torch.zeros(n, max_len, dtype=torch.long)
+    tok = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    # chunks of similar length (sorted by token count) so the per-chunk padding is small
+    order = torch.argsort(tok["attention_mask"].sum(1), stable=True)
     for i in range(0, n, chunk):
-        tok = tokenizer(list(texts[i:i + chunk]), padding=True, truncation=True, max_length=max_len,
-                        return_tensors="pt")
-        t = tok["input_ids"].shape[1]
-        hidden[i:i + chunk, :t] = lower_hidden(bert, first, tok["input_ids"], tok["attention_mask"])
-        mask[i:i + chunk, :t] = tok["attention_mask"]
+        idx = order[i:i + chunk]
+        m = tok["attention_mask"][idx]
+        t = max(1, int(m.sum(1).max()))
+        hidden[idx, :t] = lower_hidden(bert, first, tok["input_ids"][idx, :t], m[:, :t])
+        mask[idx, :t] = m[:, :t]
     return Encoded(hidden, mask, labels)
 
 
@@ -245,20 +278,23 @@ class Trainer:
         p = self.p
         cfg = {**self.base_cfg, "kind": "expert", "task": task, "seed": seed, "steps": p["steps"],
                "probe": p["probe_steps"], "lr": p["lr"], "probe_lr": p["probe_lr"]}
+        if p.get("group_by_length", 1) > 1:  # (absent from the key otherwise: older experts stay valid)
+            cfg["group_by_length"] = p["group_by_length"]
 
         def build():
             return zoo.replace_head(self.pretrained(), self.data.n_classes(task), seed=seed)
 
         def fit(m):
-            s = self.data.enc[(task, "train")].sampler()
+            enc, group = self.data.enc[(task, "train")], p.get("group_by_length", 1)
             if p["probe_steps"]:
-                T.train(m, s, steps=p["probe_steps"], batch_size=p["batch"], lr=p["probe_lr"], optimizer="adamw",
+                T.train(m, enc.sampler(group), steps=p["probe_steps"], batch_size=p["batch"], lr=p["probe_lr"],
+                        optimizer="adamw",
                         weight_decay=0.0, seed=seed, trainable=lambda n: n.startswith("head."),
                         quiet=self.quiet, desc=f"probe {task}")
-            T.train(m, s, steps=p["steps"], batch_size=p["batch"], lr=p["lr"], optimizer="adamw",
+            T.train(m, enc.sampler(group), steps=p["steps"], batch_size=p["batch"], lr=p["lr"], optimizer="adamw",
                     weight_decay=0.01, warmup=max(1, p["steps"] // 10), seed=seed + 1, quiet=self.quiet,
                     desc=f"expert {task}")
-            return {"val": T.evaluate(m, self.data.enc[(task, "val")].loader())}
+            return {"val": T.evaluate(m, self.data.enc[(task, "val")].eval_loader())}
         return self.cache.get_or_train(cfg, build, fit)
 
 
@@ -304,13 +340,13 @@ def run(profile_name: str = "smoke", out: str | Path = "runs/local-text", quiet:
         "suite": "local-text", "profile": profile_name, "config": p, "seeds": {"experts": "task index"},
         "versions": versions(), "splits": data.split_hashes(), "tasks": TASKS, "experts": {},
         "expert_val": {}, "runs": [], "variance_collapse": [], "barrier": [], "timings": timer.t,
-        "notes": notes}
+        "timings_cpu": timer.cpu, "notes": notes}
     experts: dict[str, nn.Module] = {}
     with timer("train"):
         for i, t in enumerate(TASKS):
             experts[t], info = tr.expert(t, i)
             results["expert_val"][t] = info.get("val", {}).get("acc")
-    results["experts"]["local"] = {t: T.evaluate(experts[t], data.enc[(t, "test")].loader())["acc"] for t in TASKS}
+    results["experts"]["local"] = {t: T.evaluate(experts[t], data.enc[(t, "test")].eval_loader())["acc"] for t in TASKS}
     base = dict(tr.pretrained().state_dict())
     states = {t: dict(m.state_dict()) for t, m in experts.items()}
     for method in p["methods"]:
@@ -357,11 +393,14 @@ def _run_method(results, method, states, base, experts, data, p, timer, notes):
         return {t: _with_state(experts[t], bodies[t], experts[t]) for t in TASKS}
 
     def val_score(coef):
-        ms = models_for(coef)
-        return float(np.mean([T.evaluate(ms[t], data.enc[(t, "val")].loader())["acc"] for t in TASKS]))
+        with timer("merge"):
+            ms = models_for(coef)
+        with timer("eval_val"):
+            return float(np.mean([T.evaluate(ms[t], data.enc[(t, "val")].eval_loader())["acc"] for t in TASKS]))
 
     coef, scores = choose(_grid(method, p), val_score)
-    merged = models_for(coef)
+    with timer("merge"):
+        merged = models_for(coef)
     corrected: dict[str, dict[str, nn.Module]] = {"none": merged}
     calib = {t: data.enc[(t, "train")].loader(p["stat_batch"], p["stat_batches"]) for t in TASKS}
     sites = tact_sites(experts[TASKS[0]], p["tact_sites"])
@@ -377,11 +416,13 @@ def _run_method(results, method, states, base, experts, data, p, timer, notes):
         except Unavailable as e:
             notes.append(f"local/{method}/tact: skipped: {e}")
     for corr, ms in corrected.items():
-        acc = {t: T.evaluate(ms[t], data.enc[(t, "test")].loader())["acc"] for t in TASKS}
+        with timer("eval_test"):
+            acc = {t: T.evaluate(ms[t], data.enc[(t, "test")].eval_loader())["acc"] for t in TASKS}
         results["runs"].append({"setting": "local", "method": method, "alignment": "none", "correction": corr,
                                 "coef": {"coef": coef, "val_scores": scores}, "acc": acc})
     if method == ("ties_tall" if "ties_tall" in p["methods"] else p["methods"][0]) and sites is not None:
-        _variance_collapse(results, method, corrected, experts, data, p, sites, notes)
+        with timer("variance_collapse"):
+            _variance_collapse(results, method, corrected, experts, data, p, sites, notes)
 
 
 def _variance_collapse(results, method, corrected, experts, data, p, sites, notes):
