@@ -290,7 +290,8 @@ def _run(profile_name, p, out, quiet, cache_root) -> dict:
     results: dict[str, Any] = {
         "suite": "nonlocal-vision", "profile": profile_name, "config": p, "seeds": {},
         "versions": versions(), "splits": data.split_hashes(), "tasks": TASKS, "experts": {},
-        "runs": [], "variance_collapse": [], "barrier": [], "alignment": [], "timings": timer.t, "notes": notes}
+        "runs": [], "variance_collapse": [], "barrier": [], "alignment": [], "timings": timer.t,
+        "timings_cpu": timer.cpu, "notes": notes}
 
     with timer("train"):
         fa = tr.foundation(0)
