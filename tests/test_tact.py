@@ -142,3 +142,28 @@ def test_tact_errors_are_one_line():
         torch.testing.assert_close(folded(x), tcm(x, task="a"), rtol=1e-5, atol=1e-5)
     with pytest.raises(MergelabError, match="no module named"):
         tact(merged, experts, data, sites=["nope"], progress=False)
+
+
+def test_joint_step_matches_float64_reference_in_every_layout():
+    """The joint pass's per-site step (statistics + correction in one go) against a float64
+    computation written here: conv maps, token rows, channel-last 4-D, bfloat16 input."""
+    from mergelab.repair.correct import _normalise_batch
+    from mergelab.stats.moments import Moments
+
+    g = torch.Generator().manual_seed(0)
+    for shape, dim, dtype in [((8, 6, 5, 7), 1, torch.float32), ((40, 6), 1, torch.float32),
+                              ((4, 9, 6), 2, torch.float32), ((3, 5, 4, 6), 3, torch.float32),
+                              ((8, 6, 5, 7), 1, torch.bfloat16), ((40, 6), 1, torch.bfloat16)]:
+        x = (torch.randn(shape, generator=g) * 3 + 20).to(dtype)   # |mean|/std ~ 7: cancellation-prone
+        mu_t, std_t = torch.randn(6, generator=g).double(), torch.rand(6, generator=g).double() + 0.5
+        mom = Moments()
+        y = _normalise_batch(mom, x, dim, mu_t, std_t, 1e-5)
+        xd = x.double().movedim(dim, -1).reshape(-1, 6)
+        m, v = xd.mean(0), xd.var(0, unbiased=False)
+        want = ((xd - m) / (v + 1e-5).sqrt() * std_t + mu_t)
+        assert y.dtype == dtype and y.shape == x.shape
+        got = y.double().movedim(dim, -1).reshape(-1, 6)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2 * float(want.abs().max())
+        assert float((got - want).abs().max()) <= tol
+        torch.testing.assert_close(mom.mean, m, rtol=1e-6, atol=0)
+        torch.testing.assert_close(mom.var, v, rtol=1e-5, atol=0)

@@ -17,10 +17,16 @@ import torch
 from torch import Tensor
 
 
+def masks_tokens(x: Tensor, dim: int, mask: Tensor | None) -> bool:
+    """Whether ``mask`` (N, T) selects the tokens of ``x``: an ``(N, T, C)`` tensor, channels last."""
+    return (mask is not None and x.ndim == 3 and dim % 3 == 2
+            and tuple(mask.shape) == tuple(x.shape[:2]))
+
+
 def channel_rows(x: Tensor, dim: int, mask: Tensor | None = None) -> Tensor:
     """``(rows, C)`` view of ``x`` with channels on ``dim``; ``mask`` (N, T) selects tokens."""
     dim = dim % x.ndim
-    if (mask is not None and x.ndim == 3 and dim == 2 and tuple(mask.shape) == tuple(x.shape[:2])):
+    if masks_tokens(x, dim, mask):
         return x[mask.to(torch.bool)]
     return x.movedim(dim, -1).reshape(-1, x.shape[dim])
 
@@ -34,7 +40,10 @@ def centred_sums(x: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     by a fused norm.  Returns float64 ``(Σx, Σ(x − k)², k)`` and ``y`` as ``(P, C, L)``, which
     a caller may reuse (the joint TACT pass writes its output from it).  About 3x cheaper
     than converting ``x`` to float64 on conv maps, and as exact: the rounding of ``k`` is
-    removed in float64 by the caller's ``var = Σ(x − k)²/n − (Σx/n − k)²``."""
+    removed in float64 by the caller's ``var = Σ(x − k)²/n − (Σx/n − k)²``.  Half-precision
+    input is computed in float32 (``y`` is then float32)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
     shape, c = x.shape, x.shape[dim]
     v = x.reshape(math.prod(shape[:dim]), c, math.prod(shape[dim + 1:]))
     n = v.shape[0] * v.shape[2]
@@ -56,7 +65,7 @@ def channel_sums(x: Tensor, dim: int, mask: Tensor | None = None) -> tuple[Tenso
     selects the tokens of an ``(N, T, C)`` tensor), from :func:`centred_sums`."""
     x = x.detach()
     dim = dim % x.ndim
-    if mask is not None and x.ndim == 3 and dim == 2 and tuple(mask.shape) == tuple(x.shape[:2]):
+    if masks_tokens(x, dim, mask):
         x = x[mask.to(torch.bool)]
         dim = 1
     n = x.numel() // max(1, x.shape[dim])
