@@ -167,3 +167,23 @@ def test_joint_step_matches_float64_reference_in_every_layout():
         assert float((got - want).abs().max()) <= tol
         torch.testing.assert_close(mom.mean, m, rtol=1e-6, atol=0)
         torch.testing.assert_close(mom.var, v, rtol=1e-5, atol=0)
+
+
+def test_joint_step_with_a_token_mask_uses_only_the_masked_tokens():
+    from mergelab.repair.correct import _normalise_batch
+    from mergelab.stats.moments import Moments
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 7, 6, generator=g) * 2 + 5
+    mask = (torch.arange(7)[None] < torch.tensor([7, 3, 5, 1])[:, None]).long()
+    mu_t, std_t = torch.randn(6, generator=g).double(), torch.rand(6, generator=g).double() + 0.5
+    for eps in (1e-5, 0.0):
+        mom = Moments()
+        y = _normalise_batch(mom, x, 2, mu_t, std_t, eps, mask)
+        rows = x.double()[mask.bool()]
+        m, v = rows.mean(0), rows.var(0, unbiased=False)
+        want = (x.double() - m) / (v + eps).sqrt() * std_t + mu_t      # every token, masked stats
+        assert float((y.double() - want).abs().max()) <= 1e-5
+        torch.testing.assert_close(mom.mean, m, rtol=1e-6, atol=0)
+        torch.testing.assert_close(mom.var, v, rtol=1e-5, atol=0)
+        assert mom.count.item() == int(mask.sum())
