@@ -13,15 +13,12 @@ from align_models import MLP
 from mergelab.align.apply import permute
 from mergelab.align.matching import activation_matching, weight_matching
 from mergelab.align.spec import permutation_spec
+from suite_helpers import ensure_data
 
 def _load():
     """Fashion-MNIST through the project's own checksummed loader, installed if missing."""
     from mergelab.experiments import data
-    if not data.source_ok("fashion-mnist"):
-        try:
-            data.install(["fashion-mnist"], log=lambda s: None)
-        except Exception as e:  # pragma: no cover
-            pytest.skip(f"Fashion-MNIST cannot be installed here: {e}")
+    ensure_data(["fashion-mnist"])
     xa, ya, xta, yta = data.load_fashion_mnist()
     x = torch.tensor(xa).float().div(255).view(-1, 784)
     xt = torch.tensor(xta).float().div(255).view(-1, 784)

@@ -9,16 +9,13 @@ import pytest
 
 from mergelab.errors import MergelabError
 from mergelab.experiments import data
+from suite_helpers import ensure_data
 
 
 @pytest.fixture(scope="module")
 def installed():
     """Install into the real cache once (idempotent); skip only if the registries are unreachable."""
-    if not all(data.source_ok(n) for n in data.SOURCES):
-        try:
-            data.install(log=lambda s: None)
-        except MergelabError as e:  # pragma: no cover - depends on the machine
-            pytest.skip(f"data cannot be installed here: {e}")
+    ensure_data()
     return True
 
 

