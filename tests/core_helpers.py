@@ -7,7 +7,6 @@ collide with the built-in ones.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Annotated
 

@@ -1,7 +1,6 @@
 import json
 import os
 import pickle
-import zipfile
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from safetensors.torch import load_file, save_file
 from core_helpers import nothing_written, save_hf, toy_tensors
 from mergelab.errors import MergelabError
 from mergelab.io import AtomicFolder, load_state, open_checkpoint, parse_size, save_state
-from mergelab.io.reader import SafetensorsFile
 
 
 def _all_dtypes():

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import core_helpers as H
-from core_helpers import nothing_written, save_hf, toy_family, toy_tensors, variant
+from core_helpers import nothing_written, save_hf, toy_family
 from mergelab.errors import MergelabError
 from mergelab.io import open_checkpoint
 from mergelab.merge import merge, tensor_seed

@@ -1,5 +1,4 @@
 """TIES, DARE, TALL masks and consensus against elementwise brute-force references."""
-import warnings
 
 import pytest
 import torch

@@ -97,7 +97,6 @@ def test_fold_rules_equal_the_explicit_affine(make, site, x_shape):
     net.eval()
     x = torch.randn(x_shape)
     from mergelab.repair.correct import apply_hooks
-    from mergelab.stats.sites import channel_dim
     m = net.m
     c = m.weight.shape[1] if site.where == "input" else m.weight.shape[0]
     a, b = torch.rand(c) + 0.5, torch.randn(c)

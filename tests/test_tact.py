@@ -6,7 +6,7 @@ from torch import nn
 
 from _stats_models import cnn, image_batches, tiny_bert, token_batches
 from mergelab.errors import MergelabError
-from mergelab.repair import TaskConditionedModel, load_corrections, tact
+from mergelab.repair import load_corrections, tact
 from mergelab.stats import activation_stats
 
 

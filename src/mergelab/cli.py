@@ -147,7 +147,8 @@ def _stats_options(f):
 def _stats_inputs(model, data_path, model_code, batch_size, limit, image_size, text_column,
                   label_column, max_length, quiet):
     from .stats import distributed
-    from .stats.data import load_data, load_model, model_label2id
+    from .io.models import load_model
+    from .stats.data import load_data, model_label2id
 
     distributed.init()
     net, tok = load_model(model, model_code, progress=not quiet)

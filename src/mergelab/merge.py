@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .errors import MergelabError
 from .io.reader import open_checkpoint
-from .io.writer import (DEFAULT_SHARD_SIZE, AtomicFolder, ShardedWriter, TensorSpec, copy_model_files, dtype_name,
+from .io.writer import (DEFAULT_SHARD_SIZE, AtomicFolder, ShardedWriter, TensorSpec, copy_model_files,
                         parse_dtype, parse_size, sha256_file, write_model_card)
 from .methods.registry import MethodSpec, TensorContext, get_method
 from .recipe import Recipe, is_static, layer_index, layer_t, tensor_params

@@ -18,7 +18,6 @@ Pearson correlation of the unit's activations, accumulated in float64 over the d
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -41,7 +40,6 @@ def _pieces(t: torch.Tensor, rules, sizes) -> list:
 
     Product axes are reshaped into their parts, concatenations and segments are cut.
     """
-    axes = [None] * t.dim()
     by_axis: dict[int, list] = {}
     for r in rules:
         by_axis.setdefault(r.axis, []).append(r)

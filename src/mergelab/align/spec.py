@@ -320,7 +320,6 @@ class _Recorder(TorchDispatchMode):
             self.depth -= 1
 
     def _add_inner(self, name, func, args, kwargs, out, module=None):
-        i = len(self.names)
         self.names.append(name)
         outs = _leaves(out)
         ins = _leaves(args) + _leaves(kwargs)

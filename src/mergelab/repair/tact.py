@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn

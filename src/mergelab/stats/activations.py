@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..errors import MergelabError
 from . import distributed
 from .batch import call_model, model_device, split_batch, to_device
-from .moments import Moments, channel_rows
+from .moments import Moments
 from .sites import Site, hooked, resolve_sites
 
 

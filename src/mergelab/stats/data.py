@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MergelabError
-from ..io.models import load_model  # noqa: F401  (re-exported for the stats CLI)
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
