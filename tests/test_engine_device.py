@@ -148,3 +148,26 @@ def test_cuda_merge_from_files_equals_cpu(tmp_path):
             outs.append({k: ck.get(k) for k in ck.keys()})
         for k in outs[0]:
             assert torch.equal(outs[0][k], outs[1][k]), (method, k)
+
+
+def test_cli_device_option_and_recipe_key(tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from core_helpers import nothing_written, save_hf
+    from mergelab.cli import main
+    from mergelab.io import open_checkpoint
+
+    _, states, _ = _states()
+    p = save_hf(tmp_path / "m", states[0])
+    rp = tmp_path / "r.yaml"
+    rp.write_text(yaml.safe_dump({"models": [{"model": str(p)}], "merge_method": "linear", "device": "cpu"}))
+    res = CliRunner().invoke(main, ["merge", str(rp), "-o", str(tmp_path / "o"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert torch.equal(open_checkpoint(tmp_path / "o").get("layers.0.w"), states[0]["layers.0.w"])
+    bad = ["tpu"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for dev in bad:
+        res = CliRunner().invoke(main, ["merge", str(rp), "-o", str(tmp_path / "x"), "-q", "--device", dev])
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: --device"), res.stderr
+        assert nothing_written(tmp_path / "x")
