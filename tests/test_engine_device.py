@@ -11,7 +11,7 @@ from mergelab.errors import MergelabError
 
 METHODS_DIR = pathlib.Path(ml.__file__).parent / "methods"
 FACTORIES = {"zeros", "ones", "empty", "full", "tensor", "as_tensor", "arange", "rand", "randn", "randint",
-             "randperm", "linspace", "logspace", "eye", "zeros_like_cpu"}
+             "randperm", "linspace", "logspace", "eye"}
 
 
 def _states(n=3, seed=0):
@@ -112,7 +112,6 @@ def test_dare_masks_are_device_independent_by_construction():
     assert dare_keep(5, 3_000_000, 0.3, 123, device="meta").device.type == "meta"
 
 
-cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.mark.parametrize("method,params,with_base,exact", CASES, ids=IDS)
