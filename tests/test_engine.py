@@ -167,6 +167,10 @@ def test_recipe_seed_reaches_methods_through_one_seed_function(tmp_path, family)
 
     assert context_seed(3, "w") == derive_seed(3, "w") != derive_seed(4, "w")
     assert tensor_seed(3, "x.weight", 1) == 3254603654826957967  # the pinned DARE model seed
+    from mergelab.methods import TensorContext
+
+    ctx = TensorContext(name="x.weight", seed=context_seed(3, "x.weight"))
+    assert ctx.model_seed(1) == tensor_seed(ctx.seed, "x.weight", 1)
     seen = []
     from mergelab.methods.registry import REGISTRY, merge_method
 
