@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .errors import MergelabError
 from .io.reader import open_checkpoint
-from .io.writer import (DEFAULT_SHARD_SIZE, AtomicFolder, ShardedWriter, TensorSpec, copy_model_files,
-                        parse_dtype, parse_size, sha256_file, write_model_card)
+from .io.writer import (DEFAULT_SHARD_SIZE, AtomicFolder, ShardedWriter, TensorSpec, check_shard_size,
+                        copy_model_files, parse_dtype, parse_size, sha256_file, write_model_card)
 from .methods.registry import MethodSpec, TensorContext, get_method
 from .recipe import Recipe, is_static, layer_index, layer_t, tensor_params
 
@@ -94,7 +94,35 @@ def _fmt_shape(s) -> str:
     return str(tuple(int(x) for x in s))
 
 
-def _check_compatible(ref: _Input, others: list[_Input]) -> None:
+# config.json fields that must agree between merged checkpoints (unless allow_crimes)
+ARCH_FIELDS = ("architectures", "model_type")
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "n_embd", "n_layer", "n_head")
+
+
+def _check_configs(ref: _Input, others: list[_Input], allow_crimes: bool) -> None:
+    """Refuse checkpoints whose config.json disagree on the architecture (``architectures``,
+    ``model_type``) or on a shape field, naming both models and the field, unless
+    ``allow_crimes`` (mergekit's name).  Missing configs or fields are not compared."""
+    rc = getattr(ref.ckpt, "config", None)
+    if not isinstance(rc, dict):
+        return
+    for o in others:
+        oc = getattr(o.ckpt, "config", None)
+        if o.ckpt is ref.ckpt or not isinstance(oc, dict):
+            continue
+        for f in ARCH_FIELDS + SHAPE_FIELDS:
+            if f in rc and f in oc and rc[f] != oc[f]:
+                if allow_crimes and f in ARCH_FIELDS:
+                    continue
+                hint = (" (pass --allow-crimes / allow_crimes=True to merge different architectures)"
+                        if f in ARCH_FIELDS else " (checkpoints of different shapes cannot be merged)")
+                raise MergelabError(f"config.json field '{f}' differs: {rc[f]!r} in {ref.label} but {oc[f]!r}"
+                                    f" in {o.label}{hint}")
+
+
+def _check_compatible(ref: _Input, others: list[_Input], allow_crimes: bool = False) -> None:
+    _check_configs(ref, others, allow_crimes)
     rkeys = ref.ckpt.keys()
     rset = set(rkeys)
     for o in others:
@@ -140,8 +168,11 @@ class _Plan:
     models: dict[str, _Input] = field(default_factory=dict)  # recipe models[].model -> input as read
 
 
-def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None) -> _Plan:
-    """Validate a recipe against its checkpoints and resolve every tensor's parameters."""
+def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None,
+         allow_crimes: bool = False) -> _Plan:
+    """Validate a recipe against its checkpoints and resolve every tensor's parameters.
+
+    ``allow_crimes``: merge checkpoints whose config.json name different architectures."""
     r = Recipe.load(recipe)
     method = get_method(r.merge_method)
     if r.align is not None:   # align first: the models it moves are read through permuted views
@@ -188,7 +219,7 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None) -
     ref = base if base is not None else experts[0] if experts else None
     if ref is None:
         raise MergelabError("recipe: no model to merge besides the base_model")
-    _check_compatible(ref, experts + ([base] if base is not None else []))
+    _check_compatible(ref, experts + ([base] if base is not None else []), allow_crimes)
     names = ref.ckpt.keys()
     merged = {n for n in names if ref.ckpt.dtype(n).is_floating_point}
 
@@ -409,7 +440,8 @@ class _Stream:
 def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: str | None = None,
           shard_size: int | str | None = None, device: str = "cpu", threads: int | None = None,
           quiet: bool = False, allow_nonfinite: bool | None = None, inputs: dict | None = None,
-          checksums: bool = True, block_size: int | str | None = None) -> MergeResult:
+          checksums: bool = True, block_size: int | str | None = None, allow_crimes: bool = False,
+          seed: int | None = None, copy_tokenizer: bool = True, model_card: bool = True) -> MergeResult:
     """Run a merge recipe (a YAML path, YAML text, dict or :class:`Recipe`) into the folder ``out``.
 
     ``dtype`` overrides the recipe's stored dtype; ``shard_size`` like ``"5GB"``;
@@ -418,10 +450,18 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     ``block_size``: float32 bytes of one input's row block for elementwise methods (default
     ``1MiB``); the output does not depend on it.
     Multi-output methods write one sub-folder of ``out`` per variant.
+    ``allow_crimes`` merges checkpoints of different architectures (config.json
+    ``architectures``/``model_type``); ``seed`` overrides the recipe's ``seed``.
+    ``copy_tokenizer=False`` copies the config files but no tokenizer files;
+    ``model_card=False`` writes no README.md.
     """
     t0 = time.perf_counter()
-    p = plan(recipe, dtype=dtype, inputs=inputs)
+    p = plan(recipe, dtype=dtype, inputs=inputs, allow_crimes=allow_crimes)
     r = p.recipe
+    if seed is not None and int(seed) != r.seed:  # --random-seed: recorded in the model card too
+        bd = getattr(r, "_base_dir", None)
+        r = p.recipe = r.model_copy(update={"seed": int(seed)})
+        r._base_dir = bd
     allow = r.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
     size = parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE)
     dev = torch.device(device)
@@ -439,6 +479,7 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     if runner.blockable:
         _tune_malloc()
     specs = [TensorSpec(n, tuple(p.ref.ckpt.shape(n)), p.out_dtype[n]) for n in p.names]
+    check_shard_size(specs, size)
     n_in = len({id(e.ckpt) for e in p.experts + ([p.base] if p.base else [])})
     # jobs: (name, rows per block or None for a whole tensor, row range or None for all rows)
     jobs: list[tuple[str, int | None, tuple[int, int] | None, int]] = []
@@ -554,9 +595,10 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
             variants = sorted(writers)
             for v in variants:
                 folder = tmp / v if v else tmp
-                copy_model_files(src_folder, folder, cfg_dtype)
-                write_model_card(folder, recipe_yaml=r.to_yaml(), version=__version__, inputs=sums,
-                                 extra=(f"Variant `{v}` of method `{p.method.name}`." if v else ""))
+                copy_model_files(src_folder, folder, cfg_dtype, tokenizer=copy_tokenizer)
+                if model_card:
+                    write_model_card(folder, recipe_yaml=r.to_yaml(), version=__version__, inputs=sums,
+                                     extra=(f"Variant `{v}` of method `{p.method.name}`." if v else ""))
             if r.repair is not None or r.tact is not None:  # after the merge, inside the atomic folder
                 from .repair.pipeline import run_stages
                 run_stages(r, tmp, p.experts, p.models, shard_size=size, quiet=quiet)
