@@ -23,7 +23,8 @@
 
 A parameter value, wherever it is (``parameters`` or ``models[i].parameters``), is a scalar,
 a list of numbers (a gradient interpolated over layer depth, mergekit's semantics: layer
-``i`` of ``L`` sits at ``t = i/(L-1)``; tensors outside the layers sit at ``t = 0``), or a
+``i`` of ``L`` sits at ``t = i/(L-1)``; outside the layers, embeddings sit at ``t = 0`` and the
+tensors after the layers (final norm, LM head) at ``t = 1``), or a
 list of ``{filter, value}`` rules (the first rule whose ``filter`` is a substring of the
 tensor name, or that has no filter / ``*``, applies).  Per-model values go in
 ``models[i].parameters`` (as in mergekit) or, for weights, in mergelab's ``weights`` list.
@@ -43,7 +44,7 @@ from .repair.pipeline import RepairSection, TactSection, TactTask
 
 # mergekit keys we know and do not support: named in the error message
 MERGEKIT_UNSUPPORTED = {
-    "slices": "layer slicing/stacking", "modules": "multi-module models", "tokenizer": "tokenizer merging",
+    "modules": "multi-module models", "tokenizer": "tokenizer merging",
     "tokenizer_source": "tokenizer merging", "chat_template": "chat templates", "lora": "LoRA inputs",
     "merge_method_sequence": "method sequences",
 }
@@ -63,6 +64,31 @@ ParamValue = Union[Scalar, list[Union[int, float]], list[Rule], Rule]
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     model: Any = Field(description="checkpoint path (or, from Python, a Checkpoint-like object)")
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        return {} if v is None else v
+
+
+class SliceSource(BaseModel):
+    """One source of a slice: ``layer_range: [a, b]`` = the model's layers a..b-1."""
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    model: Any
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        return {} if v is None else v
+
+
+class SliceDef(BaseModel):
+    """One output slice (mergekit's ``slices:`` entry); see slicing.py."""
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
     @field_validator("parameters", mode="before")
@@ -96,7 +122,8 @@ class Recipe(BaseModel):
     """A merge recipe (pydantic, unknown keys are errors)."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
-    models: list[ModelEntry]
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[SliceDef] | None = None  # mergekit's layer slicing (slicing.py); instead of models
     merge_method: str
     base_model: Any = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
@@ -197,7 +224,7 @@ def _one_line(e: ValidationError) -> str:
                 + ", ".join(cls.model_fields) + ")")
     if err["type"] == "extra_forbidden":
         return f"unknown key '{err['loc'][-1]}'" + (f" in '{'.'.join(map(str, err['loc'][:-1]))}'" if len(err["loc"]) > 1 else "") + \
-            " (supported: models, merge_method, base_model, parameters, dtype, out_dtype, seed, weights, allow_nonfinite, name, align, repair, tact)"
+            " (supported: models, slices, merge_method, base_model, parameters, dtype, out_dtype, seed, weights, allow_nonfinite, name, align, repair, tact)"
     if err["type"] == "missing":
         return f"missing key '{loc}'"
     return f"'{loc}': {err['msg']}"
@@ -212,11 +239,17 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+# tensors before the layers (embeddings); every other tensor outside the layers comes after them
+PRE_LAYERS = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|tok_embeddings)")
+
+
 def layer_t(name: str, num_layers: int | None) -> float:
-    """mergekit's depth coordinate: ``i/(L-1)`` for layer tensors (1 if L == 1), 0 elsewhere."""
+    """mergekit's depth coordinate: ``i/(L-1)`` for layer tensors (1 if L == 1); outside the
+    layers, 0 before them (embeddings) and 1 after them (final norm, LM head), as mergekit
+    plans its pre- and post-layer weights."""
     i = layer_index(name)
     if i is None or not num_layers:
-        return 0.0
+        return 0.0 if i is not None or PRE_LAYERS.search(name) else 1.0
     return i / (num_layers - 1) if num_layers > 1 else 1.0
 
 
