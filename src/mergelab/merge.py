@@ -175,6 +175,14 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None,
     ``allow_crimes``: merge checkpoints whose config.json name different architectures."""
     r = Recipe.load(recipe)
     method = get_method(r.merge_method)
+    if r.slices is not None:  # mergekit's slices: a plain recipe over per-slot layer views
+        from .slicing import expand
+        cache0: dict[str, _Input] = {}
+
+        def opener(ref, where, _r=r, _inputs=inputs):
+            return _open(ref, _r, where, _inputs, cache0).ckpt
+
+        r, inputs = expand(r, inputs, opener)
     if r.align is not None:   # align first: the models it moves are read through permuted views
         from .align.pipeline import recipe_inputs
         inputs = {**(inputs or {}), **recipe_inputs(r, inputs)}
@@ -596,8 +604,12 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
             for v in variants:
                 folder = tmp / v if v else tmp
                 copy_model_files(src_folder, folder, cfg_dtype, tokenizer=copy_tokenizer)
+                if getattr(r, "_layer_count", None) is not None:  # slices: the output's layer count
+                    from .slicing import patch_config
+                    patch_config(folder, r._layer_count)
                 if model_card:
-                    write_model_card(folder, recipe_yaml=r.to_yaml(), version=__version__, inputs=sums,
+                    write_model_card(folder, recipe_yaml=getattr(r, "_card_yaml", None) or r.to_yaml(),
+                                     version=__version__, inputs=sums,
                                      extra=(f"Variant `{v}` of method `{p.method.name}`." if v else ""))
             if r.repair is not None or r.tact is not None:  # after the merge, inside the atomic folder
                 from .repair.pipeline import run_stages
