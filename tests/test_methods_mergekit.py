@@ -490,3 +490,54 @@ def test_methods_run_on_cuda_like_on_cpu(method):
     gpu = run(method, [x.cuda() for x in xs], None if b is None else b.cuda(), g=gp, m=mp)
     assert gpu.device.type == "cuda"
     close(gpu.cpu(), np64(cpu), tol=1e-5)
+
+
+# ------------------------------------------------------------------ streaming of the geometric methods
+
+def run_blocked(name, tensors, base, rows, g=None, m=None):
+    """The engine's protocol for elementwise methods with a tensor_prepass, on row blocks."""
+    spec = get_method(name)
+    kw = spec.resolve(g or {}, m if m is not None else [{} for _ in tensors])
+    n0 = tensors[0].shape[0]
+    numel = tensors[0].numel()
+    per_row = numel // n0
+
+    def blocks():
+        for a in range(0, n0, rows):
+            yield (TensorContext(name="w", offset=a * per_row, numel=numel),
+                   None if base is None else base[a:a + rows], [t[a:a + rows] for t in tensors])
+
+    state = spec.tensor_prepass(kw, blocks) if spec.tensor_prepass else None
+    outs = []
+    for ctx, b, ts in blocks():
+        ctx.tensor_state = state
+        outs.append(spec(ts, b, ctx=ctx, **kw))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("method,g,with_base,exact", [
+    ("karcher", {}, False, True),
+    ("multislerp", {}, True, True),
+    ("multislerp", {"normalize_weights": False}, False, True),
+    ("model_stock", {}, True, True),
+    ("model_stock", {"filter_wise": True}, True, True),
+    ("nuslerp", {}, True, True),
+    ("nuslerp", {"nuslerp_flatten": False}, False, True),
+    ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}, True, False),
+])
+@pytest.mark.parametrize("shape", [(37, 11), (300,), (9, 4, 3)])
+def test_geometric_methods_stream_in_row_blocks(method, g, with_base, exact, shape):
+    gen = torch.Generator().manual_seed(len(shape))
+    base = torch.randn(shape, generator=gen)
+    n = 2 if method == "nuslerp" else 3
+    xs = [base + 0.3 * torch.randn(shape, generator=gen) + 0.2 for _ in range(n)]
+    b = base if with_base else None
+    spec = get_method(method)
+    assert spec.elementwise and spec.tensor_prepass is not None
+    whole = run(method, xs, b, g=g)
+    for rows in (1, 4, 16):
+        got = run_blocked(method, xs, b, rows, g=g)
+        if exact:
+            assert torch.equal(got, whole), (method, g, shape, rows)
+        else:
+            close(got, np64(whole), tol=1e-6)
