@@ -458,19 +458,18 @@ def test_passthrough_scale():
         run("passthrough", [x, x])
 
 
-@pytest.mark.parametrize("method", ["nearswap", "ram", "passthrough"])
+@pytest.mark.parametrize("method", ["nearswap", "ram", "passthrough", "ramplus_tl"])
 def test_elementwise_methods_give_the_same_result_on_row_blocks(method):
     g = torch.Generator().manual_seed(9)
     base = torch.randn(10, 6, generator=g)
-    xs = [base + 0.1 * torch.randn(10, 6, generator=g) for _ in range(1 if method != "ram" else 3)]
+    xs = [torch.where(torch.rand(10, 6, generator=g) < 0.5, base, base + 0.1 * torch.randn(10, 6, generator=g))
+          for _ in range(1 if method in ("nearswap", "passthrough") else 3)]
     gp = {"t": 0.05} if method == "nearswap" else {}
     b = None if method == "passthrough" else base
     whole = run(method, xs, b, g=gp)
     spec = get_method(method)
     assert spec.elementwise
-    parts = [run(method, [x[a:a + 3] for x in xs], None if b is None else b[a:a + 3], g=gp,
-                 ctx=TensorContext(name="w", offset=a * 6, numel=60)) for a in range(0, 10, 3)]
-    assert torch.equal(torch.cat(parts), whole)
+    assert torch.equal(run_blocked(method, xs, b, 3, g=gp), whole)
 
 
 @pytest.mark.cuda

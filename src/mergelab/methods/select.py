@@ -1,8 +1,9 @@
 """Entry-selecting merges: ``sce``, ``nearswap``, ``arcee_fusion``, ``ram``, ``ramplus_tl``
 and ``passthrough``.
 
-``nearswap``, ``ram`` and ``passthrough`` are elementwise (merged in row blocks of big
-tensors); the others need whole-tensor quantities (variances' top-k, quantiles, counts).
+``nearswap``, ``ram``, ``ramplus_tl`` (its per-tensor counts from a tensor prepass) and
+``passthrough`` are merged in row blocks of big tensors; ``sce`` and ``arcee_fusion`` need
+whole-tensor top-k and quantiles.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from .registry import Range, merge_method
+from .registry import Range, TensorContext, merge_method
 
 Positive = Annotated[float, Range(0, None, lo_open=True)]
 NonNeg = Annotated[float, Range(0, None)]
@@ -153,22 +154,48 @@ def ram(tensors: list[Tensor], base: Tensor, *, epsilon: NonNeg = 1e-5) -> Tenso
     return base + acc / count.clamp(min=1)
 
 
-@merge_method("ramplus_tl", needs_base=True)
-def ramplus_tl(tensors: list[Tensor], base: Tensor, *, r: NonNeg = 0.1, alpha: NonNeg = 0.2,
-               epsilon: NonNeg = 1e-5) -> Tensor:
+def _ramplus_counts(tensors: list[Tensor], base: Tensor, epsilon: float) -> list[tuple[int, int]]:
+    """Per model: (changed entries also changed by another model, changed entries only it changes)."""
+    _taus, nz, count = _ram_parts(tensors, base, epsilon)
+    unique, shared = count == 1, count > 1
+    return [(int((m & shared).sum()), int((m & unique).sum())) for m in nz]
+
+
+def ramplus_scales(counts: list[tuple[int, int]], r: float, alpha: float, epsilon: float) -> list[float]:
+    """``1 + r·clamp(ρ_i, 0, α)`` with ``ρ_i = shared_i / max(unique_i, epsilon)`` (0 when both are 0)."""
+    out = []
+    for n_shared, n_unique in counts:
+        den = max(n_unique, epsilon)
+        rho = n_shared / den if den > 0 else 0.0
+        out.append(1.0 + r * min(max(rho, 0.0), alpha))
+    return out
+
+
+def _ramplus_prepass(params: dict, blocks) -> list[float] | None:
+    """The per-model scales of ``ramplus_tl`` from counts summed over a tensor's blocks (exact)."""
+    total = None
+    for _ctx, base, ts in blocks():
+        c = _ramplus_counts(ts, base, params["epsilon"])
+        total = c if total is None else [(a + x, b + y) for (a, b), (x, y) in zip(total, c)]
+    if total is None:
+        return None
+    return ramplus_scales(total, params["r"], params["alpha"], params["epsilon"])
+
+
+@merge_method("ramplus_tl", needs_base=True, elementwise=True, tensor_prepass=_ramplus_prepass)
+def ramplus_tl(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext, r: NonNeg = 0.1,
+               alpha: NonNeg = 0.2, epsilon: NonNeg = 1e-5) -> Tensor:
     """RAM+ (tensor-local): as :func:`ram`, but the unique changes of model i are scaled by
     ``1 + r·clamp(ρ_i, 0, α)``, ``ρ_i`` = (its changed entries shared with another model) /
-    (its changed entries no other model changes) over the tensor."""
+    (its changed entries no other model changes) over the tensor (counted over all blocks by
+    the tensor prepass when the tensor is merged in row blocks)."""
+    lams = ctx.tensor_state
+    if lams is None:
+        lams = ramplus_scales(_ramplus_counts(tensors, base, epsilon), r, alpha, epsilon)
     taus, nz, count = _ram_parts(tensors, base, epsilon)
     unique, shared = count == 1, count > 1
     acc = torch.zeros_like(base)
-    for tau, m in zip(taus, nz):
-        n_shared = int((m & shared).sum())
-        n_unique = int((m & unique).sum())
-        den = max(n_unique, epsilon)
-        rho = n_shared / den if den > 0 else 0.0
-        lam = 1.0 + r * min(max(rho, 0.0), alpha)
+    for tau, m, lam in zip(taus, nz, lams):
         z = tau * m
         acc += z * unique * lam + z * shared / count.clamp(min=1)
     return base + acc
-
