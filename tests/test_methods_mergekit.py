@@ -75,9 +75,10 @@ def ref_breadcrumbs_sparsify(tau, density, gamma, rescale):
     bot = n - keep - top
     if bot < 0:
         top, bot = top + bot, 0
-    order = np.argsort(np.abs(tau).ravel(), kind="stable")
+    a = np.abs(tau).ravel()
+    order = np.lexsort((np.arange(n), -a))  # |τ| descending, then flat index ascending
     mask = np.zeros(n)
-    mask[order[bot:n - top]] = 1
+    mask[order[top:n - bot]] = 1
     out = tau * mask.reshape(tau.shape)
     if rescale:
         before, after = np.abs(tau).sum(), np.abs(out).sum()
@@ -102,6 +103,22 @@ def test_breadcrumbs_matches_reference(method, fam, data):
     taus = [ref_breadcrumbs_sparsify(np64(x) - np64(base), di, gi, rescale) for x, di, gi in zip(xs, d, gm)]
     ref = np64(base) + lam * ref_combine(taus, w, method == "breadcrumbs_ties", normalize)
     close(out, ref)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_breadcrumbs_streams_with_ties_at_both_cuts(method, rescale):
+    # few distinct magnitudes: many ties at both thresholds, consumed in flat order across blocks
+    g = torch.Generator().manual_seed(7)
+    base = torch.zeros(40, 9)
+    xs = [torch.randint(-3, 4, (40, 9), generator=g).float() / 4 for _ in range(2)]
+    m = [{"density": 0.4, "gamma": 0.1}, {"density": 0.7, "gamma": 0.05}]
+    gp = {"rescale": rescale}
+    whole = run(method, xs, base, g=gp, m=m)
+    taus = [ref_breadcrumbs_sparsify(np64(x), d["density"], d["gamma"], rescale) for x, d in zip(xs, m)]
+    close(whole, ref_combine(taus, [1.0, 1.0], method == "breadcrumbs_ties", False), tol=1e-6)
+    for rows in (2, 7):
+        assert torch.equal(run_blocked(method, xs, base, rows, g=gp, m=m), whole)
 
 
 def test_breadcrumbs_keeps_the_documented_band():

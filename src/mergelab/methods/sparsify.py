@@ -9,9 +9,11 @@ the weights of the agreeing entries), and ``θ_0 + λ·τ_m`` is returned.
 
 * Breadcrumbs (Davari & Belilovsky 2023): per tensor, drop the ``⌊γ·n⌋`` largest and the
   smallest magnitudes so that ``⌊density·n⌋`` entries survive (when ``γ`` leaves too few,
-  fewer of the largest are dropped).  Deterministic: among equal magnitudes the lower flat
-  index ranks lower (a stable sort).  With ``rescale`` the kept entries are scaled so the
-  L1 norm of the task vector is unchanged.
+  fewer of the largest are dropped).  Deterministic: entries are ranked by |τ| and, among
+  equal magnitudes, the lower flat index ranks higher.  With ``rescale`` the kept entries are
+  scaled so the L1 norm of the task vector is unchanged.  Streamed: a tensor prepass finds the
+  two cuts by radix select over the row blocks (exact, as TIES does) and the L1 sums
+  (per-row float64 sums added with ``fsum``), so the bytes do not depend on the block size.
 * DELLA (Deep et al. 2024, MagPrune): per row (the whole tensor for a vector), each entry is
   kept with probability ``p = density − ε + 2ε·r`` where ``r`` ∈ [0, 1] is its magnitude rank
   in the row (0 for the smallest); with ``rescale`` a kept entry is divided by its ``p``, so
@@ -19,11 +21,13 @@ the weights of the agreeing entries), and ``θ_0 + λ·τ_m`` is returned.
   seeded with (recipe seed, tensor name, model index) (:func:`sparse.tensor_seed`) and are
   then moved to the tensor's device: the same recipe gives the same bytes on CPU and GPU.
 
-Both are per-tensor (a sort per tensor or per row), so they are merged whole, not in blocks.
+DELLA ranks within rows (a vector is one row) and is merged whole, not in blocks.
 """
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 from typing import Annotated
 
 import torch
@@ -31,7 +35,7 @@ from torch import Tensor
 
 from ..errors import MergelabError
 from .registry import Range, TensorContext, merge_method
-from .sparse import Density, disjoint_merge, elect_sign, tensor_seed
+from .sparse import CHUNK, Density, Trim, disjoint_merge, elect_sign, kth_largest_many, tensor_seed, trim_keep
 
 Frac = Annotated[list[float], Range(0, 1)]
 
@@ -71,52 +75,136 @@ def breadcrumbs_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
     return bot, top
 
 
+@dataclass
+class CrumbState:
+    """One model's breadcrumbs band over a tensor: keep the ``hi`` largest (a Trim, None = all)
+    minus the ``lo`` largest (None = none); ``scale`` the L1 rescale factor (1 without)."""
+
+    hi: Trim | None
+    lo: Trim | None
+    scale: float = 1.0
+
+
+def _rows_abs_sum(x: Tensor) -> list[float]:
+    r = x.reshape(x.shape[0], -1) if x.dim() >= 1 else x.reshape(1, 1)
+    return r.double().abs().sum(dim=1).tolist()
+
+
+def breadcrumbs_prepass(params: dict, blocks) -> list[CrumbState | None]:
+    """Each model's band (exact: radix select over the blocks' |τ|, two ranks per model) and,
+    with ``rescale``, its L1 factor (per-row float64 sums added with ``fsum``), from a
+    restartable stream of the tensor's row blocks; the result does not depend on the cut."""
+    density, gamma = params["density"], params["gamma"]
+    m = len(density)
+    numel = []
+
+    def taus():
+        for ctx, base, ts in blocks():
+            if not numel:
+                numel.append(ctx.numel if ctx.numel is not None else base.numel())
+            yield [t - base for t in ts]
+
+    first = next(iter(taus()), None)
+    if first is None:
+        return [None] * m
+    n = numel[0]
+    ranks: list[int | None] = []
+    for i in range(m):
+        if density[i] >= 1.0 or n == 0:
+            ranks += [None, None]
+            continue
+        bot, top = breadcrumbs_counts(n, density[i], gamma[i])
+        ranks += [n - bot if bot > 0 else None, top if top > 0 else None]
+
+    def abs_chunks():
+        for ts in taus():
+            flat = [t.reshape(-1) for t in ts]
+            for a in range(0, flat[0].numel(), CHUNK):
+                cs = [f[a:a + CHUNK].abs().cpu() for f in flat]
+                yield [cs[j // 2] if ranks[j] is not None else None for j in range(2 * m)]
+
+    found = kth_largest_many(abs_chunks, ranks) if any(r is not None for r in ranks) else [None] * (2 * m)
+    states: list[CrumbState | None] = []
+    for i in range(m):
+        if density[i] >= 1.0:
+            states.append(None)
+            continue
+        hi, lo = found[2 * i], found[2 * i + 1]
+        states.append(CrumbState(None if hi is None else Trim(hi[0], ranks[2 * i] - hi[1]),
+                                 None if lo is None else Trim(lo[0], ranks[2 * i + 1] - lo[1])))
+    if params.get("rescale"):
+        probe = [None if st is None else CrumbState(copy.copy(st.hi), copy.copy(st.lo)) for st in states]
+        before: list[list[float]] = [[] for _ in range(m)]
+        after: list[list[float]] = [[] for _ in range(m)]
+        pos = 0
+        for ts in taus():
+            for i, (tau, st) in enumerate(zip(ts, probe)):
+                if st is None:
+                    continue
+                before[i] += _rows_abs_sum(tau)
+                after[i] += _rows_abs_sum(tau * crumbs_keep(tau, st, pos))
+            pos += ts[0].numel()
+        for i, st in enumerate(states):
+            if st is not None:
+                b, a = math.fsum(before[i]), math.fsum(after[i])
+                st.scale = b / a if b >= 1e-8 and a >= 1e-8 else 1.0
+    return states
+
+
+def crumbs_keep(tau: Tensor, st: CrumbState, start: int) -> Tensor:
+    """The keep-mask of a block of τ starting at flat index ``start`` (blocks in flat order)."""
+    flat = tau.reshape(-1)
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=tau.device)
+    for a in range(0, flat.numel(), CHUNK):
+        c = flat[a:a + CHUNK]
+        k = torch.ones(c.numel(), dtype=torch.bool, device=tau.device)
+        if st.hi is not None:
+            k &= trim_keep(c, st.hi, start + a)
+        if st.lo is not None:
+            k &= ~trim_keep(c, st.lo, start + a)
+        keep[a:a + c.numel()] = k
+    return keep.reshape(tau.shape)
+
+
 def breadcrumbs_mask(tau: Tensor, density: float, gamma: float) -> Tensor | None:
-    """Keep-mask (bool, same shape) of breadcrumbs' magnitude band; None keeps everything."""
-    if density >= 1.0:
-        return None
-    n = tau.numel()
-    bot, top = breadcrumbs_counts(n, density, gamma)
-    order = torch.sort(tau.reshape(-1).abs(), stable=True).indices  # ascending, ties by index
-    mask = torch.zeros(n, dtype=torch.bool, device=tau.device)
-    mask[order[bot:n - top]] = True
-    return mask.reshape(tau.shape)
+    """Keep-mask (bool, same shape) of breadcrumbs' magnitude band of a whole tensor; None keeps
+    everything.  Order: |τ| descending, then flat index ascending."""
+    (st,) = breadcrumbs_prepass({"density": [density], "gamma": [gamma]},
+                                lambda: iter([(TensorContext(), torch.zeros_like(tau), [tau])]))
+    return None if st is None else crumbs_keep(tau, st, 0)
 
 
-def _l1_rescaled(tau: Tensor, mask: Tensor) -> Tensor:
-    kept = tau * mask
-    before, after = float(tau.abs().sum(dtype=torch.float64)), float(kept.abs().sum(dtype=torch.float64))
-    if before >= 1e-8 and after >= 1e-8:
-        kept *= before / after
-    return kept
-
-
-def _breadcrumbs(tensors, base, weight, density, gamma, lambda_, normalize, rescale, consensus):
+def _breadcrumbs(ctx, tensors, base, weight, density, gamma, lambda_, normalize, rescale, consensus):
+    states = ctx.tensor_state
+    if states is None:
+        states = breadcrumbs_prepass({"density": density, "gamma": gamma, "rescale": rescale},
+                                     lambda: iter([(TensorContext(), base, tensors)]))
     taus = []
-    for t, d, g in zip(tensors, density, gamma):
+    for t, st in zip(tensors, states):
         tau = t - base
-        m = breadcrumbs_mask(tau, d, g)
-        if m is not None:
-            tau = _l1_rescaled(tau, m) if rescale else tau.mul_(m)
+        if st is not None:
+            tau.mul_(crumbs_keep(tau, st, ctx.offset if ctx.tensor_state is not None else 0))
+            if st.scale != 1.0:
+                tau.mul_(st.scale)
         taus.append(tau)
     return _finish(base, combine(taus, weight, consensus, normalize), lambda_)
 
 
-@merge_method("breadcrumbs", needs_base=True)
-def breadcrumbs(tensors: list[Tensor], base: Tensor, *, weight: list[float] = 1.0,
+@merge_method("breadcrumbs", needs_base=True, elementwise=True, tensor_prepass=breadcrumbs_prepass)
+def breadcrumbs(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext, weight: list[float] = 1.0,
                 density: Density = 1.0, gamma: Frac = 0.01, lambda_: float = 1.0,
                 normalize: bool = False, rescale: bool = False, int8_mask: bool = False) -> Tensor:
     """Model Breadcrumbs: each task vector keeps the band of magnitudes between its smallest
     ``1 − density − γ`` and its largest ``γ`` fractions, then task arithmetic."""
-    return _breadcrumbs(tensors, base, weight, density, gamma, lambda_, normalize, rescale, False)
+    return _breadcrumbs(ctx, tensors, base, weight, density, gamma, lambda_, normalize, rescale, False)
 
 
-@merge_method("breadcrumbs_ties", needs_base=True)
-def breadcrumbs_ties(tensors: list[Tensor], base: Tensor, *, weight: list[float] = 1.0,
+@merge_method("breadcrumbs_ties", needs_base=True, elementwise=True, tensor_prepass=breadcrumbs_prepass)
+def breadcrumbs_ties(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext, weight: list[float] = 1.0,
                      density: Density = 1.0, gamma: Frac = 0.01, lambda_: float = 1.0,
                      normalize: bool = False, rescale: bool = False, int8_mask: bool = False) -> Tensor:
     """Model Breadcrumbs' sparsification, then TIES sign consensus."""
-    return _breadcrumbs(tensors, base, weight, density, gamma, lambda_, normalize, rescale, True)
+    return _breadcrumbs(ctx, tensors, base, weight, density, gamma, lambda_, normalize, rescale, True)
 
 
 # ------------------------------------------------------------------ DELLA
