@@ -138,3 +138,14 @@ def test_base_model_must_be_a_source_and_models_exclusive(tmp_path, models):
          "merge_method": "linear"}
     with pytest.raises(MergelabError, match="either 'models' or 'slices'"):
         merge(r, tmp_path / "o", quiet=True)
+
+
+def test_stacking_different_architectures_needs_allow_crimes(tmp_path, models):
+    (a, _), (ta, _) = models
+    b = save_hf(tmp_path / "m", four_layers(3), {**CFG, "model_type": "mistral", "num_hidden_layers": 4})
+    r = {"slices": [{"sources": [{"model": str(a), "layer_range": [0, 2]}]},
+                    {"sources": [{"model": str(b), "layer_range": [2, 4]}]}], "merge_method": "passthrough"}
+    with pytest.raises(MergelabError, match="'model_type' differs.*allow-crimes"):
+        merge(r, tmp_path / "o", quiet=True)
+    out, cfg = read(merge(r, tmp_path / "o", quiet=True, allow_crimes=True).outputs[0])
+    assert cfg["num_hidden_layers"] == 4

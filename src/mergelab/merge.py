@@ -100,7 +100,8 @@ SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_at
                 "num_key_value_heads", "head_dim", "vocab_size", "n_embd", "n_layer", "n_head")
 
 
-def _check_configs(ref: _Input, others: list[_Input], allow_crimes: bool) -> None:
+def _check_configs(ref: _Input, others: list[_Input], allow_crimes: bool,
+                   skip: tuple[str, ...] = ()) -> None:
     """Refuse checkpoints whose config.json disagree on the architecture (``architectures``,
     ``model_type``) or on a shape field, naming both models and the field, unless
     ``allow_crimes`` (mergekit's name).  Missing configs or fields are not compared."""
@@ -112,6 +113,8 @@ def _check_configs(ref: _Input, others: list[_Input], allow_crimes: bool) -> Non
         if o.ckpt is ref.ckpt or not isinstance(oc, dict):
             continue
         for f in ARCH_FIELDS + SHAPE_FIELDS:
+            if f in skip:
+                continue
             if f in rc and f in oc and rc[f] != oc[f]:
                 if allow_crimes and f in ARCH_FIELDS:
                     continue
@@ -183,6 +186,9 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: dict | None = None,
             return _open(ref, _r, where, _inputs, cache0).ckpt
 
         r, inputs = expand(r, inputs, opener)
+        srcs = list({id(i.ckpt): i for i in cache0.values()}.values())
+        # every source model, also of single-source slices (layer counts may differ: stacking)
+        _check_configs(srcs[0], srcs[1:], allow_crimes, skip=("num_hidden_layers", "n_layer"))
     if r.align is not None:   # align first: the models it moves are read through permuted views
         from .align.pipeline import recipe_inputs
         inputs = {**(inputs or {}), **recipe_inputs(r, inputs)}
