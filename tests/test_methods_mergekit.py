@@ -209,10 +209,10 @@ def test_della_epsilon_must_leave_room():
 
 # ------------------------------------------------------------------ SCE
 
-def ref_sce(base, xs, topk):
+def ref_sce(base, xs, topk, var=None):
     D = np.stack([x - base for x in xs])
     if topk < 1:
-        var = D.var(axis=0)
+        var = D.var(axis=0) if var is None else var
         k = int(topk * np.count_nonzero(var))
         mask = np.zeros(var.size)
         if k > 0:
@@ -236,6 +236,18 @@ def test_sce_matches_reference(fam, topk):
     base, xs = fam
     out = run("sce", xs, base, g={"select_topk": topk})
     close(out, ref_sce(np64(base), [np64(x) for x in xs], topk))
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.3, 0.01])
+def test_sce_streams_with_ties_at_the_cut(topk):
+    g = torch.Generator().manual_seed(3)
+    base = torch.zeros(30, 7)
+    xs = [torch.randint(-2, 3, (30, 7), generator=g).float() / 2 for _ in range(3)]  # tied variances
+    whole = run("sce", xs, base, g={"select_topk": topk})
+    var = torch.stack(xs).var(0, unbiased=False).double().numpy()  # the variances as ranked (float32)
+    close(whole, ref_sce(np64(base), [np64(x) for x in xs], topk, var=var), tol=1e-6)
+    for rows in (2, 9):
+        assert torch.equal(run_blocked("sce", xs, base, rows, g={"select_topk": topk}), whole)
 
 
 # ------------------------------------------------------------------ model stock

@@ -1,12 +1,13 @@
 """Entry-selecting merges: ``sce``, ``nearswap``, ``arcee_fusion``, ``ram``, ``ramplus_tl``
 and ``passthrough``.
 
-``nearswap``, ``ram``, ``ramplus_tl`` (its per-tensor counts from a tensor prepass) and
-``passthrough`` are merged in row blocks of big tensors; ``sce`` and ``arcee_fusion`` need
-whole-tensor top-k and quantiles.
+``nearswap``, ``ram``, ``ramplus_tl`` and ``sce`` (their per-tensor counts, cuts and
+coefficients from a tensor prepass) and ``passthrough`` are merged in row blocks of big
+tensors; ``arcee_fusion`` needs whole-tensor quantiles.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Annotated
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .registry import Range, TensorContext, merge_method
+from .sparse import CHUNK, Trim, kth_largest_many, trim_keep
 
 Positive = Annotated[float, Range(0, None, lo_open=True)]
 NonNeg = Annotated[float, Range(0, None)]
@@ -43,33 +45,91 @@ def nearswap(tensors: list[Tensor], base: Tensor, *, t: Positive) -> Tensor:
 
 # ------------------------------------------------------------------ SCE
 
-def sce_select_mask(deltas: Tensor, select_topk: float) -> Tensor:
-    """SCE's Select step: keep the ``⌊topk·z⌋`` positions of largest variance across the
-    models (population variance), z the number of positions of non-zero variance; ties at the
-    cut keep the lower flat index.  Returns a bool mask of one model's shape."""
-    var = deltas.var(dim=0, unbiased=False)
-    k = int(abs(select_topk) * int(torch.count_nonzero(var)))
-    mask = torch.zeros(var.numel(), dtype=torch.bool, device=var.device)
-    if k > 0:
-        order = torch.sort(var.reshape(-1), descending=True, stable=True).indices
-        mask[order[:k]] = True
-    return mask.reshape(var.shape)
+def _sce_var(deltas: Tensor) -> Tensor:
+    return deltas.var(dim=0, unbiased=False)
 
 
-@merge_method("sce", needs_base=True)
-def sce(tensors: list[Tensor], base: Tensor, *, select_topk: Annotated[float, Range(0, 1)] = 1.0,
-        int8_mask: bool = False) -> Tensor:
+def _row_sq_sums(x: Tensor) -> list[float]:
+    r = x.reshape(x.shape[0], -1) if x.dim() >= 1 else x.reshape(1, 1)
+    return (r.double() ** 2).sum(dim=1).tolist()
+
+
+def _sce_keep(var: Tensor, state: dict, start: int) -> Tensor | None:
+    """SCE's Select mask of one block (flat index ``start``), consuming the threshold's ties in
+    flat order; None keeps everything."""
+    if state["select"] == "all":
+        return None
+    if state["select"] == "none":
+        return torch.zeros_like(var, dtype=torch.bool)
+    flat = var.reshape(-1)
+    keep = torch.empty(flat.numel(), dtype=torch.bool, device=var.device)
+    for a in range(0, flat.numel(), CHUNK):
+        keep[a:a + CHUNK] = trim_keep(flat[a:a + CHUNK], state["trim"], start + a)
+    return keep.reshape(var.shape)
+
+
+def sce_prepass(params: dict, blocks) -> dict:
+    """SCE's per-tensor state from a restartable stream of the tensor's row blocks: the Select
+    cut (the ``⌊topk·z⌋`` largest variances, z = positions of non-zero variance, by radix select;
+    ties: lower flat index first) and the models' mean-square coefficients (exact sums)."""
+    topk = params["select_topk"]
+
+    def deltas():
+        for _ctx, base, ts in blocks():
+            yield base, torch.stack([t - base for t in ts])
+
+    state: dict = {"select": "all"}
+    numel = 0
+    if topk < 1:
+        nz = 0
+        for _b, d in deltas():
+            nz += int(torch.count_nonzero(_sce_var(d)))
+        k = int(abs(topk) * nz)
+        if k == 0:
+            state = {"select": "none"}
+        else:
+            chunks = lambda: ((c.cpu(),) for _b, d in deltas()  # noqa: E731
+                              for c in _sce_var(d).reshape(-1).split(CHUNK))
+            (found,) = kth_largest_many(chunks, [k])
+            state = {"select": "cut", "trim": Trim(found[0], k - found[1])}
+    probe = dict(state, trim=copy.copy(state["trim"])) if state["select"] == "cut" else state
+    sums: list[list[float]] | None = None
+    pos = 0
+    for _b, d in deltas():
+        keep = _sce_keep(_sce_var(d), probe, pos)
+        if keep is not None:
+            d = d * keep
+        if sums is None:
+            sums = [[] for _ in range(d.shape[0])]
+        for i in range(d.shape[0]):
+            sums[i] += _row_sq_sums(d[i])
+        pos += d[0].numel()
+        numel += d[0].numel()
+    ms = [math.fsum(v) / max(1, numel) for v in (sums or [])]
+    total = math.fsum(ms)
+    state["coef"] = [1.0 / len(ms)] * len(ms) if total == 0 else [m / total for m in ms]
+    return state
+
+
+@merge_method("sce", needs_base=True, elementwise=True, tensor_prepass=sce_prepass)
+def sce(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
+        select_topk: Annotated[float, Range(0, 1)] = 1.0, int8_mask: bool = False) -> Tensor:
     """SCE (FuseChat, Wan et al. 2024): Select the top ``select_topk`` positions by variance of
     the task vectors across models (1: all); Calculate each model's coefficient as the mean
     square of its (selected) task vector, normalised to sum 1 (equal when all are 0); Erase
     the entries whose sign disagrees with the sign of the unweighted sum (+ when 0); the
-    result ``θ_0 + Σ c_i m_i τ_i / Σ c_i m_i`` (a 0 divisor counts as 1)."""
+    result ``θ_0 + Σ c_i m_i τ_i / Σ c_i m_i`` (a 0 divisor counts as 1).  Streamed: the
+    Select cut and the coefficients come from a tensor prepass over the row blocks."""
+    state = ctx.tensor_state
+    start = ctx.offset
+    if state is None:
+        state = sce_prepass({"select_topk": select_topk}, lambda: iter([(ctx, base, tensors)]))
+        start = 0
     deltas = torch.stack([t - base for t in tensors])
-    if select_topk < 1:
-        deltas *= sce_select_mask(deltas, select_topk)
-    ms = [float((d.double() ** 2).sum()) / max(1, d.numel()) for d in deltas]
-    total = math.fsum(ms)
-    coef = [1.0 / len(ms)] * len(ms) if total == 0 else [m / total for m in ms]
+    keep = _sce_keep(_sce_var(deltas), state, start)
+    if keep is not None:
+        deltas *= keep
+    coef = state["coef"]
     majority = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
     num = torch.zeros_like(base)
     den = torch.zeros_like(base)
