@@ -532,7 +532,7 @@ def run_blocked(name, tensors, base, rows, g=None, m=None):
 
     def blocks():
         for a in range(0, n0, rows):
-            yield (TensorContext(name="w", offset=a * per_row, numel=numel),
+            yield (TensorContext(name="layers.0.w", seed=3, offset=a * per_row, numel=numel),
                    None if base is None else base[a:a + rows], [t[a:a + rows] for t in tensors])
 
     state = spec.tensor_prepass(kw, blocks) if spec.tensor_prepass else None
@@ -569,3 +569,16 @@ def test_geometric_methods_stream_in_row_blocks(method, g, with_base, exact, sha
             assert torch.equal(got, whole), (method, g, shape, rows)
         else:
             close(got, np64(whole), tol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize("shape", [(37, 11), (300,), (9, 4, 3)])
+def test_della_streams_in_row_blocks(method, shape):
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(shape, generator=gen)
+    xs = [base + 0.3 * torch.randn(shape, generator=gen) for _ in range(2)]
+    m = [{"density": 0.5, "epsilon": 0.2}, {"density": 0.7, "epsilon": 0.1}]
+    whole = run(method, xs, base, m=m)
+    assert get_method(method).elementwise
+    for rows in (1, 5):
+        assert torch.equal(run_blocked(method, xs, base, rows, m=m), whole)

@@ -17,11 +17,12 @@ the weights of the agreeing entries), and ``θ_0 + λ·τ_m`` is returned.
 * DELLA (Deep et al. 2024, MagPrune): per row (the whole tensor for a vector), each entry is
   kept with probability ``p = density − ε + 2ε·r`` where ``r`` ∈ [0, 1] is its magnitude rank
   in the row (0 for the smallest); with ``rescale`` a kept entry is divided by its ``p``, so
-  the sparsified vector equals ``τ`` in expectation.  The draws come from a CPU generator
-  seeded with (recipe seed, tensor name, model index) (:func:`sparse.tensor_seed`) and are
-  then moved to the tensor's device: the same recipe gives the same bytes on CPU and GPU.
+  the sparsified vector equals ``τ`` in expectation.  The draws come from CPU generators
+  seeded with (recipe seed, tensor name, model index) (:func:`sparse.tensor_seed`) and the
+  entry's 2^20-entry chunk (:func:`uniforms`), then moved to the tensor's device: the same
+  recipe gives the same bytes on CPU and GPU and for any block size.  Streamed: the ranks
+  of a matrix's rows lie inside a row block; for a vector a tensor prepass ranks the whole.
 
-DELLA ranks within rows (a vector is one row) and is merged whole, not in blocks.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ from torch import Tensor
 
 from ..errors import MergelabError
 from .registry import Range, TensorContext, merge_method
-from .sparse import CHUNK, Density, Trim, disjoint_merge, elect_sign, kth_largest_many, tensor_seed, trim_keep
+from .sparse import (CHUNK, Density, Trim, _chunk_seed, disjoint_merge, elect_sign, kth_largest_many, tensor_seed,
+                     trim_keep)
 
 Frac = Annotated[list[float], Range(0, 1)]
 
@@ -222,13 +224,31 @@ def della_probs(tau: Tensor, density: float, epsilon: float) -> Tensor:
     return p.reshape(tau.shape) if tau.dim() < 2 else p.movedim(-1, 1)
 
 
-def della_sparsify(tau: Tensor, density: float, epsilon: float, rescale: bool, seed: int) -> Tensor:
-    """One task vector through MagPrune (see the module doc); ``seed`` fixes the draws."""
+def uniforms(start: int, stop: int, seed: int, device=None) -> Tensor:
+    """Uniform [0, 1) draws for the flat entries ``start:stop`` of a tensor: entry j takes the
+    ``(j mod 2^20)``-th draw of a CPU generator seeded with ``(seed, j // 2^20)``, so an entry's
+    draw does not depend on how the tensor is cut into blocks, nor on the device."""
+    out = torch.empty(max(0, stop - start), dtype=torch.float32)
+    g = torch.Generator(device="cpu")
+    pos = start
+    while pos < stop:
+        c = pos // CHUNK
+        lo, hi = pos - c * CHUNK, min(stop - c * CHUNK, CHUNK)
+        g.manual_seed(_chunk_seed(seed, c))
+        out[pos - start:pos - start + hi - lo] = torch.rand(hi, generator=g)[lo:]
+        pos = c * CHUNK + hi
+    return out if device is None else out.to(device)
+
+
+def della_sparsify(tau: Tensor, density: float, epsilon: float, rescale: bool, seed: int,
+                   start: int = 0, probs: Tensor | None = None) -> Tensor:
+    """One task vector (or a row block of it, flat index ``start``) through MagPrune (see the
+    module doc); ``seed`` fixes the draws; ``probs``: the keep probabilities when they are not
+    computed from ``tau`` itself (a block of a vector)."""
     if density >= 1.0:
         return tau
-    p = della_probs(tau, density, epsilon)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    u = torch.rand(tau.shape, generator=g).to(tau.device)
+    p = della_probs(tau, density, epsilon) if probs is None else probs
+    u = uniforms(start, start + tau.numel(), seed, tau.device).reshape(tau.shape)
     keep = u < p
     out = tau * keep
     if rescale:
@@ -236,18 +256,38 @@ def della_sparsify(tau: Tensor, density: float, epsilon: float, rescale: bool, s
     return out
 
 
+def della_prepass(params: dict, blocks) -> list | None:
+    """For a vector (1-D tensor, one row whose ranks span every block): each model's keep
+    probabilities over the whole vector; None for matrices (every row lies in one block)."""
+    parts: list[list[Tensor]] | None = None
+    for _ctx, base, ts in blocks():
+        if base.dim() != 1:
+            return None
+        if parts is None:
+            parts = [[] for _ in ts]
+        for i, t in enumerate(ts):
+            parts[i].append(t - base)
+    if parts is None:
+        return None
+    return [None if d >= 1.0 else della_probs(torch.cat(p), d, e)
+            for p, d, e in zip(parts, params["density"], params["epsilon"])]
+
+
 def _della(ctx, tensors, base, weight, density, epsilon, lambda_, normalize, rescale, consensus):
     taus = []
+    probs = ctx.tensor_state
     for i, (t, d, e) in enumerate(zip(tensors, density, epsilon)):
         if d < 1.0 and not (d - e > 0 and d + e < 1):
             raise MergelabError(
                 f"{ctx.name or 'della'}: models[{i}]: epsilon {e:g} must leave density ± epsilon inside (0, 1)"
                 f" (density {d:g})")
-        taus.append(della_sparsify(t - base, d, e, rescale, tensor_seed(ctx.seed, ctx.name, i)))
+        p = None if probs is None or probs[i] is None else probs[i][ctx.offset:ctx.offset + t.numel()]
+        taus.append(della_sparsify(t - base, d, e, rescale, tensor_seed(ctx.seed, ctx.name, i),
+                                   start=ctx.offset, probs=p))
     return _finish(base, combine(taus, weight, consensus, normalize), lambda_)
 
 
-@merge_method("della", needs_base=True)
+@merge_method("della", needs_base=True, elementwise=True, tensor_prepass=della_prepass)
 def della(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext, weight: list[float] = 1.0,
           density: Density = 1.0, epsilon: Annotated[list[float], Range(0, 1)] = 0.15,
           lambda_: float = 1.0, normalize: bool = True, rescale: bool = True,
@@ -258,7 +298,7 @@ def della(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext, weight: li
     return _della(ctx, tensors, base, weight, density, epsilon, lambda_, normalize, rescale, True)
 
 
-@merge_method("della_linear", needs_base=True)
+@merge_method("della_linear", needs_base=True, elementwise=True, tensor_prepass=della_prepass)
 def della_linear(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext, weight: list[float] = 1.0,
                  density: Density = 1.0, epsilon: Annotated[list[float], Range(0, 1)] = 0.15,
                  lambda_: float = 1.0, normalize: bool = False, rescale: bool = True,
