@@ -3,7 +3,9 @@
     python benchmarks/mergekit_compat.py [--mergekit PATH_TO_mergekit-yaml] [--size tiny]
 
 Builds a small bf16 Llama base and two fine-tune-like variants, runs the same recipes
-(linear, task_arithmetic, ties; weights, densities, gradients and filter rules) through
+(linear, task_arithmetic, ties; weights, densities, gradients and filter rules; and one recipe
+per method mergekit 0.1.5 adds: breadcrumbs[_ties], della[_linear], sce, model_stock, nuslerp,
+multislerp, karcher, nearswap, arcee_fusion, ram, ramplus_tl, passthrough) through
 ``mergekit-yaml`` and ``mergelab merge``, and compares every output tensor: the share of
 bit-identical elements, and the largest difference in units of one bfloat16 ulp at the
 tensor's scale (2^(floor(log2 max|x|) - 7)).  Two compute settings: ``dtype: float32, out_dtype: bfloat16`` (both compute
@@ -41,6 +43,48 @@ def recipes(base: Path, a: Path, b: Path, dt: dict) -> dict[str, dict]:
         "ties": {"models": [{"model": str(a), "parameters": {"weight": 1.0, "density": 0.5}},
                             {"model": str(b), "parameters": {"weight": 0.6, "density": [0.3, 0.8]}}],
                  "merge_method": "ties", "base_model": str(base), "parameters": {"normalize": True}, **dt},
+        **new_methods(base, a, b, dt),
+    }
+
+
+# della / della_linear draw random masks (mergekit: torch's global generator, mergelab: seeded per
+# tensor): their outputs are not expected to match element by element; they are run to check that
+# both tools accept the recipe, and reported apart.
+RANDOM = {"della", "della_linear"}
+
+
+def new_methods(base: Path, a: Path, b: Path, dt: dict) -> dict[str, dict]:
+    """One recipe per method mergekit 0.1.5 has beyond linear/task_arithmetic/ties/dare."""
+    A, B, O = str(a), str(b), str(base)
+    sparse = [{"model": A, "parameters": {"weight": 1.0, "density": 0.5}},
+              {"model": B, "parameters": {"weight": 0.6, "density": 0.7}}]
+    two = [{"model": A}, {"model": B}]
+    return {
+        "breadcrumbs": {"models": sparse, "merge_method": "breadcrumbs", "base_model": O,
+                        "parameters": {"gamma": 0.01}, **dt},
+        "breadcrumbs_ties": {"models": sparse, "merge_method": "breadcrumbs_ties", "base_model": O,
+                             "parameters": {"gamma": 0.02}, **dt},
+        "della": {"models": sparse, "merge_method": "della", "base_model": O,
+                  "parameters": {"epsilon": 0.1, "lambda": 1.0}, **dt},
+        "della_linear": {"models": sparse, "merge_method": "della_linear", "base_model": O,
+                         "parameters": {"epsilon": 0.1}, **dt},
+        "sce": {"models": two, "merge_method": "sce", "base_model": O, "parameters": {"select_topk": 0.5}, **dt},
+        "model_stock": {"models": two, "merge_method": "model_stock", "base_model": O, **dt},
+        "nuslerp": {"models": [{"model": A, "parameters": {"weight": 0.3}}, {"model": B, "parameters": {"weight": 0.7}}],
+                    "merge_method": "nuslerp", **dt},
+        "nuslerp_base_rows": {"models": [{"model": A, "parameters": {"weight": 0.5}},
+                                         {"model": B, "parameters": {"weight": 0.5}}],
+                              "merge_method": "nuslerp", "base_model": O,
+                              "parameters": {"nuslerp_flatten": False}, **dt},
+        "multislerp": {"models": [{"model": A, "parameters": {"weight": 1.0}}, {"model": B, "parameters": {"weight": 2.0}}],
+                       "merge_method": "multislerp", "base_model": O, **dt},
+        "karcher": {"models": two, "merge_method": "karcher", **dt},
+        "nearswap": {"models": [{"model": A}], "merge_method": "nearswap", "base_model": O,
+                     "parameters": {"t": 0.0001}, **dt},
+        "arcee_fusion": {"models": [{"model": A}], "merge_method": "arcee_fusion", "base_model": O, **dt},
+        "ram": {"models": two, "merge_method": "ram", "base_model": O, **dt},
+        "ramplus_tl": {"models": two, "merge_method": "ramplus_tl", "base_model": O, **dt},
+        "passthrough": {"models": [{"model": A, "parameters": {"scale": 0.5}}], "merge_method": "passthrough", **dt},
     }
 
 
@@ -48,6 +92,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mergekit", default=None)
     ap.add_argument("--size", default="tiny")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these recipe names")
     args = ap.parse_args(argv)
     mk = find_mergekit(args.mergekit)
     if mk is None:
@@ -64,6 +109,8 @@ def main(argv=None):
         for label, dt in (("float32", {"dtype": "float32", "out_dtype": "bfloat16"}), ("bfloat16", {"dtype": "bfloat16"})):
             rs = recipes(base, a, b, dt)
             rs["ties+argsort"] = rs["ties"]
+            if args.only:
+                rs = {k: v for k, v in rs.items() if k in args.only}
             for name, r in rs.items():
                 rp = root / f"{name}.yaml"
                 rp.write_text(yaml.safe_dump(r))
@@ -92,7 +139,8 @@ def main(argv=None):
                     d = (fx - fy).abs() / ulp
                     big += int((d > 1).sum())
                     worst = max(worst, float(d.max()))
-                print(f"| {name} | {label} | {len(x)} | {n} | {same / n:.4%} | {worst:.3g} | {big} |", flush=True)
+                tag = f"{name} (random: distribution only)" if name in RANDOM else name
+                print(f"| {tag} | {label} | {len(x)} | {n} | {same / n:.4%} | {worst:.3g} | {big} |", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -178,7 +178,7 @@ def test_cli_error_method_and_parameters(tmp_path):
                "parameter 'density' must be in (0, 1], found 0")
     _cli_error(tmp_path, _r(paths[1], paths[2], method="_core_ta", base=paths[0], parameters={"density": 1.01}),
                "must be in (0, 1]")
-    _cli_error(tmp_path, {**_r(paths[1]), "slices": []}, "mergekit key 'slices'")
+    _cli_error(tmp_path, {**_r(paths[1]), "slices": []}, "give either 'models' or 'slices', not both")
     _cli_error(tmp_path, {**_r(paths[1]), "tokenizer_source": "base"}, "mergekit key 'tokenizer_source'")
 
 

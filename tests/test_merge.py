@@ -107,11 +107,13 @@ def test_gradient_and_filter_parameters_per_tensor(tmp_path):
     paths, (base, a, b) = toy_family(tmp_path)
     mp = [{"weight": [0.0, 1.0]}, {"weight": [{"filter": "mlp", "value": 2.0}, {"value": 0.0}]}]
     out = _read(merge(_recipe(paths, model_params=mp), tmp_path / "o", quiet=True).outputs[0])
-    # 2 layers (config num_hidden_layers=2): layer 0 at t=0, layer 1 at t=1; others at t=0
+    # 2 layers (config num_hidden_layers=2): layer 0 at t=0, layer 1 at t=1; embeddings at 0
     assert torch.equal(out["layers.0.attn.weight"], 0.0 * a["layers.0.attn.weight"] + 0.0 * b["layers.0.attn.weight"])
     assert torch.equal(out["layers.1.attn.weight"], 1.0 * a["layers.1.attn.weight"] + 0.0 * b["layers.1.attn.weight"])
     assert torch.equal(out["layers.1.mlp.weight"], 1.0 * a["layers.1.mlp.weight"] + 2.0 * b["layers.1.mlp.weight"])
     assert torch.equal(out["embed.weight"], 0.0 * a["embed.weight"] + 0.0 * b["embed.weight"])
+    # after the layers (mergekit's post weights): t = 1
+    assert torch.equal(out["norm.weight"], 1.0 * a["norm.weight"] + 0.0 * b["norm.weight"])
 
 
 def test_top_level_list_is_a_depth_gradient_and_weights_is_per_model(tmp_path):

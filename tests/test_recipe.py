@@ -28,7 +28,7 @@ def test_mergekit_example_parses():
     assert r.seed == 0
 
 
-@pytest.mark.parametrize("key", ["slices", "tokenizer_source", "tokenizer", "chat_template", "modules"])
+@pytest.mark.parametrize("key", ["tokenizer_source", "tokenizer", "chat_template", "modules"])
 def test_unsupported_mergekit_keys_named(key):
     with pytest.raises(MergelabError, match=f"mergekit key '{key}'"):
         Recipe.load({"models": [], "merge_method": "linear", key: "x"})
@@ -62,7 +62,8 @@ def test_gradient_matches_mergekit_rule(values):
         t = layer_t(name, L)
         assert t == pytest.approx(i / (L - 1))
         assert evaluate(values, name, t) == pytest.approx(_mergekit_gradient(values, t))
-    assert layer_t("model.embed_tokens.weight", L) == 0.0  # outside the layers: t = 0, as mergekit
+    assert layer_t("model.embed_tokens.weight", L) == 0.0  # before the layers: t = 0, as mergekit
+    assert layer_t("model.norm.weight", L) == 1.0 and layer_t("lm_head.weight", L) == 1.0  # after: t = 1
     assert evaluate(values, "lm_head.weight", 0.0) == values[0]
 
 

@@ -32,28 +32,70 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------- merge / inspect
+def _merge_options(f):
+    """The options of ``merge`` and ``mergekit-yaml``: mergelab's own and mergekit-yaml's common flags."""
+    opts = [
+        click.option("--force", is_flag=True, help="Replace an existing non-empty output folder."),
+        click.option("--dtype", default=None, help="Stored dtype: float32, float16 or bfloat16 (default: the recipe's, else the base model's)."),
+        click.option("--shard-size", default=None, help="Maximum shard size in bytes, e.g. 5GB, 500MB, 2GiB (default 5GB)."),
+        click.option("--out-shard-size", default=None, metavar="N[K|M|B]",
+                     help="mergekit's spelling: bytes per shard with K/M/B = thousand/million/billion (5B = 5e9 bytes)."),
+        click.option("--device", default=None,
+                     help="Math device: cpu, cuda or cuda:N (default: the recipe's device:, else cpu); reading and writing stay streamed."),
+        click.option("--cuda/--no-cuda", "cuda", default=None, help="mergekit's flag: --cuda = --device cuda."),
+        click.option("--threads", type=int, default=None, help="Worker threads (default: all cores, at most 4)."),
+        click.option("--allow-nonfinite", is_flag=True, default=None, help="Merge even when a tensor holds NaN or Inf."),
+        click.option("--allow-crimes", is_flag=True, help="Merge checkpoints whose config.json name different architectures (mergekit's flag)."),
+        click.option("--random-seed", "--seed", "random_seed", type=int, default=None, help="Seed of every random choice (overrides the recipe's seed:)."),
+        click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the tokenizer files of the base (else first) model."),
+        click.option("--write-model-card/--no-write-model-card", default=True, show_default=True, help="Write README.md with the recipe and the inputs' checksums."),
+        click.option("--lazy-unpickle/--no-lazy-unpickle", default=False, help="Accepted for mergekit compatibility; no effect (mergelab always reads lazily)."),
+        click.option("--no-checksums", is_flag=True, help="Skip the inputs' sha256 in the model card."),
+        click.option("--block-size", default="1MiB", show_default=True,
+                     help="float32 bytes of one input's row block for elementwise methods (memory, not results)."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _run_merge(recipe, out, force, dtype, shard_size, out_shard_size, device, cuda, threads, allow_nonfinite,
+               allow_crimes, random_seed, copy_tokenizer, write_model_card, lazy_unpickle, no_checksums,
+               block_size, quiet):
+    from .io.writer import parse_mergekit_size
+    from .merge import merge
+
+    if shard_size is not None and out_shard_size is not None:
+        raise MergelabError("--shard-size and --out-shard-size both given; use one")
+    size = parse_mergekit_size(out_shard_size) if out_shard_size is not None else (shard_size or "5GB")
+    if cuda is not None and device is not None and device.startswith("cuda") != cuda:
+        raise MergelabError(f"--device {device} contradicts --{'' if cuda else 'no-'}cuda")
+    dev = device or ("cuda" if cuda else None)
+    res = merge(recipe, out, force=force, dtype=dtype, shard_size=size, device=dev, threads=threads,
+                quiet=quiet, allow_nonfinite=allow_nonfinite, checksums=not no_checksums, block_size=block_size,
+                allow_crimes=allow_crimes, seed=random_seed, copy_tokenizer=copy_tokenizer,
+                model_card=write_model_card)
+    if not quiet:
+        click.echo(res.summary())
+
+
 @main.command("merge")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (created atomically).")
-@click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
-@click.option("--dtype", default=None, help="Stored dtype: float32, float16 or bfloat16 (default: the recipe's, else the base model's).")
-@click.option("--shard-size", default="5GB", show_default=True, help="Maximum shard size, e.g. 5GB, 500MB.")
-@click.option("--device", default=None,
-              help="Math device: cpu, cuda or cuda:N (default: the recipe's device:, else cpu); reading and writing stay streamed.")
-@click.option("--threads", type=int, default=None, help="Worker threads (default: all cores, at most 4).")
-@click.option("--allow-nonfinite", is_flag=True, default=None, help="Merge even when a tensor holds NaN or Inf.")
-@click.option("--no-checksums", is_flag=True, help="Skip the inputs' sha256 in the model card.")
-@click.option("--block-size", default="1MiB", show_default=True,
-              help="float32 bytes of one input's row block for elementwise methods (memory, not results).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
-def merge_cmd(recipe, out, force, dtype, shard_size, device, threads, allow_nonfinite, no_checksums, block_size, quiet):
+@_merge_options
+def merge_cmd(recipe, out, **kw):
     """Merge the checkpoints of a YAML RECIPE into OUT."""
-    from .merge import merge
+    _run_merge(recipe, out, **kw)
 
-    res = merge(recipe, out, force=force, dtype=dtype, shard_size=shard_size, device=device, threads=threads,
-                quiet=quiet, allow_nonfinite=allow_nonfinite, checksums=not no_checksums, block_size=block_size)
-    if not quiet:
-        click.echo(res.summary())
+
+@main.command("mergekit-yaml")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@_merge_options
+def mergekit_yaml_cmd(recipe, out, **kw):
+    """mergekit-yaml's command line: merge RECIPE into the folder OUT (same as merge -o OUT)."""
+    _run_merge(recipe, out, **kw)
 
 
 @main.command("inspect")

@@ -23,7 +23,8 @@
 
 A parameter value, wherever it is (``parameters`` or ``models[i].parameters``), is a scalar,
 a list of numbers (a gradient interpolated over layer depth, mergekit's semantics: layer
-``i`` of ``L`` sits at ``t = i/(L-1)``; tensors outside the layers sit at ``t = 0``), or a
+``i`` of ``L`` sits at ``t = i/(L-1)``; outside the layers, embeddings sit at ``t = 0`` and the
+tensors after the layers (final norm, LM head) at ``t = 1``), or a
 list of ``{filter, value}`` rules (the first rule whose ``filter`` is a substring of the
 tensor name, or that has no filter / ``*``, applies).  Per-model values go in
 ``models[i].parameters`` (as in mergekit) or, for weights, in mergelab's ``weights`` list.
@@ -45,7 +46,7 @@ from .repair.pipeline import RepairSection, TactSection, TactTask  # noqa: F401 
 
 # mergekit keys we know and do not support: named in the error message
 MERGEKIT_UNSUPPORTED = {
-    "slices": "layer slicing/stacking", "modules": "multi-module models", "tokenizer": "tokenizer merging",
+    "modules": "multi-module models", "tokenizer": "tokenizer merging",
     "tokenizer_source": "tokenizer merging", "chat_template": "chat templates", "lora": "LoRA inputs",
     "merge_method_sequence": "method sequences",
 }
@@ -73,12 +74,38 @@ class ModelEntry(BaseModel):
         return {} if v is None else v
 
 
+class SliceSource(BaseModel):
+    """One source of a slice: ``layer_range: [a, b]`` = the model's layers a..b-1."""
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    model: Any
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        return {} if v is None else v
+
+
+class SliceDef(BaseModel):
+    """One output slice (mergekit's ``slices:`` entry); see slicing.py."""
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        return {} if v is None else v
+
+
 class _RecipeCore(BaseModel):
     """A merge recipe (pydantic, unknown keys are errors); the stage sections (``align:``,
     ``repair:``, ``tact:``, ...) are added from the stage registry (:mod:`mergelab.stages`)."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
-    models: list[ModelEntry]
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[SliceDef] | None = None  # mergekit's layer slicing (slicing.py); instead of models
     merge_method: str
     base_model: Any = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
@@ -219,11 +246,17 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+# tensors before the layers (embeddings); every other tensor outside the layers comes after them
+PRE_LAYERS = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|tok_embeddings)")
+
+
 def layer_t(name: str, num_layers: int | None) -> float:
-    """mergekit's depth coordinate: ``i/(L-1)`` for layer tensors (1 if L == 1), 0 elsewhere."""
+    """mergekit's depth coordinate: ``i/(L-1)`` for layer tensors (1 if L == 1); outside the
+    layers, 0 before them (embeddings) and 1 after them (final norm, LM head), as mergekit
+    plans its pre- and post-layer weights."""
     i = layer_index(name)
     if i is None or not num_layers:
-        return 0.0
+        return 0.0 if i is not None or PRE_LAYERS.search(name) else 1.0
     return i / (num_layers - 1) if num_layers > 1 else 1.0
 
 

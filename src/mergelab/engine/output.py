@@ -17,8 +17,10 @@ from .sources import folder_of
 class Outputs:
     """One :class:`ShardedWriter` per variant under ``tmp`` (``""``: ``tmp`` itself)."""
 
-    def __init__(self, plan: Any, tmp: Path, shard_size: int):
+    def __init__(self, plan: Any, tmp: Path, shard_size: int, copy_tokenizer: bool = True, model_card: bool = True):
         self.p = plan
+        self.copy_tokenizer = copy_tokenizer
+        self.model_card = model_card
         self.tmp = tmp
         self.size = shard_size
         self.specs = [TensorSpec(n, plan.shape(n), plan.out_dtype[n]) for n in plan.names]
@@ -70,10 +72,17 @@ class Outputs:
             w.close()
         stored = {p.out_dtype[n] for n in p.merged}
         cfg_dtype = stored.pop() if len(stored) == 1 else None
+        r = p.recipe
+        layers = getattr(r, "_layer_count", None)  # slices: the output's layer count
         for v in self.variants:
-            copy_model_files(folder_of(p.base or p.experts[0]), self.folder(v), cfg_dtype)
-            write_model_card(self.folder(v), recipe_yaml=p.recipe.to_yaml(), version=__version__, inputs=sums,
-                             extra=(f"Variant `{v}` of method `{p.method.name}`." if v else ""))
+            copy_model_files(folder_of(p.base or p.experts[0]), self.folder(v), cfg_dtype, tokenizer=self.copy_tokenizer)
+            if layers is not None:
+                from ..slicing import patch_config
+                patch_config(self.folder(v), layers)
+            if self.model_card:
+                write_model_card(self.folder(v), recipe_yaml=getattr(r, "_card_yaml", None) or r.to_yaml(),
+                                 version=__version__, inputs=sums,
+                                 extra=(f"Variant `{v}` of method `{p.method.name}`." if v else ""))
 
     def abort(self) -> None:
         for w in self.writers.values():

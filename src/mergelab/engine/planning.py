@@ -53,6 +53,34 @@ def _fmt_shape(s) -> str:
     return str(tuple(int(x) for x in s))
 
 
+# config.json fields that must agree between merged checkpoints (unless allow_crimes)
+ARCH_FIELDS = ("architectures", "model_type")
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "n_embd", "n_layer", "n_head")
+
+
+def check_configs(ref: Input, others: Sequence[Input], allow_crimes: bool, skip: tuple[str, ...] = ()) -> None:
+    """Refuse checkpoints whose config.json disagree on the architecture (``architectures``,
+    ``model_type``) or on a shape field, naming both models and the field, unless
+    ``allow_crimes`` (mergekit's name).  Missing configs or fields are not compared."""
+    rc = getattr(ref.ckpt, "config", None)
+    if not isinstance(rc, dict):
+        return
+    for o in others:
+        oc = getattr(o.ckpt, "config", None)
+        if o.ckpt is ref.ckpt or not isinstance(oc, dict):
+            continue
+        for f in ARCH_FIELDS + SHAPE_FIELDS:
+            if f in skip or f not in rc or f not in oc or rc[f] == oc[f]:
+                continue
+            if allow_crimes and f in ARCH_FIELDS:
+                continue
+            hint = (" (pass --allow-crimes / allow_crimes=True to merge different architectures)"
+                    if f in ARCH_FIELDS else " (checkpoints of different shapes cannot be merged)")
+            raise MergelabError(f"config.json field '{f}' differs: {rc[f]!r} in {ref.label} but {oc[f]!r}"
+                                f" in {o.label}{hint}")
+
+
 def check_compatible(ref: Input, others: Sequence[Input], names: Sequence[str] | None = None) -> None:
     """Every input holds the reference's tensor names with the reference's shapes (only the
     tensors ``names`` when given: the others may differ, e.g. task heads)."""
@@ -112,13 +140,31 @@ def _open_stats(r: Recipe, method: MethodSpec, entries, inputs) -> tuple[dict[st
     return stats, model_params
 
 
+def _expand_slices(r: Recipe, inputs: Mapping | None, allow_crimes: bool) -> tuple[Recipe, Mapping | None]:
+    """mergekit's ``slices:``: a plain recipe over per-slot layer views (see slicing.py)."""
+    from ..slicing import expand
+    cache: dict[str, Input] = {}
+
+    def opener(ref, where):
+        return open_input(ref, r.resolve_path, where, inputs, cache).ckpt
+
+    r2, inputs = expand(r, inputs, opener)
+    srcs = list({id(i.ckpt): i for i in cache.values()}.values())
+    # every source model, also of single-source slices (layer counts may differ: stacking)
+    check_configs(srcs[0], srcs[1:], allow_crimes, skip=("num_hidden_layers", "n_layer"))
+    return r2, inputs
+
+
 def plan(recipe: Any, *, dtype: str | None = None, inputs: Mapping | None = None,
-         names: Sequence[str] | None = None) -> Plan:
+         names: Sequence[str] | None = None, allow_crimes: bool = False) -> Plan:
     """Validate a recipe against its checkpoints and resolve every tensor's parameters.
 
-    ``names`` (optional) restricts the merge to those tensors of the reference, in that order."""
+    ``names`` (optional) restricts the merge to those tensors of the reference, in that order;
+    ``allow_crimes`` merges checkpoints whose config.json name different architectures."""
     r = Recipe.load(recipe)
     method = get_method(r.merge_method)
+    if r.slices is not None:
+        r, inputs = _expand_slices(r, inputs, allow_crimes)
     inputs = stages.before_merge(r, inputs)   # align: the models it moves are read through permuted views
     if not r.models:
         raise MergelabError("recipe: 'models' is empty")
@@ -140,6 +186,7 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: Mapping | None = None
         missing = [n for n in names if n not in ref.ckpt]
         if missing:
             raise MergelabError(f"tensor '{missing[0]}' is not in {ref.label}")
+    check_configs(ref, experts + ([base] if base is not None else []), allow_crimes)
     check_compatible(ref, experts + ([base] if base is not None else []), names)
     all_names = ref.ckpt.keys() if names is None else list(names)
     merged = {n for n in all_names if ref.ckpt.dtype(n).is_floating_point}

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import MergelabError
-from ..io.writer import DEFAULT_SHARD_SIZE, AtomicFolder, parse_size, sha256_file
+from ..io.writer import DEFAULT_SHARD_SIZE, AtomicFolder, TensorSpec, check_shard_size, parse_size, sha256_file
 from . import stages
 from .driver import DEFAULT_BLOCK_SIZE, Driver
 from .jobs import make_jobs, run_jobs
@@ -99,7 +99,8 @@ def _threads(threads: int | None) -> int:
 def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: str | None = None,
           shard_size: int | str | None = None, device: str | None = None, threads: int | None = None,
           quiet: bool = False, allow_nonfinite: bool | None = None, inputs: dict | None = None,
-          checksums: bool = True, block_size: int | str | None = None) -> MergeResult:
+          checksums: bool = True, block_size: int | str | None = None, allow_crimes: bool = False,
+          seed: int | None = None, copy_tokenizer: bool = True, model_card: bool = True) -> MergeResult:
     """Run a merge recipe (a YAML path, YAML text, dict or :class:`Recipe`) into the folder ``out``.
 
     ``dtype`` overrides the recipe's stored dtype; ``shard_size`` like ``"5GB"``; ``device``
@@ -109,12 +110,22 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     Checkpoint-like objects (e.g. lazily permuted views).  ``block_size``: float32 bytes of
     one input's row block for elementwise methods (default ``1MiB``); the output does not
     depend on it.  Multi-output methods write one sub-folder of ``out`` per variant.
+    ``allow_crimes`` merges checkpoints of different architectures (config.json
+    ``architectures``/``model_type``); ``seed`` overrides the recipe's ``seed``;
+    ``copy_tokenizer=False`` copies the config files but no tokenizer files;
+    ``model_card=False`` writes no README.md.
     """
     t0 = time.perf_counter()
-    p = plan(recipe, dtype=dtype, inputs=inputs)
+    p = plan(recipe, dtype=dtype, inputs=inputs, allow_crimes=allow_crimes)
     r = p.recipe
+    if seed is not None and int(seed) != r.seed:  # --random-seed: recorded in the model card too
+        extra = {k: getattr(r, k) for k in ("_base_dir", "_card_yaml", "_layer_count") if hasattr(r, k)}
+        r = p.recipe = r.model_copy(update={"seed": int(seed)})
+        for k, v in extra.items():
+            setattr(r, k, v)
     allow = r.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
     size = parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE)
+    check_shard_size([TensorSpec(n, p.shape(n), p.out_dtype[n]) for n in p.names], size)
     nthreads = _threads(threads)
     block_bytes = parse_size(block_size if block_size is not None else DEFAULT_BLOCK_SIZE)
     d = Driver(p, device=device or r.device or "cpu", storage="cpu", seed=r.seed, allow_nonfinite=allow,
@@ -132,7 +143,7 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     outs = None
     try:
         with atomic as tmp:
-            outs = Outputs(p, tmp, size)
+            outs = Outputs(p, tmp, size, copy_tokenizer=copy_tokenizer, model_card=model_card)
             run_jobs(d, jobs, d.prepass(), outs.put, nthreads, lambda: bar.update(1))
             outs.finish(sums.result(), lambda: bar.update(1))
             stages.after_merge(p, tmp, shard_size=size, quiet=quiet)

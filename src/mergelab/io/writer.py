@@ -28,20 +28,43 @@ from .reader import TORCH_TO_ST, open_checkpoint
 DEFAULT_SHARD_SIZE = 5_000_000_000
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_size(s: str | int) -> int:
-    """``5GB`` -> 5_000_000_000, ``500MiB`` -> 524288000, ``1234`` -> 1234."""
+    """A byte count: ``5GB`` -> 5_000_000_000, ``500MiB`` -> 524288000, ``1234`` -> 1234.
+
+    Units (case-insensitive): B, KB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers
+    of 1024); anything else is an error.  ``5B`` is five bytes: the shard writer refuses a
+    shard size smaller than every tensor (mergekit's ``--out-shard-size 5B`` means 5e9 bytes:
+    use that flag, or ``5GB``, for mergekit's meaning).
+    """
     if isinstance(s, int) and not isinstance(s, bool):
         n = s
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(s))
         if not m or m.group(2).lower() not in _UNITS:
-            raise MergelabError(f"shard size: expected a size like 5GB, 500MB or a byte count, found {s!r}")
+            raise MergelabError(f"shard size: expected a size like 5GB, 500MB, 2GiB or a byte count"
+                                f" (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), found {s!r}")
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if n <= 0:
         raise MergelabError(f"shard size: must be positive, found {s!r}")
+    return n
+
+
+def parse_mergekit_size(s: str | int) -> int:
+    """mergekit's ``--out-shard-size``: an integer with an optional K, M or B suffix
+    (thousand, million, billion; case-insensitive), a number of bytes: ``5B`` = 5e9 bytes."""
+    if isinstance(s, int) and not isinstance(s, bool):
+        n = s
+    else:
+        m = re.fullmatch(r"\s*([0-9]+)\s*([kmbKMB]?)\s*", str(s))
+        if not m:
+            raise MergelabError(f"--out-shard-size: expected an integer with an optional K, M or B suffix"
+                                f" (mergekit's units: 5B = 5 billion bytes), found {s!r}")
+        n = int(m.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[m.group(2).lower()]
+    if n <= 0:
+        raise MergelabError(f"--out-shard-size: must be positive, found {s!r}")
     return n
 
 
@@ -119,6 +142,16 @@ class TensorSpec:
         return n
 
 
+def check_shard_size(plan: Iterable[TensorSpec], shard_size: int) -> None:
+    """Refuse a shard size smaller than every (non-empty) tensor: no shard could hold even one,
+    which is what ``5B`` (five bytes) read for mergekit's "5 billion" would do."""
+    sizes = [t.nbytes for t in plan if t.nbytes > 0]
+    if sizes and shard_size < min(sizes):
+        raise MergelabError(
+            f"shard size {shard_size} bytes is smaller than every tensor (the smallest has {min(sizes)} bytes);"
+            " did you mean GB? (mergekit's --out-shard-size 5B is 5 billion bytes; here write 5GB)")
+
+
 class ShardedWriter:
     """Write a known set of tensors into HF-style shards; thread-safe :meth:`write`.
 
@@ -132,6 +165,7 @@ class ShardedWriter:
                  shard_size: int = DEFAULT_SHARD_SIZE, metadata: dict[str, str] | None = None):
         self.folder = Path(folder)
         self.plan = list(plan)
+        check_shard_size(self.plan, shard_size)
         groups: list[list[TensorSpec]] = [[]]
         size = 0
         for t in self.plan:
@@ -227,8 +261,14 @@ _COPY = re.compile(r"^(config\.json|generation_config\.json|tokenizer.*|vocab\..
                    r"modules\.json|config_sentence_transformers\.json)$")
 
 
-def copy_model_files(src: str | os.PathLike | None, dst: str | os.PathLike, dtype: torch.dtype | None = None) -> list[str]:
-    """Copy config and tokenizer files of the folder ``src`` into ``dst``; set the config's dtype."""
+_TOKENIZER = re.compile(r"^(tokenizer.*|vocab\..*|merges\.txt|special_tokens_map\.json|added_tokens\.json|"
+                        r".*\.model|chat_template.*)$")
+
+
+def copy_model_files(src: str | os.PathLike | None, dst: str | os.PathLike, dtype: torch.dtype | None = None,
+                     tokenizer: bool = True) -> list[str]:
+    """Copy config and (unless ``tokenizer=False``) tokenizer files of the folder ``src`` into
+    ``dst``; set the config's dtype."""
     if src is None:
         return []
     src = Path(src)
@@ -236,7 +276,7 @@ def copy_model_files(src: str | os.PathLike | None, dst: str | os.PathLike, dtyp
         src = src.parent
     copied = []
     for f in sorted(src.iterdir()):
-        if f.is_file() and _COPY.match(f.name):
+        if f.is_file() and _COPY.match(f.name) and (tokenizer or not _TOKENIZER.match(f.name)):
             shutil.copyfile(f, Path(dst) / f.name)
             copied.append(f.name)
     cfg = Path(dst) / "config.json"
@@ -323,5 +363,5 @@ def save_state(state: Mapping[str, torch.Tensor], out: str | os.PathLike, like: 
     return Path(out)
 
 
-__all__ = ["AtomicFolder", "ShardedWriter", "TensorSpec", "DEFAULT_SHARD_SIZE", "parse_size", "parse_dtype",
+__all__ = ["AtomicFolder", "ShardedWriter", "TensorSpec", "DEFAULT_SHARD_SIZE", "parse_size", "parse_mergekit_size", "check_shard_size", "parse_dtype",
            "copy_model_files", "write_model_card", "sha256_file", "save_state", "open_checkpoint"]

@@ -1,0 +1,307 @@
+"""Sparsified task-vector merges of mergekit's generalized family: ``breadcrumbs``,
+``breadcrumbs_ties``, ``della`` and ``della_linear``.
+
+Each model's task vector ``τ_i = θ_i − θ_0`` is sparsified, multiplied by its weight, then
+either summed (``*_linear`` / ``breadcrumbs``; divided by ``Σ w`` with ``normalize``) or
+merged by TIES sign consensus (``*_ties`` / ``della``: the elected sign of ``Σ w_i τ_i``,
++ where the sum is 0; only entries of that sign are summed, divided with ``normalize`` by
+the weights of the agreeing entries), and ``θ_0 + λ·τ_m`` is returned.
+
+* Breadcrumbs (Davari & Belilovsky 2023): per tensor, drop the ``⌊γ·n⌋`` largest and the
+  smallest magnitudes so that ``⌊density·n⌋`` entries survive (when ``γ`` leaves too few,
+  fewer of the largest are dropped).  Deterministic: entries are ranked by |τ| and, among
+  equal magnitudes, the lower flat index ranks higher.  With ``rescale`` the kept entries are
+  scaled so the L1 norm of the task vector is unchanged.  Streamed: a tensor prepass finds the
+  two cuts by radix select over the row blocks (exact, as TIES does) and the L1 sums
+  (per-row float64 sums added with ``fsum``), so the bytes do not depend on the block size.
+* DELLA (Deep et al. 2024, MagPrune): per row (the whole tensor for a vector), each entry is
+  kept with probability ``p = density − ε + 2ε·r`` where ``r`` ∈ [0, 1] is its magnitude rank
+  in the row (0 for the smallest); with ``rescale`` a kept entry is divided by its ``p``, so
+  the sparsified vector equals ``τ`` in expectation.  The draws come from CPU generators
+  seeded with (recipe seed, tensor name, model index) (:func:`sparse.tensor_seed`) and the
+  entry's 2^20-entry chunk (:func:`uniforms`), then moved to the tensor's device: the same
+  recipe gives the same bytes on CPU and GPU and for any block size.  Streamed: the ranks
+  of a matrix's rows lie inside a row block; for a vector a tensor prepass ranks the whole.
+
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Annotated
+
+import torch
+from torch import Tensor
+
+from ..errors import MergelabError
+from .registry import Range, TensorContext, merge_method
+from .sparse import (CHUNK, Density, Trim, _chunk_seed, disjoint_merge, elect_sign, kth_largest_many, tensor_seed,
+                     trim_keep)
+
+Frac = Annotated[list[float], Range(0, 1)]
+
+
+def combine(taus: list[Tensor], weight: list[float], consensus: bool, normalize: bool) -> Tensor:
+    """mergekit's generalized task-arithmetic combination of (already sparsified) task vectors."""
+    weighted = [t * w if w != 1.0 else t for t, w in zip(taus, weight)]
+    if consensus:
+        gamma = elect_sign(weighted, "mass", zero_sign=1.0)
+        return disjoint_merge(weighted, weight, gamma, normalize)
+    acc = weighted[0].clone()
+    for x in weighted[1:]:
+        acc += x
+    total = math.fsum(weight)
+    if normalize and abs(total) >= 1e-8:
+        acc /= total
+    return acc
+
+
+def _finish(base: Tensor, tau: Tensor, lam: float) -> Tensor:
+    if lam != 1.0:
+        tau = tau * lam
+    return base + tau
+
+
+# ------------------------------------------------------------------ breadcrumbs
+
+def breadcrumbs_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """(smallest dropped, largest dropped) of a tensor of ``n`` entries: ``⌊density·n⌋`` kept,
+    ``⌊γ·n⌋`` of the largest dropped unless that leaves fewer than ``⌊density·n⌋``."""
+    keep = int(density * n)
+    top = int(gamma * n)
+    bot = n - keep - top
+    if bot < 0:
+        top += bot
+        bot = 0
+    return bot, top
+
+
+@dataclass
+class CrumbState:
+    """One model's breadcrumbs band over a tensor: keep the ``hi`` largest (a Trim, None = all)
+    minus the ``lo`` largest (None = none); ``scale`` the L1 rescale factor (1 without)."""
+
+    hi: Trim | None
+    lo: Trim | None
+    scale: float = 1.0
+
+
+def _rows_abs_sum(x: Tensor) -> list[float]:
+    r = x.reshape(x.shape[0], -1) if x.dim() >= 1 else x.reshape(1, 1)
+    return r.double().abs().sum(dim=1).tolist()
+
+
+def breadcrumbs_prepass(params: dict, blocks) -> list[CrumbState | None]:
+    """Each model's band (exact: radix select over the blocks' |τ|, two ranks per model) and,
+    with ``rescale``, its L1 factor (per-row float64 sums added with ``fsum``), from a
+    restartable stream of the tensor's row blocks; the result does not depend on the cut."""
+    density, gamma = params["density"], params["gamma"]
+    m = len(density)
+    numel = []
+
+    def taus():
+        for ctx, base, ts in blocks():
+            if not numel:
+                numel.append(ctx.numel if ctx.numel is not None else base.numel())
+            yield [t - base for t in ts]
+
+    first = next(iter(taus()), None)
+    if first is None:
+        return [None] * m
+    n = numel[0]
+    ranks: list[int | None] = []
+    for i in range(m):
+        if density[i] >= 1.0 or n == 0:
+            ranks += [None, None]
+            continue
+        bot, top = breadcrumbs_counts(n, density[i], gamma[i])
+        ranks += [n - bot if bot > 0 else None, top if top > 0 else None]
+
+    def abs_chunks():
+        for ts in taus():
+            flat = [t.reshape(-1) for t in ts]
+            for a in range(0, flat[0].numel(), CHUNK):
+                cs = [f[a:a + CHUNK].abs().cpu() for f in flat]
+                yield [cs[j // 2] if ranks[j] is not None else None for j in range(2 * m)]
+
+    found = kth_largest_many(abs_chunks, ranks) if any(r is not None for r in ranks) else [None] * (2 * m)
+    states: list[CrumbState | None] = []
+    for i in range(m):
+        if density[i] >= 1.0:
+            states.append(None)
+            continue
+        hi, lo = found[2 * i], found[2 * i + 1]
+        states.append(CrumbState(None if hi is None else Trim(hi[0], ranks[2 * i] - hi[1]),
+                                 None if lo is None else Trim(lo[0], ranks[2 * i + 1] - lo[1])))
+    if params.get("rescale"):
+        probe = [None if st is None else CrumbState(copy.copy(st.hi), copy.copy(st.lo)) for st in states]
+        before: list[list[float]] = [[] for _ in range(m)]
+        after: list[list[float]] = [[] for _ in range(m)]
+        pos = 0
+        for ts in taus():
+            for i, (tau, st) in enumerate(zip(ts, probe)):
+                if st is None:
+                    continue
+                before[i] += _rows_abs_sum(tau)
+                after[i] += _rows_abs_sum(tau * crumbs_keep(tau, st, pos))
+            pos += ts[0].numel()
+        for i, st in enumerate(states):
+            if st is not None:
+                b, a = math.fsum(before[i]), math.fsum(after[i])
+                st.scale = b / a if b >= 1e-8 and a >= 1e-8 else 1.0
+    return states
+
+
+def crumbs_keep(tau: Tensor, st: CrumbState, start: int) -> Tensor:
+    """The keep-mask of a block of τ starting at flat index ``start`` (blocks in flat order)."""
+    flat = tau.reshape(-1)
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=tau.device)
+    for a in range(0, flat.numel(), CHUNK):
+        c = flat[a:a + CHUNK]
+        k = torch.ones(c.numel(), dtype=torch.bool, device=tau.device)
+        if st.hi is not None:
+            k &= trim_keep(c, st.hi, start + a)
+        if st.lo is not None:
+            k &= ~trim_keep(c, st.lo, start + a)
+        keep[a:a + c.numel()] = k
+    return keep.reshape(tau.shape)
+
+
+def breadcrumbs_mask(tau: Tensor, density: float, gamma: float) -> Tensor | None:
+    """Keep-mask (bool, same shape) of breadcrumbs' magnitude band of a whole tensor; None keeps
+    everything.  Order: |τ| descending, then flat index ascending."""
+    (st,) = breadcrumbs_prepass({"density": [density], "gamma": [gamma]},
+                                lambda: iter([(TensorContext(), torch.zeros_like(tau), [tau])]))
+    return None if st is None else crumbs_keep(tau, st, 0)
+
+
+def _breadcrumbs(ctx, tensors, base, weight, density, gamma, lambda_, normalize, rescale, consensus):
+    states = ctx.tensor_state
+    if states is None:
+        states = breadcrumbs_prepass({"density": density, "gamma": gamma, "rescale": rescale},
+                                     lambda: iter([(TensorContext(), base, tensors)]))
+    taus = []
+    for t, st in zip(tensors, states):
+        tau = t - base
+        if st is not None:
+            tau.mul_(crumbs_keep(tau, st, ctx.offset if ctx.tensor_state is not None else 0))
+            if st.scale != 1.0:
+                tau.mul_(st.scale)
+        taus.append(tau)
+    return _finish(base, combine(taus, weight, consensus, normalize), lambda_)
+
+
+@merge_method("breadcrumbs", needs_base=True, elementwise=True, tensor_prepass=breadcrumbs_prepass)
+def breadcrumbs(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext, weight: list[float] = 1.0,
+                density: Density = 1.0, gamma: Frac = 0.01, lambda_: float = 1.0,
+                normalize: bool = False, rescale: bool = False, int8_mask: bool = False) -> Tensor:
+    """Model Breadcrumbs: each task vector keeps the band of magnitudes between its smallest
+    ``1 − density − γ`` and its largest ``γ`` fractions, then task arithmetic."""
+    return _breadcrumbs(ctx, tensors, base, weight, density, gamma, lambda_, normalize, rescale, False)
+
+
+@merge_method("breadcrumbs_ties", needs_base=True, elementwise=True, tensor_prepass=breadcrumbs_prepass)
+def breadcrumbs_ties(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext, weight: list[float] = 1.0,
+                     density: Density = 1.0, gamma: Frac = 0.01, lambda_: float = 1.0,
+                     normalize: bool = False, rescale: bool = False, int8_mask: bool = False) -> Tensor:
+    """Model Breadcrumbs' sparsification, then TIES sign consensus."""
+    return _breadcrumbs(ctx, tensors, base, weight, density, gamma, lambda_, normalize, rescale, True)
+
+
+# ------------------------------------------------------------------ DELLA
+
+def della_probs(tau: Tensor, density: float, epsilon: float) -> Tensor:
+    """Keep probabilities of MagPrune: per row, ``density − ε + 2ε·(rank − 1)/(m − 1)``, the rank
+    (1 = smallest |τ|, ties by index) among the row's ``m`` entries; a vector is one row."""
+    x = tau.reshape(1, -1) if tau.dim() < 2 else tau.movedim(1, -1)  # rows: dim 1 of a matrix or more
+    m = x.shape[-1]
+    order = torch.sort(x.abs(), dim=-1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(m, device=tau.device).expand_as(order))
+    r = ranks.to(torch.float32) / (m - 1) if m > 1 else torch.zeros_like(x)
+    p = (density - epsilon) + r * (2 * epsilon)
+    return p.reshape(tau.shape) if tau.dim() < 2 else p.movedim(-1, 1)
+
+
+def uniforms(start: int, stop: int, seed: int, device=None) -> Tensor:
+    """Uniform [0, 1) draws for the flat entries ``start:stop`` of a tensor: entry j takes the
+    ``(j mod 2^20)``-th draw of a CPU generator seeded with ``(seed, j // 2^20)``, so an entry's
+    draw does not depend on how the tensor is cut into blocks, nor on the device."""
+    out = torch.empty(max(0, stop - start), dtype=torch.float32)
+    g = torch.Generator(device="cpu")
+    pos = start
+    while pos < stop:
+        c = pos // CHUNK
+        lo, hi = pos - c * CHUNK, min(stop - c * CHUNK, CHUNK)
+        g.manual_seed(_chunk_seed(seed, c))
+        out[pos - start:pos - start + hi - lo] = torch.rand(hi, generator=g)[lo:]
+        pos = c * CHUNK + hi
+    return out if device is None else out.to(device)
+
+
+def della_sparsify(tau: Tensor, density: float, epsilon: float, rescale: bool, seed: int,
+                   start: int = 0, probs: Tensor | None = None) -> Tensor:
+    """One task vector (or a row block of it, flat index ``start``) through MagPrune (see the
+    module doc); ``seed`` fixes the draws; ``probs``: the keep probabilities when they are not
+    computed from ``tau`` itself (a block of a vector)."""
+    if density >= 1.0:
+        return tau
+    p = della_probs(tau, density, epsilon) if probs is None else probs
+    u = uniforms(start, start + tau.numel(), seed, tau.device).reshape(tau.shape)
+    keep = u < p
+    out = tau * keep
+    if rescale:
+        out /= p
+    return out
+
+
+def della_prepass(params: dict, blocks) -> list | None:
+    """For a vector (1-D tensor, one row whose ranks span every block): each model's keep
+    probabilities over the whole vector; None for matrices (every row lies in one block)."""
+    parts: list[list[Tensor]] | None = None
+    for _ctx, base, ts in blocks():
+        if base.dim() != 1:
+            return None
+        if parts is None:
+            parts = [[] for _ in ts]
+        for i, t in enumerate(ts):
+            parts[i].append(t - base)
+    if parts is None:
+        return None
+    return [None if d >= 1.0 else della_probs(torch.cat(p), d, e)
+            for p, d, e in zip(parts, params["density"], params["epsilon"])]
+
+
+def _della(ctx, tensors, base, weight, density, epsilon, lambda_, normalize, rescale, consensus):
+    taus = []
+    probs = ctx.tensor_state
+    for i, (t, d, e) in enumerate(zip(tensors, density, epsilon)):
+        if d < 1.0 and not (d - e > 0 and d + e < 1):
+            raise MergelabError(
+                f"{ctx.name or 'della'}: models[{i}]: epsilon {e:g} must leave density ± epsilon inside (0, 1)"
+                f" (density {d:g})")
+        p = None if probs is None or probs[i] is None else probs[i][ctx.offset:ctx.offset + t.numel()]
+        taus.append(della_sparsify(t - base, d, e, rescale, tensor_seed(ctx.seed, ctx.name, i),
+                                   start=ctx.offset, probs=p))
+    return _finish(base, combine(taus, weight, consensus, normalize), lambda_)
+
+
+@merge_method("della", needs_base=True, elementwise=True, tensor_prepass=della_prepass)
+def della(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext, weight: list[float] = 1.0,
+          density: Density = 1.0, epsilon: Annotated[list[float], Range(0, 1)] = 0.15,
+          lambda_: float = 1.0, normalize: bool = True, rescale: bool = True,
+          int8_mask: bool = False) -> Tensor:
+    """DELLA: MagPrune sampling of each task vector (keep probability rising with the entry's
+    magnitude rank in its row, from ``density − ε`` to ``density + ε``), rescaled by
+    ``1/p``, then TIES sign consensus and ``θ_0 + λ·τ_m``."""
+    return _della(ctx, tensors, base, weight, density, epsilon, lambda_, normalize, rescale, True)
+
+
+@merge_method("della_linear", needs_base=True, elementwise=True, tensor_prepass=della_prepass)
+def della_linear(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext, weight: list[float] = 1.0,
+                 density: Density = 1.0, epsilon: Annotated[list[float], Range(0, 1)] = 0.15,
+                 lambda_: float = 1.0, normalize: bool = False, rescale: bool = True,
+                 int8_mask: bool = False) -> Tensor:
+    """DELLA's MagPrune sampling, then the weighted sum of the task vectors (no consensus)."""
+    return _della(ctx, tensors, base, weight, density, epsilon, lambda_, normalize, rescale, False)
