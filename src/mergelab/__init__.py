@@ -4,16 +4,19 @@ The public API is re-exported here; the README documents each name.
 """
 __version__ = "0.1.0"
 
-from .errors import MergelabError  # noqa: E402
-from .merge import merge  # noqa: E402
-from .io import load_state, open_checkpoint, save_state  # noqa: E402
-from .align import (Permutation, PermutationSpec, activation_matching, load_permutation,  # noqa: E402
-                    permutation_spec, permute, save_permutation, weight_matching)
-from .stats import activation_stats, diagonal_fisher, gram_matrices  # noqa: E402
-from .methods.fisher import fisher_merge  # noqa: E402
-from .methods.regmean import regmean_merge  # noqa: E402
-from .methods.search import coefficient_search  # noqa: E402
-from .repair import TaskConditionedModel, repair, tact  # noqa: E402
+from ._startup import quiet_interrupt  # noqa: E402
+
+with quiet_interrupt():  # the mergelab command: Ctrl-C while torch loads exits quietly
+    from .errors import MergelabError  # noqa: E402
+    from .merge import merge  # noqa: E402
+    from .io import load_state, open_checkpoint, save_state  # noqa: E402
+    from .align import (Permutation, PermutationSpec, activation_matching, load_permutation,  # noqa: E402
+                        permutation_spec, permute, save_permutation, weight_matching)
+    from .stats import activation_stats, diagonal_fisher, gram_matrices  # noqa: E402
+    from .methods.fisher import fisher_merge  # noqa: E402
+    from .methods.regmean import regmean_merge  # noqa: E402
+    from .methods.search import coefficient_search  # noqa: E402
+    from .repair import TaskConditionedModel, repair, tact  # noqa: E402
 
 __all__ = [
     "__version__", "MergelabError",

@@ -5,24 +5,67 @@ Every user error surfaces as a :class:`~mergelab.errors.MergelabError`, printed 
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+from pathlib import Path
 
-import click
+from ._startup import quiet_interrupt
 
-from . import __version__
-from .errors import MergelabError
+with quiet_interrupt():
+    import click
+
+    from . import __version__
+    from .errors import MergelabError
+
+
+def _interrupted(e: BaseException) -> None:
+    """Ctrl-C, SIGTERM, SIGHUP: one line, exit 128 + the signal number (130 for Ctrl-C)."""
+    from .io.outputs import Interrupted
+
+    signum = e.signum if isinstance(e, Interrupted) else 2
+    name = {2: "Ctrl-C", 15: "SIGTERM", 1: "SIGHUP"}.get(signum, f"signal {signum}")
+    click.echo(f"error: interrupted ({name}); temporary output removed", err=True)
+    sys.exit(128 + signum)
 
 
 class _Group(click.Group):
+    """Every way out is one ``error:`` line on stderr: user errors and click's usage errors
+    (exit 2), signals (exit 128 + signum)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        from .io.outputs import install_signal_handlers
+
+        install_signal_handlers()
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            msg = " ".join(e.format_message().split())
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            click.echo(f"error: {msg}{hint}", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort as e:   # click turns KeyboardInterrupt into Abort
+            _interrupted(e.__context__ or e)
+        except KeyboardInterrupt as e:
+            _interrupted(e)
+        except MergelabError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MergelabError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted; no output was written", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            _interrupted(e)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -144,18 +187,25 @@ def _stats_options(f):
     return f
 
 
-def _stats_inputs(model, data_path, model_code, batch_size, limit, image_size, text_column,
-                  label_column, max_length, quiet):
-    from .stats import distributed
+@contextlib.contextmanager
+def _stats_run(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
+               label_column, max_length, quiet):
+    """``(net, data)`` with the output file checked (not an input, parent writable) and locked
+    before the model and data are read; the lock is held until the file is written."""
     from .io.models import load_model
+    from .io.outputs import Output, model_code_path
+    from .stats import distributed
     from .stats.data import load_data, model_label2id
 
     distributed.init()
-    net, tok = load_model(model, model_code, progress=not quiet)
-    data = load_data(data_path, batch_size=batch_size, tokenizer=tok, text_column=text_column,
-                     label_column=label_column, label2id=model_label2id(net), max_length=max_length,
-                     image_size=image_size, limit=limit)
-    return net, data
+    out = Output(output, kind="file", option="-o",
+                 inputs=[("MODEL", model), ("--data", data_path), ("--model-code", model_code_path(model_code))])
+    with out if distributed.is_writer() else contextlib.nullcontext():
+        net, tok = load_model(model, model_code, progress=not quiet)
+        data = load_data(data_path, batch_size=batch_size, tokenizer=tok, text_column=text_column,
+                         label_column=label_column, label2id=model_label2id(net), max_length=max_length,
+                         image_size=image_size, limit=limit)
+        yield net, data
 
 
 def _done(output, what):
@@ -179,11 +229,11 @@ def stats_fisher(model, data_path, output, model_code, batch_size, limit, image_
     """Diagonal Fisher of MODEL's parameters (mean of squared per-example gradients)."""
     from .stats import diagonal_fisher
 
-    net, data = _stats_inputs(model, data_path, model_code, batch_size, limit, image_size,
-                              text_column, label_column, max_length, quiet)
-    f = diagonal_fisher(net, data, mode=mode, n_examples=n_examples, seed=seed, backend=backend,
-                        progress=not quiet)
-    f.save(output)
+    with _stats_run(model, data_path, output, model_code, batch_size, limit, image_size,
+                    text_column, label_column, max_length, quiet) as (net, data):
+        f = diagonal_fisher(net, data, mode=mode, n_examples=n_examples, seed=seed, backend=backend,
+                            progress=not quiet)
+        f.save(output)
     _done(output, f"the {mode} Fisher of {len(f)} tensors over {f.n_examples} examples ({f.backend})")
 
 
@@ -198,11 +248,11 @@ def stats_activations(model, data_path, output, model_code, batch_size, limit, i
     """Per-channel mean/std of activations at sites."""
     from .stats import activation_stats
 
-    net, data = _stats_inputs(model, data_path, model_code, batch_size, limit, image_size,
-                              text_column, label_column, max_length, quiet)
-    st = activation_stats(net, data, list(sites) or None, head=None if head == "none" else head,
-                          progress=not quiet)
-    st.save(output)
+    with _stats_run(model, data_path, output, model_code, batch_size, limit, image_size,
+                    text_column, label_column, max_length, quiet) as (net, data):
+        st = activation_stats(net, data, list(sites) or None, head=None if head == "none" else head,
+                              progress=not quiet)
+        st.save(output)
     _done(output, f"statistics of {len(st.sites)} sites")
 
 
@@ -215,10 +265,10 @@ def stats_gram(model, data_path, output, model_code, batch_size, limit, image_si
     """Gram matrices XᵀX of linear layers' inputs (for RegMean)."""
     from .stats import gram_matrices
 
-    net, data = _stats_inputs(model, data_path, model_code, batch_size, limit, image_size,
-                              text_column, label_column, max_length, quiet)
-    g = gram_matrices(net, data, list(layers) or None, progress=not quiet)
-    g.save(output)
+    with _stats_run(model, data_path, output, model_code, batch_size, limit, image_size,
+                    text_column, label_column, max_length, quiet) as (net, data):
+        g = gram_matrices(net, data, list(layers) or None, progress=not quiet)
+        g.save(output)
     _done(output, f"{len(g)} Gram matrices")
 
 
@@ -251,7 +301,13 @@ def reproduce(suite: str, profile: str, out: str | None, quiet: bool) -> None:
     from .experiments.report import headline
     from .experiments.suites import run_suite
 
-    res = run_suite(suite, profile, out, quiet=quiet)
+    from .experiments.data import cache_dir
+    from .io.outputs import Output
+
+    out = out if out is not None else str(Path("runs") / suite)
+    with Output(out, kind="folder", option="--out", inputs=[("the data and model cache", cache_dir())],
+                replaces=False, parents=True):
+        res = run_suite(suite, profile, out, quiet=quiet)
     click.echo(headline(res))
     for n in res.get("notes", []):
         click.echo(f"note: {n}")

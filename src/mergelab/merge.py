@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import MergelabError
+from .io.outputs import Output
 from .io.reader import open_checkpoint
 from .io.writer import (DEFAULT_SHARD_SIZE, AtomicFolder, ShardedWriter, TensorSpec, copy_model_files,
                         parse_dtype, parse_size, sha256_file, write_model_card)
@@ -419,11 +420,24 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     ``1MiB``); the output does not depend on it.
     Multi-output methods write one sub-folder of ``out`` per variant.
     """
+    r = Recipe.load(recipe)
+    parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE, "--shard-size")  # option values
+    parse_size(block_size if block_size is not None else DEFAULT_BLOCK_SIZE, "--block-size")  # before any work
+    # the output is checked against every input and locked before any work, for the whole run
+    with Output(out, kind="folder", option="-o", force=force, inputs=r.input_paths(inputs)):
+        return _merge(r, out, force=force, dtype=dtype, shard_size=shard_size, device=device, threads=threads,
+                      quiet=quiet, allow_nonfinite=allow_nonfinite, inputs=inputs, checksums=checksums,
+                      block_size=block_size)
+
+
+def _merge(recipe: Any, out: str | os.PathLike, *, force: bool, dtype: str | None, shard_size: int | str | None,
+           device: str, threads: int | None, quiet: bool, allow_nonfinite: bool | None, inputs: dict | None,
+           checksums: bool, block_size: int | str | None) -> MergeResult:
     t0 = time.perf_counter()
     p = plan(recipe, dtype=dtype, inputs=inputs)
     r = p.recipe
     allow = r.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
-    size = parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE)
+    size = parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE, "--shard-size")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergelabError("--device cuda: CUDA is not available on this machine")
@@ -432,13 +446,14 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     nthreads = threads if threads else min(4, os.cpu_count() or 1)
     if nthreads < 1:
         raise MergelabError(f"--threads: expected a positive number, found {threads}")
-    block_bytes = parse_size(block_size if block_size is not None else DEFAULT_BLOCK_SIZE)
+    block_bytes = parse_size(block_size if block_size is not None else DEFAULT_BLOCK_SIZE, "--block-size")
     atomic = AtomicFolder(out, force)  # refuses an existing output before any work
 
     runner = _Runner(p, dev, allow, r.seed, block_bytes)
     if runner.blockable:
         _tune_malloc()
     specs = [TensorSpec(n, tuple(p.ref.ckpt.shape(n)), p.out_dtype[n]) for n in p.names]
+    atomic.check_space(sum(t.nbytes for t in specs))  # one variant's weights: a lower bound
     n_in = len({id(e.ckpt) for e in p.experts + ([p.base] if p.base else [])})
     # jobs: (name, rows per block or None for a whole tensor, row range or None for all rows)
     jobs: list[tuple[str, int | None, tuple[int, int] | None, int]] = []

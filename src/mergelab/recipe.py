@@ -123,7 +123,7 @@ class Recipe(BaseModel):
         resolved against the recipe file's folder when they do not exist from the cwd."""
         if isinstance(src, Recipe):
             return src
-        base_dir = None
+        base_dir = source = None
         if isinstance(src, dict):
             data = src
         else:
@@ -134,6 +134,7 @@ class Recipe(BaseModel):
                     raise MergelabError(f"{p}: recipe file not found")
                 text = p.read_text()
                 base_dir = p.resolve().parent
+                source = p
             else:
                 text = src
             try:
@@ -154,6 +155,7 @@ class Recipe(BaseModel):
         except ValidationError as e:
             raise MergelabError(f"{where}: {_one_line(e)}") from None
         r._base_dir = base_dir
+        r._source = source
         return r
 
     def resolve_path(self, p: Any) -> Any:
@@ -167,6 +169,71 @@ class Recipe(BaseModel):
         if bd is not None and (bd / path).exists():
             return bd / path
         return path
+
+    def input_paths(self, inputs: dict | None = None) -> list[tuple[str, Any]]:
+        """``(label, path)`` of every file or folder the recipe reads: the recipe file, models,
+        statistics files and other path-valued parameters, and the align/repair/tact inputs
+        (data, model code).  Objects given in ``inputs`` count by their ``path``."""
+        from .io.outputs import model_code_path
+
+        out: list[tuple[str, Any]] = []
+        bd = getattr(self, "_base_dir", None)
+        src = getattr(self, "_source", None)
+        if src is not None:
+            out.append(("the recipe", src))
+
+        def ref(label: str, v: Any, must_exist: bool = False) -> None:
+            if isinstance(v, str) and inputs and v in inputs:
+                v = inputs[v]
+            if not isinstance(v, (str, os.PathLike)):
+                v = getattr(v, "path", None)
+                if v is None:
+                    return
+            p = self.resolve_path(v)
+            if must_exist and not Path(p).exists():
+                return
+            out.append((label, p))
+
+        def params(prefix: str, ps: dict) -> None:
+            for k, v in ps.items():
+                vals = v if isinstance(v, list) else [v]
+                for x in vals:
+                    x = getattr(x, "value", x)
+                    if isinstance(x, str):  # a statistics file, or any value naming an existing path
+                        ref(f"{prefix}.{k}", x, must_exist=True)
+
+        def code(label: str, mc: str | None) -> None:
+            p = model_code_path(mc)
+            if p is None and mc and bd is not None:
+                p = model_code_path(str(bd / mc)) if ":" in mc else None
+            if p is not None:
+                out.append((label, p))
+
+        if self.base_model is not None:
+            ref("base_model", self.base_model)
+        for i, m in enumerate(self.models):
+            ref(f"models[{i}].model", m.model)
+            params(f"models[{i}].parameters", m.parameters)
+        params("parameters", self.parameters)
+        if self.align is not None:
+            a = self.align
+            for k in ("reference", "data"):
+                if getattr(a, k) is not None:
+                    ref(f"align.{k}", getattr(a, k))
+            if a.transfer is not None:
+                ref("align.transfer.foundation_b", a.transfer.foundation_b)
+                for j, e in enumerate(a.transfer.experts):
+                    ref(f"align.transfer.experts[{j}]", e)
+            code("align.model_code", a.model_code)
+        if self.repair is not None:
+            ref("repair.data", self.repair.data)
+            code("repair.model_code", self.repair.model_code)
+        if self.tact is not None:
+            for t, task in self.tact.tasks.items():
+                ref(f"tact.tasks.{t}.data", task.data)
+                ref(f"tact.tasks.{t}.model", task.model)
+            code("tact.model_code", self.tact.model_code)
+        return out
 
     def to_yaml(self) -> str:
         d = self.model_dump(exclude_none=True, exclude_defaults=False, mode="python")
