@@ -77,12 +77,12 @@ def main() -> None:
 # ---------------------------------------------------------------- merge / inspect
 @main.command("merge")
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (created atomically).")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output folder (created atomically).")
 @click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
 @click.option("--dtype", default=None, help="Stored dtype: float32, float16 or bfloat16 (default: the recipe's, else the base model's).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Maximum shard size, e.g. 5GB, 500MB.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where tensors are merged.")
-@click.option("--threads", type=int, default=None, help="Worker threads (default: all cores, at most 4).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Worker threads (default: all cores, at most 4).")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Merge even when a tensor holds NaN or Inf.")
 @click.option("--no-checksums", is_flag=True, help="Skip the inputs' sha256 in the model card.")
 @click.option("--block-size", default="1MiB", show_default=True,
@@ -126,20 +126,20 @@ def _shape(ctx, param, value):
 @main.command("align")
 @click.argument("reference", type=click.Path())
 @click.argument("others", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--out", required=True, type=click.Path(),
               help="Output folder: one <name>.permutation.safetensors per OTHER (and checkpoints, see below).")
 @click.option("--model-code", default=None, metavar="MODULE:FACTORY",
               help="Function returning the architecture (not needed for Hugging Face folders with config.json).")
 @click.option("--method", type=click.Choice(["weight", "activation"]), default="weight", show_default=True)
 @click.option("--data", default=None, type=click.Path(),
               help="Activation matching data: image folder, .npz, .csv or .jsonl (read locally).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for --data.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size for --data.")
 @click.option("--input-shape", default=None, callback=_shape, metavar="N,C,H,W",
               help="Example input shape for tracing (random floats); default: the first --data batch, or generated for HF models.")
 @click.option("--transfer-to", multiple=True, type=click.Path(),
               help="An expert fine-tuned from the (single) OTHER: write it permuted by OTHER's permutation (repeatable).")
 @click.option("--checkpoints", is_flag=True, help="Also write each OTHER permuted, as a checkpoint folder <name>/.")
-@click.option("--max-iter", type=int, default=100, show_default=True, help="Weight matching: most sweeps.")
+@click.option("--max-iter", type=click.IntRange(min=1), default=100, show_default=True, help="Weight matching: most sweeps.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shard-size", default="5GB", show_default=True, help="Shard size of written checkpoints.")
 @click.option("--force", is_flag=True, help="Replace existing outputs.")
@@ -174,12 +174,12 @@ def _stats_options(f):
         click.option("-o", "--output", required=True, type=click.Path(), help="Output .safetensors file."),
         click.option("--model-code", default=None, metavar="MODULE:FACTORY",
                      help="For a checkpoint MODEL: a function that builds the nn.Module."),
-        click.option("--batch-size", default=32, show_default=True, type=int),
-        click.option("--limit", default=None, type=int, help="Use at most this many examples of the data."),
-        click.option("--image-size", default=None, type=int, help="Resize images to this square size."),
+        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
+        click.option("--limit", default=None, type=click.IntRange(min=1), help="Use at most this many examples of the data."),
+        click.option("--image-size", default=None, type=click.IntRange(min=1), help="Resize images to this square size."),
         click.option("--text-column", default=None, help="Text column of .csv/.jsonl (default: text)."),
         click.option("--label-column", default="label", show_default=True),
-        click.option("--max-length", default=128, show_default=True, type=int),
+        click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=1)),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
     for o in reversed(opts):
@@ -219,7 +219,7 @@ def _done(output, what):
 @_stats_options
 @click.option("--mode", type=click.Choice(["expected", "sampled", "empirical"]), default="expected",
               show_default=True)
-@click.option("--n-examples", default=None, type=int, help="At most this many examples (default all).")
+@click.option("--n-examples", default=None, type=click.IntRange(min=1), help="At most this many examples (default all).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--backend", type=click.Choice(["auto", "hooks", "vmap"]), default="auto", show_default=True,
               help="Per-example gradients: closed-form from layer hooks, torch.func vmap, or hooks "
@@ -294,7 +294,7 @@ def data_install(only: tuple[str, ...], quiet: bool) -> None:
 @main.command("reproduce")
 @click.argument("suite")
 @click.option("--profile", type=click.Choice(["smoke", "quick", "full"]), default="smoke", show_default=True)
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="output folder (default runs/SUITE)")
+@click.option("--out", type=click.Path(), default=None, help="output folder (default runs/SUITE)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 def reproduce(suite: str, profile: str, out: str | None, quiet: bool) -> None:
     """Run a reproduction suite (nonlocal-vision, local-text, fisher) and write its report."""

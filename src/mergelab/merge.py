@@ -447,7 +447,7 @@ def _merge(recipe: Any, out: str | os.PathLike, *, force: bool, dtype: str | Non
     if nthreads < 1:
         raise MergelabError(f"--threads: expected a positive number, found {threads}")
     block_bytes = parse_size(block_size if block_size is not None else DEFAULT_BLOCK_SIZE, "--block-size")
-    atomic = AtomicFolder(out, force)  # refuses an existing output before any work
+    atomic = AtomicFolder(out, force, option="-o")  # refuses an existing output before any work
 
     runner = _Runner(p, dev, allow, r.seed, block_bytes)
     if runner.blockable:

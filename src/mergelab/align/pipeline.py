@@ -195,6 +195,8 @@ def run_align(reference, others: Sequence, out, *, model_code: str | None = None
     for p in [reference, *others, *transfer_to]:
         if isinstance(p, (str, os.PathLike)) and not Path(p).exists():
             raise MergelabError(f"{p}: no such file or folder")
+    from ..io.writer import parse_size
+    parse_size(shard_size, "--shard-size")  # before any work
     inputs = [("REFERENCE", reference), *((f"OTHER {o}", o) for o in others),
               *((f"--transfer-to {t}", t) for t in transfer_to), ("--data", data),
               ("--model-code", model_code_path(model_code))]

@@ -170,8 +170,7 @@ def os_error(option: str, out: Path, e: OSError, doing: str = "writing") -> Merg
         why = f"no space left on the device of {out.parent}"
     elif e.errno == errno.EFBIG:
         why = "file too large (file size limit of this process or file system)"
-    where = f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""
-    return MergelabError(f"{option} {out}: {why} while {doing} the output{where}; nothing was written")
+    return MergelabError(f"{option} {out}: {why} while {doing} the output; nothing was written")
 
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
@@ -361,12 +360,12 @@ class Output:
         elif not out.parent.is_dir():
             what = "does not exist" if not os.path.lexists(out.parent) else "is not a folder"
             raise MergelabError(f"{option} {path}: the parent folder {out.parent} {what}")
+        check_not_input(option, out, inputs, contains=replaces and kind == "folder", shown=path)
         if os.path.lexists(out):
             if kind == "folder" and not out.is_dir():
                 raise MergelabError(f"{option} {path}: exists and is not a folder (expected an output folder)")
             if kind == "file" and out.is_dir():
                 raise MergelabError(f"{option} {path}: is a folder (expected an output file)")
-        check_not_input(option, out, inputs, contains=replaces and kind == "folder", shown=path)
         if kind == "folder" and replaces and out.is_dir() and not force and any(out.iterdir()):
             raise MergelabError(f"{option} {path}: output folder exists and is not empty (use --force to replace it)")
         if out.parent.is_dir() and not os.access(out.parent, os.W_OK | os.X_OK):
