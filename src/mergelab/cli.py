@@ -24,8 +24,29 @@ def _interrupted(e: BaseException) -> None:
 
     signum = e.signum if isinstance(e, Interrupted) else 2
     name = {2: "Ctrl-C", 15: "SIGTERM", 1: "SIGHUP"}.get(signum, f"signal {signum}")
-    click.echo(f"error: interrupted ({name}); temporary output removed", err=True)
-    sys.exit(128 + signum)
+    _fail(f"interrupted ({name}); temporary output removed", 128 + signum)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    _settle_signals()
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+_saved_handlers: dict = {}
+
+
+def _settle_signals() -> None:
+    """Once the command's work is over, a late signal must not turn a finished run into a
+    traceback or a kill during interpreter exit: the ``mergelab`` process ignores them; an
+    in-process caller (tests, scripts calling ``main``) gets its own handlers back."""
+    import signal
+
+    from ._startup import started_as_cli
+
+    for s, h in list(_saved_handlers.items()):
+        signal.signal(s, signal.SIG_IGN if started_as_cli() else h)
+    _saved_handlers.clear()
 
 
 class _Group(click.Group):
@@ -35,35 +56,37 @@ class _Group(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        from .io.outputs import install_signal_handlers
+        import signal
 
+        from .io.outputs import HANDLED_SIGNALS, install_signal_handlers
+
+        _saved_handlers.update({s: signal.getsignal(s) for s in HANDLED_SIGNALS})
         install_signal_handlers()
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:
+            _settle_signals()
             e.show()
             sys.exit(e.exit_code)
         except click.ClickException as e:
             msg = " ".join(e.format_message().split())
             ctx = getattr(e, "ctx", None)
-            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            click.echo(f"error: {msg}{hint}", err=True)
-            sys.exit(2)
+            _fail(msg + (f" (see '{ctx.command_path} --help')" if ctx is not None else ""))
         except click.exceptions.Abort as e:   # click turns KeyboardInterrupt into Abort
             _interrupted(e.__context__ or e)
         except KeyboardInterrupt as e:
             _interrupted(e)
         except MergelabError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            _fail(str(e))
+        finally:
+            _settle_signals()
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MergelabError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            _fail(str(e))
         except KeyboardInterrupt as e:
             _interrupted(e)
 
