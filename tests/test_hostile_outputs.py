@@ -430,10 +430,9 @@ def _family_big(root: Path, n: int = 60) -> Path:
     (root / "r.yaml").write_text(yaml.safe_dump({"models": [{"model": "a"}, {"model": "b"}],
                                                  "merge_method": "task_arithmetic", "base_model": "base",
                                                  "parameters": {"weight": 0.5}}))
-    for name, delay in (("slow", 0.05), ("slower", 0.1)):
+    for name, params in (("slow", {"delay": 0.05}), ("gated", {"delay": 0.0, "gate": str(root / "go")})):
         (root / f"{name}.yaml").write_text(yaml.safe_dump({"models": [{"model": "a"}, {"model": "b"}],
-                                                           "merge_method": "_hostile_slow",
-                                                           "parameters": {"delay": delay}}))
+                                                           "merge_method": "_hostile_slow", "parameters": params}))
     return root
 
 
@@ -452,7 +451,7 @@ def _wait_for_tmp(root: Path, out: str, proc: subprocess.Popen, timeout: float =
 
 
 def _inputs_of(root: Path) -> dict:
-    return {k: v for k, v in snapshot(root).items() if k.split("/")[0] in ("base", "a", "b", "r.yaml", "slow.yaml", "slower.yaml")}
+    return {k: v for k, v in snapshot(root).items() if k.split("/")[0] in ("base", "a", "b", "r.yaml", "slow.yaml", "gated.yaml")}
 
 
 @pytest.fixture(scope="module")
@@ -545,14 +544,18 @@ def test_sigkill_then_rerun_cleans_the_stale_temporary(big):
 def test_two_concurrent_merges_one_output(big):
     CASES["concurrency"] = CASES.get("concurrency", 0) + 1
     out = "both"
-    a = _start(big, "slower.yaml", out, "--force")
-    assert _wait_for_tmp(big, out, a)
-    b = subprocess.run(MERGELAB + ["merge", "slow.yaml", "-o", out, "--force", "-q"], cwd=big,
-                       capture_output=True, text=True, timeout=120)
-    assert a.poll() is None, "the first run finished before the second started: make it slower"
+    a = _start(big, "gated.yaml", out, "--force")    # waits at its first tensor until `go` exists
+    try:
+        assert _wait_for_tmp(big, out, a)
+        b = subprocess.run(MERGELAB + ["merge", "gated.yaml", "-o", out, "--force", "-q"], cwd=big,
+                           capture_output=True, text=True, timeout=120)
+        assert a.poll() is None
+    finally:
+        (big / "go").write_text("")
     lines = b.stderr.strip().splitlines()
     assert b.returncode == 2 and len(lines) == 1 and "another mergelab run holds the output" in lines[0], b.stderr
     _, err = a.communicate(timeout=300)
+    (big / "go").unlink()
     assert a.returncode == 0, err
     assert not [q for q in big.iterdir() if q.name.startswith(f".{out}.mergelab-")]
     assert_same_output(big / out, big / "reference")
@@ -567,3 +570,13 @@ def test_ctrl_c_during_start_up_is_quiet(tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_through_a_symlink_lands_where_it_points(fam):
+    """Not an accident: ``-o link`` to an existing (empty) folder writes there, the link stays."""
+    (fam / "elsewhere").mkdir()
+    (fam / "work" / "merged").symlink_to(fam / "elsewhere")
+    r = invoke(["merge", "r.yaml", "-o", "merged", "-q"], fam / "work")
+    assert r.exit_code == 0, r.stderr
+    assert (fam / "work" / "merged").is_symlink() and (fam / "elsewhere" / "model.safetensors").is_file()
+    assert not [p for p in fam.rglob(".*mergelab-*")]

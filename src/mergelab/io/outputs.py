@@ -125,9 +125,9 @@ def model_code_path(model_code: str | None) -> Path | None:
 
 
 def check_not_input(option: str, out: str | os.PathLike, inputs: Iterable[tuple[str, Any]], *,
-                    contains: bool = True, shown: Any = None) -> None:
-    """Refuse ``out`` when it is one of ``inputs`` (``(label, path)``), lies inside one, or
-    (``contains``: the output replaces a whole folder) contains one.
+                    contains: bool = True, inside: bool = True, shown: Any = None) -> None:
+    """Refuse ``out`` when it is one of ``inputs`` (``(label, path)``), lies inside one
+    (``inside``), or (``contains``: the output replaces a whole folder) contains one.
 
     Paths are compared resolved and by ``(st_dev, st_ino)``, so symlinks, relative paths and
     hard links naming the same file are caught."""
@@ -148,7 +148,7 @@ def check_not_input(option: str, out: str | os.PathLike, inputs: Iterable[tuple[
         named = f"{label} ({p})" if str(p) != label else label
         if rp == ro or (p_id is not None and p_id == o_id):
             raise MergelabError(f"{option} {out}: is the input {named}; refusing to write over an input")
-        if rp in ro.parents or (p_id is not None and p_id in o_chain[1 if o_id else 0:]):
+        if inside and (rp in ro.parents or (p_id is not None and p_id in o_chain[1 if o_id else 0:])):
             raise MergelabError(f"{option} {out}: lies inside the input {named}; write the output elsewhere")
         if contains and (ro in rp.parents or (o_id is not None and o_id in _chain(rp)[1 if p_id else 0:])):
             raise MergelabError(f"{option} {out}: contains the input {named}; replacing it would delete that input")

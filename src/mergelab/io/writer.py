@@ -8,6 +8,7 @@ renamed into place at the end (:class:`AtomicFolder`); an exception or Ctrl-C re
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Iterable
 import torch
 
 from ..errors import MergelabError
-from .outputs import OLD, TMP, Output, as_os_error, os_error, rename_noreplace, sibling, signals_blocked
+from .outputs import OLD, TMP, Output, as_os_error, check_not_input, os_error, rename_noreplace, sibling, signals_blocked
 from .reader import TORCH_TO_ST, open_checkpoint
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
@@ -126,6 +127,11 @@ class AtomicFolder:
                         raise
                     shutil.rmtree(trash, ignore_errors=True)
                 else:
+                    if self.out.is_dir() and not self.out.is_symlink():
+                        try:
+                            os.rmdir(self.out)  # the empty folder given as the output
+                        except OSError:     # no longer empty: something appeared meanwhile
+                            raise FileExistsError(errno.EEXIST, "exists", str(self.out)) from None
                     rename_noreplace(self.tmp, self.out)
         except FileExistsError:
             self._abort()
@@ -347,7 +353,9 @@ def save_state(state: Mapping[str, torch.Tensor], out: str | os.PathLike, like: 
         sd = dt if (dt is not None and tdt.is_floating_point) else tdt
         plan.append(TensorSpec(n, tuple(shape), sd))
     src = getattr(ck, "path", None)
-    atomic = AtomicFolder(out, force, inputs=[("the checkpoint being saved", src), ("like", like)])
+    # ``like`` only lends its config files: the output may lie inside it, never be or hold it
+    check_not_input("output", out, [("like", like)], inside=False)
+    atomic = AtomicFolder(out, force, inputs=[("the checkpoint being saved", src)])
     atomic.check_space(sum(t.nbytes for t in plan))
     with atomic as tmp:
         w = ShardedWriter(tmp, plan, size)
