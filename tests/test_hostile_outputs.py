@@ -88,7 +88,6 @@ def assert_refused(r, root: Path, before: dict, *needles: str):
     assert snapshot(root) == before
 
 
-CASES: dict[str, int] = {}   # group -> cases tried (reported in the README's reliability section)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -138,7 +137,6 @@ MERGE_GUARD = [
 
 @pytest.mark.parametrize("name,recipe,out,force,needle", MERGE_GUARD, ids=[c[0] for c in MERGE_GUARD])
 def test_merge_refuses_an_output_that_is_an_input(fam, name, recipe, out, force, needle):
-    CASES["outputs"] = CASES.get("outputs", 0) + 1
     (fam / "link").symlink_to(fam / "models" / "base")
     (fam / "work" / "m.py").write_text(FACTORY)
     before = snapshot(fam)
@@ -192,7 +190,6 @@ STATS_GUARD = [
 
 @pytest.mark.parametrize("cmd,out,needle", STATS_GUARD)
 def test_stats_refuses_an_output_that_is_an_input(st, cmd, out, needle):
-    CASES["outputs"] = CASES.get("outputs", 0) + 1
     before = snapshot(st)
     r = invoke(["stats", cmd, *STATS, "-o", out.format(name=st.name)], st)
     assert_refused(r, st, before, needle)
@@ -208,7 +205,6 @@ ALIGN_GUARD = [
 
 @pytest.mark.parametrize("models,out,extra,needle", ALIGN_GUARD)
 def test_align_refuses_an_output_that_is_an_input(st, models, out, extra, needle):
-    CASES["outputs"] = CASES.get("outputs", 0) + 1
     before = snapshot(st)
     r = invoke(["align", *models, "--model-code", "mymodels.py:make", "--input-shape", "1,10", "-o", out, *extra], st)
     assert_refused(r, st, before, needle)
@@ -216,7 +212,6 @@ def test_align_refuses_an_output_that_is_an_input(st, models, out, extra, needle
 
 @pytest.mark.parametrize("out", ["cache", "cache/runs"])
 def test_reproduce_refuses_the_cache_as_output(tmp_path, monkeypatch, out):
-    CASES["outputs"] = CASES.get("outputs", 0) + 1
     (tmp_path / "cache" / "data").mkdir(parents=True)
     monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
     before = snapshot(tmp_path)
@@ -225,7 +220,6 @@ def test_reproduce_refuses_the_cache_as_output(tmp_path, monkeypatch, out):
 
 
 def test_api_save_state_refuses_to_write_over_the_checkpoint_it_reads(tmp_path):
-    CASES["outputs"] = CASES.get("outputs", 0) + 1
     (paths, _) = toy_family(tmp_path)
     before = snapshot(tmp_path)
     with pytest.raises(MergelabError, match="is the input the checkpoint being saved"):
@@ -264,7 +258,6 @@ def _problem_paths(root: Path, mnt: Path | None) -> dict:
 @pytest.mark.parametrize("case", ["dangling", "loop", "missing parent", "parent is a file", "existing file",
                                   "read-only parent"])
 def test_merge_output_problems(fam, tiny_fs, case):
-    CASES["output problems"] = CASES.get("output problems", 0) + 1
     probs = _problem_paths(fam / "work", tiny_fs)
     probs["existing file"] = ("afile", "exists and is not a folder")
     probs["read-only parent"] = (tiny_fs / "out", "cannot create files in")
@@ -278,7 +271,6 @@ def test_merge_output_problems(fam, tiny_fs, case):
 
 def test_merge_no_space_refused_before_the_work(tmp_path, tiny_fs):
     """Planned weights larger than the free space: refused before any tensor is merged."""
-    CASES["output problems"] = CASES.get("output problems", 0) + 1
     g = torch.Generator().manual_seed(0)
     t = {f"l.{i}": torch.randn(256, 256, generator=g) for i in range(10)}   # 2.6 MB > 2 MB
     for n in ("a", "b"):
@@ -292,7 +284,6 @@ def test_merge_no_space_refused_before_the_work(tmp_path, tiny_fs):
 
 def test_merge_no_space_while_writing_leaves_nothing(tmp_path, tiny_fs):
     """The weights fit but a companion file does not: ENOSPC mid-run is one line, nothing left."""
-    CASES["output problems"] = CASES.get("output problems", 0) + 1
     (paths, _) = toy_family(tmp_path)
     (paths[0] / "tokenizer.json").write_bytes(os.urandom(3_000_000))   # copied beside the weights
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({"models": [{"model": "a"}, {"model": "b"}],
@@ -305,7 +296,6 @@ def test_merge_no_space_while_writing_leaves_nothing(tmp_path, tiny_fs):
 @pytest.mark.parametrize("case", ["dangling", "loop", "missing parent", "parent is a file", "existing folder",
                                   "read-only parent", "no space"])
 def test_stats_output_problems(st, tiny_fs, case):
-    CASES["output problems"] = CASES.get("output problems", 0) + 1
     probs = _problem_paths(st, tiny_fs)
     probs["existing folder"] = ("adir", "is a folder (expected an output file)")
     probs["read-only parent"] = (tiny_fs / "f.safetensors", "cannot create files in")
@@ -322,7 +312,6 @@ def test_stats_output_problems(st, tiny_fs, case):
 
 @pytest.mark.parametrize("case", ["dangling", "loop", "missing parent", "existing file", "read-only parent"])
 def test_align_output_problems(st, tiny_fs, case):
-    CASES["output problems"] = CASES.get("output problems", 0) + 1
     probs = _problem_paths(st, tiny_fs)
     probs["existing file"] = ("afile", "exists and is not a folder")
     probs["read-only parent"] = (tiny_fs / "al", "cannot create files in")
@@ -365,7 +354,6 @@ USAGE = [
 
 @pytest.mark.parametrize("args,needle", USAGE, ids=[" ".join(a) for a, _ in USAGE])
 def test_usage_errors_are_one_error_line(fam, args, needle):
-    CASES["usage errors"] = CASES.get("usage errors", 0) + 1
     before = snapshot(fam)
     r = invoke(args, fam / "work")
     assert_refused(r, fam, before, needle)
@@ -373,7 +361,6 @@ def test_usage_errors_are_one_error_line(fam, args, needle):
 
 # ---------------------------------------------------------------- 2/4. locks, races, stale temporaries
 def test_a_held_lock_refuses_a_second_run_at_once(fam):
-    CASES["concurrency"] = CASES.get("concurrency", 0) + 1
     out = fam / "work" / "merged"
     lock = fam / "work" / ".merged.mergelab-lock"
     fd = os.open(lock, os.O_RDWR | os.O_CREAT)
@@ -391,7 +378,6 @@ def test_a_held_lock_refuses_a_second_run_at_once(fam):
 
 
 def test_final_rename_never_replaces_a_folder_that_appeared(tmp_path):
-    CASES["concurrency"] = CASES.get("concurrency", 0) + 1
     out = tmp_path / "out"
     with pytest.raises(MergelabError, match="appeared while this run was writing it"):
         with AtomicFolder(out) as tmp:
@@ -405,7 +391,6 @@ def test_final_rename_never_replaces_a_folder_that_appeared(tmp_path):
 
 
 def test_stale_temporaries_of_a_dead_run_are_removed_live_ones_are_not(tmp_path):
-    CASES["signals"] = CASES.get("signals", 0) + 1
     out = tmp_path / "out"
     stale = tmp_path / ".out.mergelab-tmp-abcd1234"
     stale.mkdir()
@@ -489,7 +474,6 @@ def assert_same_output(a: Path, b: Path):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_mid_merge_leaves_nothing(big, signum):
-    CASES["signals"] = CASES.get("signals", 0) + 1
     inputs = _inputs_of(big)
     out = f"sig{int(signum)}"
     p = _start(big, "slow.yaml", out)
@@ -509,7 +493,6 @@ def test_signals_at_random_points_of_a_real_merge(big):
     assert r.returncode == 0, r.stderr
     seen = []
     for i in range(9):
-        CASES["signals"] = CASES.get("signals", 0) + 1
         signum = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP][i % 3]
         out = f"rnd{i}"
         p = _start(big, "r.yaml", out, "--block-size", "4KiB")
@@ -525,7 +508,6 @@ def test_signals_at_random_points_of_a_real_merge(big):
 
 
 def test_sigkill_then_rerun_cleans_the_stale_temporary(big):
-    CASES["signals"] = CASES.get("signals", 0) + 1
     out = "killed"
     p = _start(big, "slow.yaml", out)
     assert _wait_for_tmp(big, out, p)
@@ -542,7 +524,6 @@ def test_sigkill_then_rerun_cleans_the_stale_temporary(big):
 
 
 def test_two_concurrent_merges_one_output(big):
-    CASES["concurrency"] = CASES.get("concurrency", 0) + 1
     out = "both"
     a = _start(big, "gated.yaml", out, "--force")    # waits at its first tensor until `go` exists
     try:
@@ -562,7 +543,6 @@ def test_two_concurrent_merges_one_output(big):
 
 
 def test_ctrl_c_during_start_up_is_quiet(tmp_path):
-    CASES["signals"] = CASES.get("signals", 0) + 1
     p = subprocess.Popen([sys.executable, "-m", "mergelab", "merge", "r.yaml", "-o", "x"], cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.3)   # python is importing torch
