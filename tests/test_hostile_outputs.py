@@ -50,6 +50,8 @@ def snapshot(root: Path) -> dict:
                 out[rel] = "link:" + os.readlink(p)
             elif p.is_dir():
                 out[rel] = "dir"
+            elif not p.is_file():
+                out[rel] = "special"   # a FIFO: never opened
             else:
                 out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -251,12 +253,14 @@ def _problem_paths(root: Path, mnt: Path | None) -> dict:
     (root / "afile").write_text("x")
     (root / "adir").mkdir()
     (root / "adir" / "keep").write_text("y")
+    os.mkfifo(root / "fifo")
     return {"dangling": ("dangling", "dangling link"), "loop": ("loop", "cannot be followed"),
-            "missing parent": ("no/such/out", "does not exist"), "parent is a file": ("afile/out", "is not a folder")}
+            "missing parent": ("no/such/out", "does not exist"), "parent is a file": ("afile/out", "is not a folder"),
+            "fifo": ("fifo", "exists and is not a")}
 
 
 @pytest.mark.parametrize("case", ["dangling", "loop", "missing parent", "parent is a file", "existing file",
-                                  "read-only parent"])
+                                  "read-only parent", "fifo"])
 def test_merge_output_problems(fam, tiny_fs, case):
     probs = _problem_paths(fam / "work", tiny_fs)
     probs["existing file"] = ("afile", "exists and is not a folder")
@@ -294,7 +298,7 @@ def test_merge_no_space_while_writing_leaves_nothing(tmp_path, tiny_fs):
 
 
 @pytest.mark.parametrize("case", ["dangling", "loop", "missing parent", "parent is a file", "existing folder",
-                                  "read-only parent", "no space"])
+                                  "read-only parent", "no space", "fifo"])
 def test_stats_output_problems(st, tiny_fs, case):
     probs = _problem_paths(st, tiny_fs)
     probs["existing folder"] = ("adir", "is a folder (expected an output file)")

@@ -366,6 +366,9 @@ class Output:
                 raise MergelabError(f"{option} {path}: exists and is not a folder (expected an output folder)")
             if kind == "file" and out.is_dir():
                 raise MergelabError(f"{option} {path}: is a folder (expected an output file)")
+            if kind == "file" and not out.is_file():  # never rename over /dev/null, a FIFO, a socket
+                raise MergelabError(f"{option} {path}: exists and is not a regular file (a device, FIFO or "
+                                    "socket); give a file path")
         if kind == "folder" and replaces and out.is_dir() and not force and any(out.iterdir()):
             raise MergelabError(f"{option} {path}: output folder exists and is not empty (use --force to replace it)")
         if out.parent.is_dir() and not os.access(out.parent, os.W_OK | os.X_OK):
