@@ -564,3 +564,22 @@ def test_output_through_a_symlink_lands_where_it_points(fam):
     assert r.exit_code == 0, r.stderr
     assert (fam / "work" / "merged").is_symlink() and (fam / "elsewhere" / "model.safetensors").is_file()
     assert not [p for p in fam.rglob(".*mergelab-*")]
+
+
+def test_no_space_in_the_writer_threads_is_one_error(tmp_path, tiny_fs, monkeypatch):
+    """The free-space check passes (the file system fills meanwhile: simulated by a lying
+    statvfs); the shards' pwrite then fails with ENOSPC in a worker thread: one MergelabError,
+    the temporary folder removed."""
+    import mergelab.io.outputs as O
+    from mergelab import merge
+
+    monkeypatch.setattr(O, "free_bytes", lambda folder: 10**12)
+    g = torch.Generator().manual_seed(0)
+    t = {f"l.{i}": torch.randn(256, 256, generator=g) for i in range(10)}   # 2.6 MB > 2 MB
+    for n in ("a", "b"):
+        save_hf(tmp_path / n, t)
+    before = snapshot(tmp_path)
+    with pytest.raises(MergelabError, match="no space left on the device"):
+        merge({"models": [{"model": str(tmp_path / "a")}, {"model": str(tmp_path / "b")}],
+               "merge_method": "linear"}, tiny_fs / "out", quiet=True, threads=2)
+    assert snapshot(tmp_path) == before

@@ -89,6 +89,14 @@ class _Group(click.Group):
             _fail(str(e))
         except KeyboardInterrupt as e:
             _interrupted(e)
+        except Exception as e:  # a file-system error no layer below turned into a MergelabError
+            from .io.outputs import as_os_error
+
+            oe = as_os_error(e)
+            if oe is None:
+                raise
+            where = getattr(e, "filename", None) or getattr(oe, "filename", None)
+            _fail(f"{where + ': ' if where else ''}{oe.strerror} ({type(e).__name__})")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
