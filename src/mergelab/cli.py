@@ -96,7 +96,7 @@ class _Group(click.Group):
             if oe is None:
                 raise
             where = getattr(e, "filename", None) or getattr(oe, "filename", None)
-            _fail(f"{where + ': ' if where else ''}{oe.strerror} ({type(e).__name__})")
+            _fail(f"{str(where) + ': ' if where else ''}{oe.strerror} ({type(e).__name__})")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
