@@ -583,3 +583,20 @@ def test_no_space_in_the_writer_threads_is_one_error(tmp_path, tiny_fs, monkeypa
         merge({"models": [{"model": str(tmp_path / "a")}, {"model": str(tmp_path / "b")}],
                "merge_method": "linear"}, tiny_fs / "out", quiet=True, threads=2)
     assert snapshot(tmp_path) == before
+
+
+def test_a_file_system_error_deep_in_any_command_is_one_line(tmp_path, monkeypatch):
+    """The CLI's safety net: ENOSPC raised from deep inside a command (here a reproduction
+    suite writing its report) is one line naming the file, exit 2."""
+    import errno
+
+    import mergelab.experiments.suites as S
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "runs" / "x" / "results.json"))
+
+    monkeypatch.setattr(S, "run_suite", full)
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
+    r = invoke(["reproduce", "fisher", "--out", "runs/x"], tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and "results.json: No space left on device" in lines[0], r.stderr
