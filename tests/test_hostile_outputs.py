@@ -552,7 +552,9 @@ def test_ctrl_c_during_start_up_is_quiet(tmp_path):
     time.sleep(0.3)   # python is importing torch
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    # 130, or -SIGINT when Python itself re-raises the signal on its way out: quiet either way
+    assert p.returncode in (130, -signal.SIGINT) and "Traceback" not in err, (p.returncode, err)
+    assert len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
 
 

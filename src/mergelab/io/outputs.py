@@ -320,6 +320,14 @@ def clean_stale(out: Path) -> list[Path]:
     return removed
 
 
+def _nonempty(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as it:
+            return next(it, None) is not None
+    except OSError:  # unreadable: count it as holding something
+        return True
+
+
 # ------------------------------------------------------------------ the output
 class Output:
     """One output path of a run: ``kind`` ``"folder"`` or ``"file"``.
@@ -369,13 +377,13 @@ class Output:
             if kind == "file" and not out.is_file():  # never rename over /dev/null, a FIFO, a socket
                 raise MergelabError(f"{option} {path}: exists and is not a regular file (a device, FIFO or "
                                     "socket); give a file path")
-        if kind == "folder" and replaces and out.is_dir() and not force and any(out.iterdir()):
+        if kind == "folder" and replaces and out.is_dir() and not force and _nonempty(out):
             raise MergelabError(f"{option} {path}: output folder exists and is not empty (use --force to replace it)")
         if out.parent.is_dir() and not os.access(out.parent, os.W_OK | os.X_OK):
             raise MergelabError(f"{option} {path}: cannot create files in {out.parent} (permission denied)")
         self.lock = out.parent / f".{out.name}.{LOCK}"
         self._mine = False
-        self.existed = os.path.lexists(out) and not (out.is_dir() and not any(out.iterdir()))
+        self.existed = os.path.lexists(out) and not (out.is_dir() and not _nonempty(out))
 
     # -- the lock for the whole run
     def __enter__(self) -> "Output":
@@ -414,7 +422,7 @@ class Output:
         out = self.path
         if self.force or not os.path.lexists(out):
             return
-        if out.is_dir() and not any(out.iterdir()):
+        if out.is_dir() and not _nonempty(out):
             return
         if not self.existed:
             raise MergelabError(f"{self.option} {self.given}: appeared while this run was writing it "
