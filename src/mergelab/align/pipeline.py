@@ -13,6 +13,7 @@ as a whole.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -22,6 +23,7 @@ from torch import nn
 
 from ..errors import MergelabError
 from ..io.models import build_model, is_hf_folder, load_factory, load_weights  # noqa: F401  (re-exported)
+from ..io.outputs import Output, check_not_input, model_code_path
 from .apply import PermutedCheckpoint, save_permutation
 from .matching import activation_matching, weight_matching
 from .spec import Permutation, PermutationSpec, permutation_spec
@@ -193,28 +195,42 @@ def run_align(reference, others: Sequence, out, *, model_code: str | None = None
     for p in [reference, *others, *transfer_to]:
         if isinstance(p, (str, os.PathLike)) and not Path(p).exists():
             raise MergelabError(f"{p}: no such file or folder")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MergelabError(f"-o {out}: exists and is not a folder")
+    from ..io.writer import parse_size
+    parse_size(shard_size, "--shard-size")  # before any work
+    inputs = [("REFERENCE", reference), *((f"OTHER {o}", o) for o in others),
+              *((f"--transfer-to {t}", t) for t in transfer_to), ("--data", data),
+              ("--model-code", model_code_path(model_code))]
+    claim = Output(out, kind="folder", option="-o", force=force, inputs=inputs, replaces=False)
+    out = claim.path
     names = _unique_stems([*others, *transfer_to])
     targets = [out / f"{n}.permutation.safetensors" for n in names[:len(others)]]
     if checkpoints:
         targets += [out / n for n in names[:len(others)]]
     targets += [out / n for n in names[len(others):]]
+    for t in targets:  # each file or folder written: never an input, nor a folder holding one
+        check_not_input("-o", t, inputs)
     if not force:
         for t in targets:
             if t.exists():
                 raise MergelabError(f"{t}: already exists (use --force to replace it)")
-    res = align_checkpoints(reference, others, model_code=model_code, method=method, data=data,
-                            input_shape=input_shape, batch_size=batch_size, max_iter=max_iter, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for n, o, perm in zip(names, others, res.permutations):
-        written.append(save_permutation(perm, out / f"{n}.permutation.safetensors", res.spec))
-        if checkpoints:
-            written.append(_write_permuted(o, res.spec, perm, out / n, force, shard_size, save_state))
-    for n, e in zip(names[len(others):], transfer_to):
-        written.append(_write_permuted(e, res.spec, res.permutations[0], out / n, force, shard_size, save_state))
+    with claim:
+        res = align_checkpoints(reference, others, model_code=model_code, method=method, data=data,
+                                input_shape=input_shape, batch_size=batch_size, max_iter=max_iter, seed=seed)
+        created = not out.exists()
+        try:
+            out.mkdir(exist_ok=True)
+            written = []
+            for n, o, perm in zip(names, others, res.permutations):
+                written.append(save_permutation(perm, out / f"{n}.permutation.safetensors", res.spec))
+                if checkpoints:
+                    written.append(_write_permuted(o, res.spec, perm, out / n, force, shard_size, save_state))
+            for n, e in zip(names[len(others):], transfer_to):
+                written.append(_write_permuted(e, res.spec, res.permutations[0], out / n, force, shard_size,
+                                               save_state))
+        except BaseException:
+            if created:  # a folder this run made holds nothing of value: all or nothing
+                shutil.rmtree(out, ignore_errors=True)
+            raise
     return res, written
 
 

@@ -16,6 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import MergelabError
+from ..io.outputs import Output
+from ..recipe import Recipe
 from ..io.writer import DEFAULT_SHARD_SIZE, AtomicFolder, TensorSpec, check_shard_size, parse_size, sha256_file
 from . import stages
 from .driver import DEFAULT_BLOCK_SIZE, Driver
@@ -115,6 +117,21 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     ``copy_tokenizer=False`` copies the config files but no tokenizer files;
     ``model_card=False`` writes no README.md.
     """
+    r = Recipe.load(recipe)
+    parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE, "--shard-size")  # option values
+    parse_size(block_size if block_size is not None else DEFAULT_BLOCK_SIZE, "--block-size")  # before any work
+    # the output is checked against every input and locked before any work, for the whole run
+    with Output(out, kind="folder", option="-o", force=force, inputs=r.input_paths(inputs)):
+        return _merge(r, out, force=force, dtype=dtype, shard_size=shard_size, device=device, threads=threads,
+                      quiet=quiet, allow_nonfinite=allow_nonfinite, inputs=inputs, checksums=checksums,
+                      block_size=block_size, allow_crimes=allow_crimes, seed=seed, copy_tokenizer=copy_tokenizer,
+                      model_card=model_card)
+
+
+def _merge(recipe: Any, out: str | os.PathLike, *, force: bool, dtype: str | None, shard_size: int | str | None,
+           device: str | None, threads: int | None, quiet: bool, allow_nonfinite: bool | None, inputs: dict | None,
+           checksums: bool, block_size: int | str | None, allow_crimes: bool, seed: int | None,
+           copy_tokenizer: bool, model_card: bool) -> MergeResult:
     t0 = time.perf_counter()
     p = plan(recipe, dtype=dtype, inputs=inputs, allow_crimes=allow_crimes)
     r = p.recipe
@@ -124,13 +141,15 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
         for k, v in extra.items():
             setattr(r, k, v)
     allow = r.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
-    size = parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE)
-    check_shard_size([TensorSpec(n, p.shape(n), p.out_dtype[n]) for n in p.names], size)
+    size = parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE, "--shard-size")
+    specs = [TensorSpec(n, p.shape(n), p.out_dtype[n]) for n in p.names]
+    check_shard_size(specs, size)
     nthreads = _threads(threads)
-    block_bytes = parse_size(block_size if block_size is not None else DEFAULT_BLOCK_SIZE)
+    block_bytes = parse_size(block_size if block_size is not None else DEFAULT_BLOCK_SIZE, "--block-size")
     d = Driver(p, device=device or r.device or "cpu", storage="cpu", seed=r.seed, allow_nonfinite=allow,
                block_bytes=block_bytes)
-    atomic = AtomicFolder(out, force)  # refuses an existing output before any work
+    atomic = AtomicFolder(out, force, option="-o")  # refuses an existing output before any work
+    atomic.check_space(sum(t.nbytes for t in specs))  # one variant's weights: a lower bound
     if d.blockable:
         tune_malloc()
     jobs = make_jobs(d)

@@ -8,12 +8,12 @@ renamed into place at the end (:class:`AtomicFolder`); an exception or Ctrl-C re
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from typing import Iterable
 import torch
 
 from ..errors import MergelabError
+from .outputs import OLD, TMP, Output, as_os_error, check_not_input, os_error, rename_noreplace, sibling, signals_blocked
 from .reader import TORCH_TO_ST, open_checkpoint
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
@@ -31,8 +32,9 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_size(s: str | int) -> int:
-    """A byte count: ``5GB`` -> 5_000_000_000, ``500MiB`` -> 524288000, ``1234`` -> 1234.
+def parse_size(s: str | int, what: str = "--shard-size") -> int:
+    """A byte count: ``5GB`` -> 5_000_000_000, ``500MiB`` -> 524288000, ``1234`` -> 1234;
+    ``what`` names the option in the error message.
 
     Units (case-insensitive): B, KB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers
     of 1024); anything else is an error.  ``5B`` is five bytes: the shard writer refuses a
@@ -44,11 +46,11 @@ def parse_size(s: str | int) -> int:
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(s))
         if not m or m.group(2).lower() not in _UNITS:
-            raise MergelabError(f"shard size: expected a size like 5GB, 500MB, 2GiB or a byte count"
+            raise MergelabError(f"{what}: expected a size like 5GB, 500MB, 2GiB or a byte count"
                                 f" (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), found {s!r}")
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if n <= 0:
-        raise MergelabError(f"shard size: must be positive, found {s!r}")
+        raise MergelabError(f"{what}: must be positive, found {s!r}")
     return n
 
 
@@ -89,41 +91,82 @@ def dtype_name(dt: torch.dtype) -> str:
 class AtomicFolder:
     """``with AtomicFolder(out, force) as tmp:`` write into ``tmp``; renamed to ``out`` on success.
 
-    An existing non-empty ``out`` is refused unless ``force`` (checked on construction, so a
-    caller can fail before doing any work).  On any exception the temporary folder is removed.
+    The checks of :class:`~mergelab.io.outputs.Output` run on construction (an existing
+    non-empty ``out`` without ``force``, a file or dangling symlink in its place, a missing or
+    read-only parent, an output that is or contains one of ``inputs``), so a caller can fail
+    before doing any work.  ``with`` takes the output's lock (re-entrant: a caller may hold it
+    for a longer run), creates ``.<name>.mergelab-tmp-*`` beside ``out`` and, on success,
+    renames it into place; a folder that appeared at ``out`` meanwhile is replaced only with
+    ``force``.  On any exception or signal the temporary folder is removed; OS errors while
+    writing (no space left, read-only) become a one-line :class:`MergelabError`.
     """
 
-    def __init__(self, out: str | os.PathLike, force: bool = False):
-        self.out = Path(out).expanduser().absolute()
+    def __init__(self, out: str | os.PathLike, force: bool = False, *, inputs=(), option: str = "output"):
+        self.output = Output(out, kind="folder", option=option, force=force, inputs=inputs, replaces=True)
+        self.out = self.output.path
         self.force = force
-        if self.out.exists():
-            if not self.out.is_dir():
-                raise MergelabError(f"{self.out}: output exists and is not a folder")
-            if any(self.out.iterdir()) and not force:
-                raise MergelabError(f"{self.out}: output folder exists and is not empty (use --force to replace it)")
-        if not self.out.parent.is_dir():
-            raise MergelabError(f"{self.out.parent}: parent folder of the output does not exist")
         self.tmp: Path | None = None
 
+    def check_space(self, nbytes: int) -> None:
+        self.output.check_space(nbytes)
+
     def __enter__(self) -> Path:
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.mergelab-tmp-", dir=self.out.parent))
+        self.output.__enter__()
+        try:
+            self.tmp = sibling(self.out, TMP)
+            self.tmp.mkdir()
+        except OSError as e:
+            self._abort()
+            raise os_error(self.output.option, self.out, e, "creating") from None
+        except BaseException:
+            self._abort()
+            raise
         return self.tmp
+
+    def _abort(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.output.__exit__(None, None, None)
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._abort()
+            oe = as_os_error(exc)
+            if oe is not None:
+                raise os_error(self.output.option, self.out, oe) from None
             return False
         try:
-            if self.out.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.mergelab-old-", dir=self.out.parent))
-                os.rename(self.out, trash / "old")
-                os.rename(self.tmp, self.out)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(self.tmp, self.out)
+            self.output.check_not_replaced()
+            with signals_blocked():  # the old output must never be left aside
+                if os.path.lexists(self.out) and self.force:
+                    trash = sibling(self.out, OLD)
+                    trash.mkdir()
+                    os.rename(self.out, trash / "old")
+                    try:
+                        rename_noreplace(self.tmp, self.out)
+                    except BaseException:
+                        os.rename(trash / "old", self.out)
+                        shutil.rmtree(trash, ignore_errors=True)
+                        raise
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    if self.out.is_dir() and not self.out.is_symlink():
+                        try:
+                            os.rmdir(self.out)  # the empty folder given as the output
+                        except OSError:     # no longer empty: something appeared meanwhile
+                            raise FileExistsError(errno.EEXIST, "exists", str(self.out)) from None
+                    rename_noreplace(self.tmp, self.out)
+        except FileExistsError:
+            self._abort()
+            raise MergelabError(f"{self.output.option} {self.output.given}: appeared while this run was writing it "
+                                "(another program?); use --force to replace it") from None
+        except OSError as e:
+            self._abort()
+            raise os_error(self.output.option, self.out, e, "renaming") from None
         except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._abort()
             raise
+        self.output.__exit__(None, None, None)
         return False
 
 
@@ -349,7 +392,12 @@ def save_state(state: Mapping[str, torch.Tensor], out: str | os.PathLike, like: 
             del t
         sd = dt if (dt is not None and tdt.is_floating_point) else tdt
         plan.append(TensorSpec(n, tuple(shape), sd))
-    with AtomicFolder(out, force) as tmp:
+    src = getattr(ck, "path", None)
+    # ``like`` only lends its config files: the output may lie inside it, never be or hold it
+    check_not_input("output", out, [("like", like)], inside=False)
+    atomic = AtomicFolder(out, force, inputs=[("the checkpoint being saved", src)])
+    atomic.check_space(sum(t.nbytes for t in plan))
+    with atomic as tmp:
         w = ShardedWriter(tmp, plan, size)
         try:
             for spec in plan:

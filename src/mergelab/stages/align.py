@@ -40,4 +40,12 @@ def _run(section: AlignSection, ctx: StageContext) -> dict:
     return recipe_inputs(ctx.recipe, ctx.inputs)
 
 
-STAGE = register(Stage("align", AlignSection, "before", _check, _run))
+def _inputs(a: AlignSection) -> list[tuple[str, object]]:
+    out = [(k, getattr(a, k)) for k in ("reference", "data", "model_code") if getattr(a, k) is not None]
+    if a.transfer is not None:
+        out.append(("transfer.foundation_b", a.transfer.foundation_b))
+        out += [(f"transfer.experts[{j}]", e) for j, e in enumerate(a.transfer.experts)]
+    return out
+
+
+STAGE = register(Stage("align", AlignSection, "before", _check, _run, inputs=_inputs))

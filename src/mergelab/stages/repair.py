@@ -16,4 +16,8 @@ def _run(section: RepairSection, ctx: StageContext) -> None:
                allow_nonfinite=ctx.recipe.allow_nonfinite)
 
 
-STAGE = register(Stage("repair", RepairSection, "after", _check, _run, order=10))
+def _inputs(section: RepairSection) -> list[tuple[str, object]]:
+    return [("data", section.data), ("model_code", section.model_code)]
+
+
+STAGE = register(Stage("repair", RepairSection, "after", _check, _run, order=10, inputs=_inputs))

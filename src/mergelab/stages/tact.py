@@ -24,4 +24,11 @@ def _run(section: TactSection, ctx: StageContext) -> None:
              allow_nonfinite=ctx.recipe.allow_nonfinite)
 
 
-STAGE = register(Stage("tact", TactSection, "after", _check, _run, order=20))
+def _inputs(section: TactSection) -> list[tuple[str, object]]:
+    out = []
+    for t, task in section.tasks.items():
+        out += [(f"tasks.{t}.data", task.data), (f"tasks.{t}.model", task.model)]
+    return out + [("model_code", section.model_code)]
+
+
+STAGE = register(Stage("tact", TactSection, "after", _check, _run, order=20, inputs=_inputs))

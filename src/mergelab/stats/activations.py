@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from safetensors import safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import MergelabError
+from ..io.outputs import save_safetensors
 from . import distributed
 from .batch import call_model, model_device, split_batch, to_device
 from .moments import Moments
@@ -65,8 +66,8 @@ class Stats:
             tensors[f"{s}.mean"] = self.mean[s].float().contiguous()
             tensors[f"{s}.std"] = self.std[s].float().contiguous()
             tensors[f"{s}.count"] = self.count.get(s, torch.tensor(float("nan"))).double().reshape(())
-        save_file(tensors, str(path), metadata={"mergelab_kind": "activation_stats",
-                                                "sites": json.dumps(self.sites)})
+        save_safetensors(tensors, path, metadata={"mergelab_kind": "activation_stats",
+                                                       "sites": json.dumps(self.sites)})
 
     @classmethod
     def load(cls, path: str | Path) -> "Stats":

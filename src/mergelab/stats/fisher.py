@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 from tqdm.auto import tqdm
 
 from ..errors import MergelabError
+from ..io.outputs import save_safetensors
 from . import distributed, persample
 from .activations import eval_no_grad
 from .batch import batch_len, call_model, logits_of, model_device, split_batch, take, to_device
@@ -61,9 +61,9 @@ class Fisher(dict):
     def save(self, path: str | Path) -> None:
         if not distributed.is_writer():
             return
-        save_file({k: v.contiguous() for k, v in self.items()}, str(path),
-                  metadata={"mergelab_kind": "fisher", "mode": self.mode,
-                            "n_examples": str(self.n_examples)})
+        save_safetensors({k: v.contiguous() for k, v in self.items()}, path,
+                         metadata={"mergelab_kind": "fisher", "mode": self.mode,
+                                   "n_examples": str(self.n_examples)})
 
 
 def sample_labels(logits: Tensor, seed: int, batch_index: int) -> Tensor:

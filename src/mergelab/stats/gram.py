@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..errors import MergelabError
+from ..io.outputs import save_safetensors
 from . import distributed
 from .activations import data_pass, eval_no_grad
 from .batch import call_model
@@ -33,7 +33,7 @@ class Grams(dict):
             return
         meta = {"mergelab_kind": "gram"}
         meta.update({f"count:{k}": str(int(v)) for k, v in self.counts.items()})
-        save_file({k: v.contiguous() for k, v in self.items()}, str(path), metadata=meta)
+        save_safetensors({k: v.contiguous() for k, v in self.items()}, path, metadata=meta)
 
 
 def gram_matrices(model: nn.Module, data: Iterable[Any], layers: Sequence[str] | None = None, *,
