@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..errors import MergelabError
 from . import distributed
 from .batch import call_model, model_device, split_batch, to_device
-from .moments import Moments
+from .moments import Moments, reduce_moments
 from .sites import Site, hooked, resolve_sites
 
 
@@ -107,15 +107,19 @@ def _moments_pass(model, data, site_list: list[Site], n_batches, shard, progress
         for inputs, mask in data_pass(model, data, n_batches, shard, progress, "activation stats"):
             mask_box[0] = mask
             call_model(model, inputs)
-    return finish_moments(moments, site_list, order)
+    return finish_moments(moments, site_list, order, model_device(model))
 
 
-def finish_moments(moments: dict[str, Moments], site_list: list[Site], order: list[str]) -> Stats:
-    """All-reduce the sums over ranks and turn them into a :class:`Stats`."""
+def finish_moments(moments: dict[str, Moments], site_list: list[Site], order: list[str],
+                   device: torch.device | str = "cpu") -> Stats:
+    """All-reduce the sums over ranks and turn them into a :class:`Stats`.
+
+    Site order: the forward order this rank saw, then sites it did not see (a rank without
+    batches); :func:`Stats.save` on rank 0 (which owns batch 0) writes rank 0's order."""
+    reduce_moments([moments[s.name] for s in site_list], device)
     for s in site_list:
         if moments[s.name].sum is None:
-            raise MergelabError(f"site '{s.name}' saw no data (empty loader, or a rank without batches)")
-    distributed.all_reduce_sum([t for s in site_list for t in moments[s.name].tensors()])
+            raise MergelabError(f"site '{s.name}' saw no data (never reached, or an empty loader)")
     names = order + [s.name for s in site_list if s.name not in order]
     return Stats(names, {n: moments[n].mean.float() for n in names},
                  {n: moments[n].std.float() for n in names},

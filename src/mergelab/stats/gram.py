@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..errors import MergelabError
 from . import distributed
 from .activations import data_pass, eval_no_grad
-from .batch import call_model
+from .batch import call_model, model_device
 from .moments import channel_rows
 from .sites import Site, find_head, hooked
 
@@ -68,9 +68,11 @@ def gram_matrices(model: nn.Module, data: Iterable[Any], layers: Sequence[str] |
         for inputs, mask in data_pass(model, data, n_batches, shard, progress, "gram"):
             mask_box[0] = mask
             call_model(model, inputs)
-    for n in layers:
-        if n not in sums:
+    reduced = distributed.reduce_partial([sums.get(n) for n in layers], model_device(model))
+    distributed.all_reduce_sum([counts[n] for n in layers])
+    for n, g in zip(layers, reduced):
+        if g is None:
             raise MergelabError(f"gram: layer '{n}' saw no data")
-    distributed.all_reduce_sum([sums[n] for n in layers] + [counts[n] for n in layers])
+        sums[n] = g
     return Grams({f"{n}.weight": sums[n] for n in layers},
                  {f"{n}.weight": int(counts[n].item()) for n in layers})
