@@ -90,6 +90,7 @@ class AlignSection(BaseModel):
     batch_size: int = Field(32, gt=0)
     max_iter: int = Field(100, gt=0)
     transfer: AlignTransfer | None = None
+    device: str | None = None           # cpu, cuda or cuda:N (default: cpu)
 
 
 class Recipe(BaseModel):

@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
+from ..device import resolve_device
 from ..errors import MergelabError
 from ..io.models import build_model, is_hf_folder, load_weights
 from ..io.reader import open_checkpoint
@@ -36,6 +37,7 @@ class DataSpec(BaseModel):
     label_column: str = "label"
     max_length: int = 128
     image_size: int | None = None
+    device: str | None = None             # cpu, cuda or cuda:N: where the passes run (default: cpu)
 
 
 class RepairSection(DataSpec):
@@ -125,7 +127,8 @@ def run_repair(section: RepairSection, folder: Path, experts: Sequence[tuple[str
     merged = _model(folder, section.model_code, open_checkpoint(folder), "merged model")
     models = [_model(folder, section.model_code, ck, f"repair: expert '{name}'") for name, ck in experts]
     fixed = repair(merged, models, data, section.weights, sites=section.sites, head=section.head,
-                   n_batches=section.n_batches, mode=section.mode, fold=True, progress=not quiet)
+                   n_batches=section.n_batches, mode=section.mode, fold=True, progress=not quiet,
+                   device=section.device)
     unfolded = getattr(fixed, "mergelab_unfolded", [])
     if unfolded:
         raise MergelabError(f"repair: the correction at site(s) {', '.join(map(str, unfolded))} cannot be "
@@ -160,7 +163,7 @@ def run_tact(section: TactSection, folder: Path, experts: Mapping[str, Any], *,
         data[task] = _loader(t.data, section, tok)
     merged = _model(folder, section.model_code, open_checkpoint(folder), "merged model")
     tcm = tact(merged, models, data, section.n_batches, sites=section.sites, head=section.head,
-               mode=section.mode, progress=not quiet)
+               mode=section.mode, progress=not quiet, device=section.device)
     out = folder / "tact"
     out.mkdir()
     tcm.save_corrections(out / "corrections.safetensors")
@@ -180,6 +183,7 @@ def check_stages(recipe, models: Mapping[str, Any], *, multi_output: bool) -> No
         if multi_output:
             raise MergelabError(f"recipe: '{key}:' needs a method with one merged model, found "
                                 f"'{recipe.merge_method}' (one output per task)")
+        resolve_device(sec.device, f"recipe: {key}: device")
         paths = [sec.data] if key == "repair" else [t.data for t in sec.tasks.values()]
         for d in paths:
             if not Path(recipe.resolve_path(d)).exists():

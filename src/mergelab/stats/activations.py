@@ -13,6 +13,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..device import placed, resolve_device
 from ..errors import MergelabError
 from . import distributed
 from .batch import call_model, model_device, split_batch, to_device
@@ -62,9 +63,9 @@ class Stats:
             return
         tensors = {}
         for s in self.sites:
-            tensors[f"{s}.mean"] = self.mean[s].float().contiguous()
-            tensors[f"{s}.std"] = self.std[s].float().contiguous()
-            tensors[f"{s}.count"] = self.count.get(s, torch.tensor(float("nan"))).double().reshape(())
+            tensors[f"{s}.mean"] = self.mean[s].float().cpu().contiguous()
+            tensors[f"{s}.std"] = self.std[s].float().cpu().contiguous()
+            tensors[f"{s}.count"] = self.count.get(s, torch.tensor(float("nan"))).double().cpu().reshape(())
         save_file(tensors, str(path), metadata={"mergelab_kind": "activation_stats",
                                                 "sites": json.dumps(self.sites)})
 
@@ -84,13 +85,17 @@ class Stats:
 
 def activation_stats(model: nn.Module, data: Iterable[Any], sites: Sequence[str | Site] | None = None,
                      *, head: str | None = "auto", n_batches: int | None = None, shard: bool = True,
-                     progress: bool = True) -> Stats:
+                     progress: bool = True, device: str | torch.device | None = None) -> Stats:
     """Per-channel mean and std at each site over the data (exact float64 averages).
 
     ``sites`` default to :func:`~mergelab.stats.sites.discover_sites`; token tensors honour
-    the batch's attention mask.  Under torchrun the sums are all-reduced over ranks."""
+    the batch's attention mask.  Under torchrun the sums are all-reduced over ranks.
+    ``device``: where the pass runs (the model moves there for the pass and back after;
+    default: where the model is); the statistics stay on that device."""
+    dev = resolve_device(device, "activation_stats device")
     site_list = resolve_sites(model, sites, head)
-    return _moments_pass(model, data, site_list, n_batches, shard, progress)
+    with placed(model, dev):
+        return _moments_pass(model, data, site_list, n_batches, shard, progress)
 
 
 def _moments_pass(model, data, site_list: list[Site], n_batches, shard, progress) -> Stats:
