@@ -7,7 +7,7 @@ import torch
 from core_helpers import save_hf
 from mergelab.io import open_checkpoint
 from mergelab.io.writer import ShardedWriter, TensorSpec
-from mergelab.merge import _Runner, merge, plan
+from mergelab.merge import Driver, merge, plan
 from mergelab.methods import TensorContext, get_method
 from mergelab.methods import sparse
 
@@ -148,7 +148,7 @@ def test_engine_output_bytes_do_not_depend_on_the_block_budget(tmp_path, method,
     assert digests[0] == digests[1] == digests[2]
     # and the small budget really cut tensors into blocks
     p = plan(r)
-    runner = _Runner(p, torch.device("cpu"), False, 5, block_bytes=400)
+    runner = Driver(p, seed=5, block_bytes=400)
     assert runner.rows_per_block("embed.weight") == 2 and runner.rows_per_block("layers.0.b") == 100
     assert runner.rows_per_block("scalar") is None
 
@@ -182,7 +182,7 @@ def test_readers_without_get_rows_are_read_whole(tmp_path):
 
     r = {"models": [{"model": "A"}, {"model": str(b)}], "merge_method": "linear"}
     p = plan(r, inputs={"A": NoRows(open_checkpoint(a))})
-    assert _Runner(p, torch.device("cpu"), False, 0, block_bytes=400).rows_per_block("embed.weight") is None
+    assert Driver(p, block_bytes=400).rows_per_block("embed.weight") is None
     x = merge(r, tmp_path / "x", inputs={"A": NoRows(open_checkpoint(a))}, block_size="400B", quiet=True)
     y = merge({"models": [{"model": str(a)}, {"model": str(b)}], "merge_method": "linear"}, tmp_path / "y",
               block_size="400B", quiet=True)

@@ -5,7 +5,8 @@ The public API is re-exported here; the README documents each name.
 __version__ = "0.1.0"
 
 from .errors import MergelabError  # noqa: E402
-from .merge import merge  # noqa: E402
+from .merge import merge  # noqa: E402  (the shim module first: `mergelab.merge` stays the function)
+from .engine import merge_states  # noqa: E402
 from .io import load_state, open_checkpoint, save_state  # noqa: E402
 from .align import (Permutation, PermutationSpec, activation_matching, load_permutation,  # noqa: E402
                     permutation_spec, permute, save_permutation, weight_matching)
@@ -17,7 +18,7 @@ from .repair import TaskConditionedModel, repair, tact  # noqa: E402
 
 __all__ = [
     "__version__", "MergelabError",
-    "merge", "load_state", "open_checkpoint", "save_state",
+    "merge", "merge_states", "load_state", "open_checkpoint", "save_state",
     "permutation_spec", "PermutationSpec", "Permutation", "weight_matching", "activation_matching",
     "permute", "save_permutation", "load_permutation",
     "activation_stats", "gram_matrices", "diagonal_fisher",

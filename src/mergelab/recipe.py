@@ -33,13 +33,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from .errors import MergelabError
-from .repair.pipeline import RepairSection, TactSection, TactTask
+from .stages import stages as _stages
+from .stages.align import AlignSection, AlignTransfer  # noqa: F401  (re-exported)
+from .repair.pipeline import RepairSection, TactSection, TactTask  # noqa: F401  (re-exported)
 
 # mergekit keys we know and do not support: named in the error message
 MERGEKIT_UNSUPPORTED = {
@@ -71,30 +73,9 @@ class ModelEntry(BaseModel):
         return {} if v is None else v
 
 
-class AlignTransfer(BaseModel):
-    """Non-local pipeline: ``foundation_b`` is matched to the reference and its permutation is
-    applied to every expert fine-tuned from it."""
-    model_config = ConfigDict(extra="forbid")
-    foundation_b: str
-    experts: list[str] = Field(min_length=1)
-
-
-class AlignSection(BaseModel):
-    """``align:`` -- permutation alignment run before the merge (see docs/align.md)."""
-    model_config = ConfigDict(extra="forbid")
-    method: Literal["weight", "activation"] = "weight"
-    reference: str | None = None        # default: base_model, else the first model
-    model_code: str | None = None       # MODULE:FACTORY for checkpoints that are not HF folders
-    input_shape: list[int] | None = None
-    data: str | None = None             # activation matching: a local data file or folder
-    batch_size: int = Field(32, gt=0)
-    max_iter: int = Field(100, gt=0)
-    transfer: AlignTransfer | None = None
-    device: str | None = None           # cpu, cuda or cuda:N (default: cpu)
-
-
-class Recipe(BaseModel):
-    """A merge recipe (pydantic, unknown keys are errors)."""
+class _RecipeCore(BaseModel):
+    """A merge recipe (pydantic, unknown keys are errors); the stage sections (``align:``,
+    ``repair:``, ``tact:``, ...) are added from the stage registry (:mod:`mergelab.stages`)."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     models: list[ModelEntry]
@@ -108,9 +89,7 @@ class Recipe(BaseModel):
     weights: list[float] | None = None  # one weight per entry of `models` (sets its `weight`)
     allow_nonfinite: bool = False
     name: str | None = None           # a label for the model card
-    align: AlignSection | None = None  # permutation alignment before the merge
-    repair: RepairSection | None = None  # REPAIR folded into the merged weights (after the merge)
-    tact: TactSection | None = None      # per-task corrections + folded per-task models (after the merge)
+    device: str | None = None         # math device (cpu, cuda, cuda:1); --device / device= win
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -119,7 +98,7 @@ class Recipe(BaseModel):
 
     # -- loading ------------------------------------------------------------------------
     @classmethod
-    def load(cls, src: "str | os.PathLike | dict | Recipe") -> "Recipe":
+    def load(cls, src: "str | os.PathLike | dict | Recipe") -> "Recipe":  # noqa: F821
         """From a YAML path, a YAML string, a dict or a Recipe; relative model paths are
         resolved against the recipe file's folder when they do not exist from the cwd."""
         if isinstance(src, Recipe):
@@ -184,7 +163,29 @@ class Recipe(BaseModel):
         return yaml.safe_dump(clean(d), sort_keys=False)
 
 
-_SECTIONS = {"align": AlignSection, "repair": RepairSection, "tact": TactSection}
+Recipe = create_model("Recipe", __base__=_RecipeCore, __module__=__name__,
+                      **{s.key: (Optional[s.schema], None) for s in _stages()})
+Recipe.__doc__ = _RecipeCore.__doc__
+_SECTIONS = {s.key: s.schema for s in _stages()}
+
+
+def _model_at(cls, loc) -> Any:
+    """The pydantic model class a validation error's ``loc`` path points into."""
+    for part in loc:
+        f = getattr(cls, "model_fields", {}).get(part) if isinstance(part, str) else None
+        if f is None:
+            continue  # a dict key (a task name) or a list index
+        ann = f.annotation
+        for _ in range(4):  # unwrap Optional / list / dict down to a model
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                break
+            args = [a for a in get_args(ann) if a is not type(None)]
+            if not args:
+                break
+            ann = args[-1]
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+    return cls
 
 
 def _one_line(e: ValidationError) -> str:
@@ -192,13 +193,12 @@ def _one_line(e: ValidationError) -> str:
     loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("list[", "union[", "Rule", "bool", "int", "float", "str")))
     if err["type"] == "extra_forbidden" and err["loc"][0] in _SECTIONS:
         where = err["loc"][:-1]
-        cls = (AlignTransfer if "transfer" in where else TactTask if err["loc"][0] == "tact" and "tasks" in where
-               else _SECTIONS[err["loc"][0]])
+        cls = _model_at(Recipe, where)
         return (f"unknown key '{err['loc'][-1]}' in '{'.'.join(map(str, where))}' (supported: "
                 + ", ".join(cls.model_fields) + ")")
     if err["type"] == "extra_forbidden":
         return f"unknown key '{err['loc'][-1]}'" + (f" in '{'.'.join(map(str, err['loc'][:-1]))}'" if len(err["loc"]) > 1 else "") + \
-            " (supported: models, merge_method, base_model, parameters, dtype, out_dtype, seed, weights, allow_nonfinite, name, align, repair, tact)"
+            f" (supported: {', '.join(Recipe.model_fields)})"
     if err["type"] == "missing":
         return f"missing key '{loc}'"
     return f"'{loc}': {err['msg']}"

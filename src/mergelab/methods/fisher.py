@@ -100,37 +100,12 @@ def fisher(tensors: list[Tensor], base: Tensor | None, *, ctx: TensorContext,
 
 def fisher_merge(states: Sequence[Mapping[str, Tensor]], fishers: Sequence[Mapping[str, Tensor]],
                  weights: Sequence[float] | None = None, floor: float = 1e-6, normalize: bool = False,
-                 favor_target: bool = False) -> dict[str, Tensor]:
-    """Fisher-merge whole state dicts (a thin loop over the per-tensor ``fisher`` method).
+                 favor_target: bool = False, device: str | None = None) -> dict[str, Tensor]:
+    """Fisher-merge whole state dicts: ``merge_states("fisher", ...)`` (the engine's driver).
 
     ``states[0]`` is the target: it fixes the names, and non-floating tensors are copied from
     it.  Floating outputs are cast back to the target's dtype."""
-    from .registry import get_method
+    from ..engine.states import fisher_merge as run
 
-    spec = get_method("fisher")
-    n = len(states)
-    if len(fishers) != n:
-        raise MergelabError(f"fisher_merge: {n} states but {len(fishers)} Fisher dicts")
-    kwargs = spec.resolve({"floor": floor, "normalize": normalize, "favor_target": favor_target,
-                           **({"weight": list(weights)} if weights is not None else {})},
-                          [{"fisher": "<dict>"} for _ in range(n)], where="fisher_merge")
-    names = list(states[0].keys())
-
-    def stream():
-        for name in names:
-            if not states[0][name].is_floating_point():
-                continue
-            ctx = TensorContext(name=name, stats={"fisher": [f.get(name) for f in fishers]})
-            yield ctx, None, [s[name].float() for s in states]
-
-    prep = fisher_prepass(kwargs, stream()) if normalize else None
-    out = {}
-    for name in names:
-        ref = states[0][name]
-        if not ref.is_floating_point():
-            out[name] = ref.clone()
-            continue
-        ctx = TensorContext(name=name, prepass=prep, stats={"fisher": [f.get(name) for f in fishers]})
-        merged = spec([s[name].float() for s in states], None, ctx=ctx, **kwargs)
-        out[name] = merged.to(ref.dtype)
-    return out
+    return run(states, fishers, weights=weights, floor=floor, normalize=normalize,
+               favor_target=favor_target, device=device)

@@ -16,7 +16,8 @@ A merge method is a pure function over the tensors of ONE parameter name::
   as a global default), a scalar annotation means global.  ``Annotated[..., Range(...)]``
   bounds a number, ``Literal[...]`` restricts choices.  A trailing underscore is dropped in
   the recipe key (``lambda_`` is ``lambda`` in YAML).
-* ``ctx`` (optional) is a :class:`TensorContext`: the tensor name, the recipe seed, the
+* ``ctx`` (optional) is a :class:`TensorContext`: the tensor name, the per-tensor seed
+  (``seeds.context_seed(recipe_seed, name)``; ``ctx.model_seed(i)`` per model), the
   result of the method's prepass, and per-model statistics tensors (Fisher, Gram) when the
   method declares ``stats=("fisher",)``.
 * A method returns one tensor, or with ``multi_output=True`` a dict ``{variant: tensor}``
@@ -35,7 +36,9 @@ A merge method is a pure function over the tensors of ONE parameter name::
   is ``ctx.tensor_state``, and the blocks of one tensor are then merged in order, in one
   thread.  Called on a whole tensor (``ctx.tensor_state is None``), the method computes it.
 
-Methods never open files; the engine feeds them.
+Methods never open files; the engine feeds them (``mergelab.engine.driver``).  Methods run on
+the device of their inputs (``ctx.device``): every tensor they create is made with
+``*_like`` or ``device=`` the input's device, never a hard-coded CPU.
 """
 from __future__ import annotations
 
@@ -84,6 +87,13 @@ class TensorContext:
     offset: int = 0                 # flat index of the first entry when called on a row block
     numel: int | None = None        # entries of the whole tensor (None: the call sees all of it)
     tensor_state: Any = None        # the result of the method's tensor_prepass for this tensor
+    device: Any = None              # the math device (where the inputs are; None: the inputs' device)
+
+    def model_seed(self, index: int) -> int:
+        """The seed of model ``index`` for this tensor (``seeds.tensor_seed(ctx.seed, name, index)``)."""
+        from .seeds import tensor_seed
+
+        return tensor_seed(self.seed, self.name, index)
 
 
 @dataclass(frozen=True)

@@ -86,26 +86,12 @@ def regmean(tensors: list[Tensor], base: Tensor | None, *, ctx: TensorContext,
 
 def regmean_merge(states: Sequence[Mapping[str, Tensor]], grams: Sequence[Mapping[str, Tensor]],
                   alpha: float = 0.9, counts: Sequence[Mapping[str, float]] | None = None,
-                  normalize_gram: bool = False) -> dict[str, Tensor]:
-    """RegMean over whole state dicts: ``grams[i]`` maps weight names to model i's Gram
-    (``counts[i]`` optionally to its row count).  Other tensors are averaged; non-floating
-    tensors are copied from ``states[0]``; outputs keep ``states[0]``'s dtypes."""
-    from .registry import get_method
+                  normalize_gram: bool = False, device: str | None = None) -> dict[str, Tensor]:
+    """RegMean over whole state dicts: ``merge_states("regmean", ...)`` (the engine's driver).
 
-    spec = get_method("regmean")
-    n = len(states)
-    if len(grams) != n:
-        raise MergelabError(f"regmean_merge: {n} states but {len(grams)} Gram dicts")
-    kwargs = spec.resolve({"alpha": alpha, "normalize_gram": normalize_gram},
-                          [{"gram": "<dict>"} for _ in range(n)], where="regmean_merge")
-    out = {}
-    for name, ref in states[0].items():
-        if not ref.is_floating_point():
-            out[name] = ref.clone()
-            continue
-        stats = {"gram": [g.get(name) for g in grams]}
-        if counts is not None:
-            stats["gram_count"] = [c.get(name) for c in counts]
-        ctx = TensorContext(name=name, stats=stats)
-        out[name] = spec([s[name].float() for s in states], None, ctx=ctx, **kwargs).to(ref.dtype)
-    return out
+    ``grams[i]`` maps weight names to model i's Gram (``counts[i]`` optionally to its row
+    count).  Other tensors are averaged; non-floating tensors are copied from ``states[0]``;
+    outputs keep ``states[0]``'s dtypes."""
+    from ..engine.states import regmean_merge as run
+
+    return run(states, grams, alpha=alpha, counts=counts, normalize_gram=normalize_gram, device=device)

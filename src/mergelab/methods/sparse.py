@@ -17,7 +17,6 @@ peak memory is the inputs, the output and O(models × CHUNK).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from torch import Tensor
 from ..errors import MergelabError
 from .basic import weighted_task_sum
 from .registry import Range, TensorContext, merge_method
+from .seeds import derive_seed, tensor_seed  # noqa: F401  (tensor_seed: re-exported)
 
 CHUNK = 1 << 20
 Density = Annotated[list[float], Range(0, 1, lo_open=True)]
@@ -237,16 +237,8 @@ def disjoint_merge(weighted: Sequence[Tensor], weights: Sequence[float], gamma: 
 
 # ------------------------------------------------------------------ DARE mask
 
-def tensor_seed(seed: int, name: str, index: int) -> int:
-    """A 63-bit generator seed from the recipe seed, the tensor name and the model index
-    (blake2b, stable across processes and platforms, unlike Python's ``hash``)."""
-    h = hashlib.blake2b(f"{int(seed)}\x00{name}\x00{int(index)}".encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
-
-
 def _chunk_seed(seed: int, chunk: int) -> int:
-    h = hashlib.blake2b(f"{int(seed)}\x00{int(chunk)}".encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+    return derive_seed(seed, int(chunk))
 
 
 def dare_keep(start: int, stop: int, density: float, seed: int) -> Tensor:

@@ -19,10 +19,10 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from ..device import resolve_device
 from ..errors import MergelabError
 from ..io.models import build_model, is_hf_folder, load_weights
 from ..io.reader import open_checkpoint
+from ..io.finite import check_stored
 from ..io.writer import save_state
 
 
@@ -92,18 +92,26 @@ def _model(arch: Path, model_code: str | None, ckpt, label: str):
     return load_weights(build_model(arch, model_code), ckpt, label)
 
 
-def _like(ck, state: Mapping[str, Any]) -> dict[str, Any]:
+def _like(ck, state: Mapping[str, Any], who: str = "", allow_nonfinite: bool = True) -> dict[str, Any]:
     """Every tensor of checkpoint ``ck``, taken from ``state`` where present, in ``ck``'s dtypes;
-    tensors of ``state`` that ``ck`` lacks (a task's own head) keep their dtype."""
-    out = {k: (state[k].detach().to(ck.dtype(k)) if k in state else ck.get(k)) for k in ck.keys()}
+    tensors of ``state`` that ``ck`` lacks (a task's own head) keep their dtype.  Unless
+    ``allow_nonfinite``, a tensor that is not finite once cast is an error naming ``who``."""
+    out = {}
+    for k in ck.keys():
+        if k not in state:
+            out[k] = ck.get(k)
+            continue
+        out[k] = state[k].detach().to(ck.dtype(k))
+        if not allow_nonfinite:
+            check_stored(k, state[k].detach(), out[k], who=who)
     out.update({k: v.detach() for k, v in state.items() if k not in out})
     return out
 
 
-def _rewrite_weights(folder: Path, state: Mapping[str, Any], shard_size: str) -> None:
+def _rewrite_weights(folder: Path, state: Mapping[str, Any], shard_size: str, allow_nonfinite: bool = True) -> None:
     """Replace the weight files of ``folder`` by ``state`` (same names, shapes and dtypes)."""
     old = open_checkpoint(folder)
-    new = _like(old, state)
+    new = _like(old, state, "repair", allow_nonfinite)
     tmp = folder / ".mergelab-stage"
     save_state(new, tmp, dtype=None, shard_size=shard_size, force=True)
     for f in list(folder.glob("*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
@@ -115,7 +123,8 @@ def _rewrite_weights(folder: Path, state: Mapping[str, Any], shard_size: str) ->
 
 
 def run_repair(section: RepairSection, folder: Path, experts: Sequence[tuple[str, Any]], *,
-               shard_size: str = "5GB", quiet: bool = False, log: Callable[[str], None] = print) -> None:
+               shard_size: str = "5GB", quiet: bool = False, log: Callable[[str], None] = print,
+               allow_nonfinite: bool = False) -> None:
     """REPAIR the merged model in ``folder`` (weights rewritten in place)."""
     from . import repair
 
@@ -133,7 +142,7 @@ def run_repair(section: RepairSection, folder: Path, experts: Sequence[tuple[str
     if unfolded:
         raise MergelabError(f"repair: the correction at site(s) {', '.join(map(str, unfolded))} cannot be "
                             "folded into a layer; list foldable sites under repair.sites")
-    _rewrite_weights(folder, fixed.state_dict(), shard_size)
+    _rewrite_weights(folder, fixed.state_dict(), shard_size, allow_nonfinite)
     log(f"repair: folded REPAIR corrections at {len(_sites_of(fixed, merged, section))} sites "
         f"into the merged weights ({section.mode}, {len(models)} experts)")
 
@@ -146,7 +155,8 @@ def _sites_of(fixed, merged, section) -> list[str]:
 
 
 def run_tact(section: TactSection, folder: Path, experts: Mapping[str, Any], *,
-             shard_size: str = "5GB", quiet: bool = False, log: Callable[[str], None] = print) -> None:
+             shard_size: str = "5GB", quiet: bool = False, log: Callable[[str], None] = print,
+             allow_nonfinite: bool = False) -> None:
     """TACT on the merged model in ``folder``; writes ``folder/tact/``.
 
     ``experts`` maps each recipe model reference (as written in the recipe) to the checkpoint
@@ -169,49 +179,29 @@ def run_tact(section: TactSection, folder: Path, experts: Mapping[str, Any], *,
     tcm.save_corrections(out / "corrections.safetensors")
     merged_ck = open_checkpoint(folder)
     for task in tcm.tasks:
-        save_state(_like(merged_ck, tcm.folded_state_dict(task)), out / task, like=folder,
+        folded = _like(merged_ck, tcm.folded_state_dict(task), f"tact task '{task}'", allow_nonfinite)
+        save_state(folded, out / task, like=folder,
                    shard_size=shard_size)
     log(f"tact: {len(tcm.tasks)} tasks x {len(tcm.sites)} sites; corrections in "
         f"tact/corrections.safetensors, folded per-task checkpoints in tact/<task>/")
 
 
-def check_stages(recipe, models: Mapping[str, Any], *, multi_output: bool) -> None:
-    """What can be checked before the merge starts (so a bad stage writes nothing)."""
-    for key, sec in (("repair", recipe.repair), ("tact", recipe.tact)):
-        if sec is None:
-            continue
-        if multi_output:
-            raise MergelabError(f"recipe: '{key}:' needs a method with one merged model, found "
-                                f"'{recipe.merge_method}' (one output per task)")
-        resolve_device(sec.device, f"recipe: {key}: device")
-        paths = [sec.data] if key == "repair" else [t.data for t in sec.tasks.values()]
-        for d in paths:
-            if not Path(recipe.resolve_path(d)).exists():
-                raise MergelabError(f"recipe: {key}: calibration data '{d}': no such file or folder")
-    if recipe.tact is not None:
-        if not recipe.tact.tasks:
-            raise MergelabError("recipe: tact: 'tasks' is empty")
-        for task, t in recipe.tact.tasks.items():
-            if t.model not in models:
-                raise MergelabError(f"recipe: tact: task '{task}': model '{t.model}' is not one of the recipe's "
-                                    f"models ({', '.join(models)})")
+def check_single_output(key: str, recipe, multi_output: bool) -> None:
+    if multi_output:
+        raise MergelabError(f"recipe: '{key}:' needs a method with one merged model, found "
+                            f"'{recipe.merge_method}' (one output per task)")
 
 
-def run_stages(recipe, folder: Path, experts: Sequence[Any], models: Mapping[str, Any], *,
-               shard_size: Any = "5GB", quiet: bool = False) -> None:
-    """Run the recipe's ``repair:`` then ``tact:`` stages on the merged model in ``folder``."""
-    log = (lambda s: None) if quiet else print
+def check_data(key: str, recipe, paths: Sequence[str]) -> None:
+    for d in paths:
+        if not Path(recipe.resolve_path(d)).exists():
+            raise MergelabError(f"recipe: {key}: calibration data '{d}': no such file or folder")
 
-    def resolved(sec):
-        upd = {"data": recipe.resolve_path(sec.data)} if hasattr(sec, "data") else {}
-        if getattr(sec, "tasks", None):
-            upd["tasks"] = {k: t.model_copy(update={"data": recipe.resolve_path(t.data)})
-                            for k, t in sec.tasks.items()}
-        return sec.model_copy(update=upd)
 
-    if recipe.repair is not None:
-        run_repair(resolved(recipe.repair), folder, [(e.label, e.ckpt) for e in experts],
-                   shard_size=shard_size, quiet=quiet, log=log)
-    if recipe.tact is not None:
-        run_tact(resolved(recipe.tact), folder, {k: v.ckpt for k, v in models.items()},
-                 shard_size=shard_size, quiet=quiet, log=log)
+def resolved(recipe, sec):
+    """The section with its data paths resolved against the recipe's folder."""
+    upd = {"data": recipe.resolve_path(sec.data)} if hasattr(sec, "data") else {}
+    if getattr(sec, "tasks", None):
+        upd["tasks"] = {k: t.model_copy(update={"data": recipe.resolve_path(t.data)})
+                        for k, t in sec.tasks.items()}
+    return sec.model_copy(update=upd)

@@ -1,9 +1,6 @@
-"""Shared plumbing of the suites: merging state dicts through the public method registry,
-coefficient grids scored on validation data, versions, timers.
-
-Merges go through :func:`mergelab.methods.get_method` exactly like a user's code would:
-resolve the recipe parameters, run the method's prepass over a re-iterable stream, then call
-the per-tensor function for every body tensor. Heads (``head.*``) are never merged.
+"""Shared plumbing of the suites: merging state dicts through the public API
+(:func:`mergelab.merge_states`, the same per-tensor driver as ``merge()``), coefficient grids
+scored on validation data, versions, timers.  Heads (``head.*``) are never merged.
 """
 from __future__ import annotations
 
@@ -16,66 +13,22 @@ import torch
 from torch import Tensor
 
 
-class _Stream:
-    """Re-iterable ``(ctx, base, tensors)`` stream over the merged names (prepass contract)."""
-
-    def __init__(self, names, base, experts, stats, seed, model_names):
-        self.args = (names, base, experts, stats, seed, model_names)
-
-    def __iter__(self):
-        from ...methods.registry import TensorContext
-
-        names, base, experts, stats, seed, model_names = self.args
-        for n in names:
-            yield (TensorContext(name=n, seed=seed, stats=_stats_for(stats, n), model_names=model_names),
-                   None if base is None else base[n].float(), [e[n].float() for e in experts])
-
-
-def _stats_for(stats: Mapping[str, Sequence[Mapping[str, Tensor]]] | None, name: str) -> dict:
-    if not stats:
-        return {}
-    return {kind: [s.get(name) for s in per_model] for kind, per_model in stats.items()}
-
-
 def merge_state(method: str, base: Mapping[str, Tensor] | None, experts: Sequence[Mapping[str, Tensor]],
                 params: dict[str, Any] | None = None, model_params: Sequence[dict] | None = None,
                 stats: Mapping[str, Sequence[Mapping[str, Tensor]]] | None = None,
                 names: Sequence[str] | None = None, model_names: Sequence[str] = (),
                 seed: int = 0) -> dict[str, Tensor] | dict[str, dict[str, Tensor]]:
-    """Merge the ``names`` (default: every non-head key) of ``experts`` with a registered method.
+    """Merge the ``names`` (default: every non-head key) of ``experts`` with a registered method,
+    through the public :func:`mergelab.merge_states` (the engine's driver, as ``merge()`` uses).
 
     Returns one state dict, or for ``multi_output`` methods ``{variant: state}``. Keys not in
     ``names`` are not returned (the caller keeps heads and buffers as it sees fit).
     """
-    from ...methods import get_method
+    from ... import merge_states
 
-    spec = get_method(method)
     names = list(names) if names is not None else [k for k in experts[0] if not k.startswith("head.")]
-    mp = list(model_params) if model_params is not None else [{} for _ in experts]
-    if stats:
-        mp = [{**p, **{k: f"<in-memory {k}>" for k in stats}} for p in mp]
-    kwargs = spec.resolve(dict(params or {}), mp, where=f"merge {method}")
-    stream = _Stream(names, base, experts, stats, seed, tuple(model_names))
-    prep = spec.prepass(kwargs, stream) if spec.prepass is not None else None
-    out: dict = {}
-    fixed: dict[str, Tensor] = {}
-    for ctx, b, ts in stream:
-        ctx.prepass = prep
-        if not torch.is_floating_point(experts[0][ctx.name]):
-            fixed[ctx.name] = experts[0][ctx.name].clone()  # integer buffers (BN num_batches_tracked)
-            continue
-        r = spec(ts, b, ctx=ctx, **kwargs)
-        if spec.multi_output:
-            for variant, t in r.items():
-                out.setdefault(variant, {})[ctx.name] = t
-        else:
-            out[ctx.name] = r
-    if spec.multi_output:
-        for state in out.values():
-            state.update(fixed)
-    else:
-        out.update(fixed)
-    return out
+    return merge_states(method, list(experts), base, model_params=model_params, stats=stats, names=names,
+                        model_names=list(model_names) or None, seed=seed, **dict(params or {}))
 
 
 def interpolate(a: Mapping[str, Tensor], b: Mapping[str, Tensor], alpha: float,

@@ -1,0 +1,187 @@
+"""The per-tensor driver: the one place where a method meets its tensors.
+
+Every entry point (``merge()`` from files, ``merge_states()`` in memory, the experiment
+suites, ``fisher_merge``/``regmean_merge``) builds a :class:`Driver` over a plan and asks it
+for whole tensors or row blocks.  It owns:
+
+* the :class:`TensorContext` of each call, with ONE seed function
+  (``ctx.seed = methods.seeds.context_seed(recipe_seed, name)``);
+* the method's prepasses (whole-model ``prepass``, e.g. global TIES top-k or Fisher norms;
+  per-tensor ``tensor_prepass`` over row blocks);
+* device placement: inputs are read where they are stored (the storage device: CPU for
+  files, the state's device in memory), moved to the math ``device`` and made float32 there;
+  the method computes on the math device; results are cast to the stored dtype on the math
+  device and handed back on the storage device;
+* the checks: non-finite inputs, the method's output shape, and non-finite values AFTER the
+  cast to the stored dtype (so float16 overflow is caught), unless ``allow_nonfinite``.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterator
+
+import torch
+
+from ..errors import MergelabError
+from ..io.finite import check_stored, nonfinite
+from ..methods.registry import TensorContext
+from ..methods.seeds import context_seed
+from .sources import Input
+
+DEFAULT_BLOCK_SIZE = 2**20
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def math_device(device: Any) -> torch.device:
+    """A validated math device (``cpu``, ``cuda``, ``cuda:N``)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MergelabError(f"--device: expected cpu or cuda, found {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise MergelabError(f"--device: expected cpu or cuda, found {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MergelabError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MergelabError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+class Driver:
+    """Feeds a plan's tensors (whole or in row blocks) through its method; see the module doc."""
+
+    def __init__(self, plan: Any, *, device: Any = "cpu", storage: Any = "cpu", seed: int = 0,
+                 allow_nonfinite: bool = False, block_bytes: int = DEFAULT_BLOCK_SIZE):
+        self.p = plan
+        self.device = math_device(device)
+        self.storage = torch.device(storage)
+        self.seed = seed
+        self.allow = allow_nonfinite
+        self.block_elems = max(1, block_bytes // 4)
+        self.bytes_read = 0
+        self._lock = threading.Lock()
+        self.blockable = (plan.method.elementwise and not plan.stats
+                          and all(callable(getattr(i.ckpt, "get_rows", None)) for i in plan.readers))
+
+    # -- what to cut -------------------------------------------------------------------
+    def rows_per_block(self, name: str) -> int | None:
+        """Rows of ``name`` per block when it is merged in row blocks; None: merged whole."""
+        shape = self.p.shape(name)
+        if not self.blockable or len(shape) == 0:
+            return None
+        rows = max(1, self.block_elems // max(1, numel(shape[1:])))
+        return rows if rows < shape[0] else None
+
+    # -- reading -----------------------------------------------------------------------
+    def _read(self, inp: Input, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        raw = inp.ckpt.get(name) if rows is None else inp.ckpt.get_rows(name, *rows)
+        with self._lock:
+            self.bytes_read += raw.numel() * raw.element_size()
+        t = raw.to(self.device).to(torch.float32)
+        del raw
+        if not self.allow and nonfinite(t):
+            raise MergelabError(
+                f"{inp.label}: tensor '{name}' holds NaN or Inf (use --allow-nonfinite / allow_nonfinite: true to merge anyway)")
+        return t
+
+    def _stats(self, name: str) -> dict[str, list]:
+        stats: dict[str, list] = {}
+        for kind, files in self.p.stats.items():
+            stats[kind] = [st.ckpt.get(name).to(self.device) if name in st.ckpt else None for st in files]
+            if kind == "gram":  # row counts from the Gram files' metadata ('count:<name>')
+                counts = [(getattr(st.ckpt, "metadata", None) or {}).get(f"count:{name}") for st in files]
+                if any(c is not None for c in counts):
+                    stats["gram_count"] = [None if c is None else float(c) for c in counts]
+        return stats
+
+    def context(self, name: str, rows: tuple[int, int] | None = None, tensor_state: Any = None) -> TensorContext:
+        ctx = TensorContext(name=name, seed=context_seed(self.seed, name), stats=self._stats(name),
+                            model_names=[e.label for e in self.p.experts], tensor_state=tensor_state,
+                            device=self.device)
+        if rows is not None:
+            shape = self.p.shape(name)
+            ctx.offset, ctx.numel = rows[0] * numel(shape[1:]), numel(shape)
+        return ctx
+
+    def inputs(self, name: str, rows: tuple[int, int] | None = None, tensor_state: Any = None):
+        """``(ctx, base, tensors)`` of one tensor, or of its rows ``rows[0]:rows[1]`` (math device, float32)."""
+        seen: dict[int, torch.Tensor] = {}
+
+        def rd(inp):
+            k = id(inp.ckpt)
+            if k not in seen:
+                seen[k] = self._read(inp, name, rows)
+            return seen[k]
+
+        base = rd(self.p.base) if self.p.base is not None else None
+        tensors = [rd(e) for e in self.p.experts]
+        return self.context(name, rows, tensor_state), base, tensors
+
+    # -- prepasses ---------------------------------------------------------------------
+    def stream(self) -> "Stream":
+        """The prepass stream: every merged name once, in order, one at a time; re-iterable
+        (each ``iter()`` reads the inputs again), so a prepass may take several passes."""
+        return Stream(self)
+
+    def prepass(self) -> Any:
+        """The method's whole-model prepass (None without one)."""
+        if self.p.method.prepass is None:
+            return None
+        kw0 = next(iter(self.p.kwargs.values()), {})
+        return self.p.method.prepass(kw0, self.stream())
+
+    def tensor_state(self, name: str, rows: int) -> Any:
+        """The method's tensor_prepass over the row blocks of ``name`` (None without one)."""
+        if self.p.method.tensor_prepass is None:
+            return None
+        n0 = self.p.shape(name)[0]
+
+        def blocks():
+            for a in range(0, n0, rows):
+                yield self.inputs(name, (a, min(a + rows, n0)))
+
+        return self.p.method.tensor_prepass(self.p.kwargs[name], blocks)
+
+    # -- one call ----------------------------------------------------------------------
+    def compute(self, name: str, prepass: Any, rows: tuple[int, int] | None = None,
+                tensor_state: Any = None) -> dict[str, torch.Tensor]:
+        """``{variant: tensor}`` of one tensor or of its rows ``rows``: stored dtype, storage device
+        (variant ``""`` for single-output methods)."""
+        ctx, base, tensors = self.inputs(name, rows, tensor_state)
+        ctx.prepass = prepass
+        method = self.p.method
+        out = method(tensors, base, ctx=ctx, **self.p.kwargs[name])
+        del tensors, base
+        shape = self.p.shape(name)
+        if rows is not None:
+            shape = (rows[1] - rows[0],) + shape[1:]
+        outs = out if isinstance(out, dict) else {"": out}
+        if method.multi_output != isinstance(out, dict):
+            raise AssertionError(f"method '{method.name}' returned {type(out).__name__} for '{name}'")
+        res = {}
+        for k, v in outs.items():
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != shape:
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise AssertionError(f"method '{method.name}' returned {got} for '{name}', expected {shape}")
+            stored = v.to(self.p.out_dtype[name])
+            if not self.allow:
+                check_stored(name, v, stored, who=f"method '{method.name}'")
+            res[str(k)] = stored.to(self.storage)
+        return res
+
+
+class Stream:
+    def __init__(self, driver: Driver):
+        self.driver = driver
+
+    def __iter__(self) -> Iterator[tuple[TensorContext, torch.Tensor | None, list[torch.Tensor]]]:
+        for n in self.driver.p.names:
+            if n in self.driver.p.merged:
+                yield self.driver.inputs(n)

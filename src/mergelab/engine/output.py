@@ -1,0 +1,80 @@
+"""The output folder(s): sharded writers (one per variant), the tensors that are not merged,
+config/tokenizer files and the model card."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import MergelabError
+from ..io.writer import ShardedWriter, TensorSpec, copy_model_files, write_model_card
+from .sources import folder_of
+
+
+class Outputs:
+    """One :class:`ShardedWriter` per variant under ``tmp`` (``""``: ``tmp`` itself)."""
+
+    def __init__(self, plan: Any, tmp: Path, shard_size: int):
+        self.p = plan
+        self.tmp = tmp
+        self.size = shard_size
+        self.specs = [TensorSpec(n, plan.shape(n), plan.out_dtype[n]) for n in plan.names]
+        self.writers: dict[str, ShardedWriter] = {}
+        self.lock = threading.Lock()
+        self.written = 0
+        if not plan.method.multi_output:
+            self.writer("")
+
+    def folder(self, variant: str) -> Path:
+        return self.tmp / variant if variant else self.tmp
+
+    def writer(self, variant: str) -> ShardedWriter:
+        with self.lock:
+            if variant not in self.writers:
+                folder = self.folder(variant)
+                folder.mkdir(exist_ok=True)
+                self.writers[variant] = ShardedWriter(folder, self.specs, self.size, {"mergelab_version": __version__})
+            return self.writers[variant]
+
+    def put(self, name: str, outs: dict[str, torch.Tensor], start: int | None) -> None:
+        """The driver's result for one tensor (``start`` None) or for its rows from ``start``."""
+        for variant, tensor in outs.items():
+            w = self.writer(variant)
+            if start is None:
+                w.write(name, tensor)
+            else:
+                w.write_rows(name, start, tensor)
+            with self.lock:
+                self.written += tensor.numel() * tensor.element_size()
+
+    @property
+    def variants(self) -> list[str]:
+        return sorted(self.writers)
+
+    def finish(self, sums: dict, done=lambda: None) -> None:
+        """Copy the unmerged tensors, close the shards, add config files and the model card."""
+        p = self.p
+        if not self.writers:
+            raise MergelabError(f"method '{p.method.name}': nothing to merge (no floating-point tensors)")
+        for n in p.names:  # tensors that are not merged (integer buffers): from the reference model
+            if n not in p.merged:
+                t = p.ref.ckpt.get(n)
+                for w in self.writers.values():
+                    w.write(n, t)
+                    self.written += t.numel() * t.element_size()
+                done()
+        for w in self.writers.values():
+            w.close()
+        stored = {p.out_dtype[n] for n in p.merged}
+        cfg_dtype = stored.pop() if len(stored) == 1 else None
+        for v in self.variants:
+            copy_model_files(folder_of(p.base or p.experts[0]), self.folder(v), cfg_dtype)
+            write_model_card(self.folder(v), recipe_yaml=p.recipe.to_yaml(), version=__version__, inputs=sums,
+                             extra=(f"Variant `{v}` of method `{p.method.name}`." if v else ""))
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
