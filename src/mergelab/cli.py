@@ -51,7 +51,9 @@ def merge_cmd(recipe, out, force, dtype, shard_size, device, threads, allow_nonf
 
     res = merge(recipe, out, force=force, dtype=dtype, shard_size=shard_size, device=device, threads=threads,
                 quiet=quiet, allow_nonfinite=allow_nonfinite, checksums=not no_checksums, block_size=block_size)
-    if not quiet:
+    if res.world > 1:          # under torchrun: each rank says what it did
+        click.echo(res.rank_line())
+    if not quiet and res.rank == 0:
         click.echo(res.summary())
 
 

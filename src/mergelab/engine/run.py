@@ -16,12 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import MergelabError
-from ..io.writer import DEFAULT_SHARD_SIZE, AtomicFolder, parse_size, sha256_file
+from ..io.writer import DEFAULT_SHARD_SIZE, parse_size, sha256_file
 from . import stages
-from .driver import DEFAULT_BLOCK_SIZE, Driver
+from .driver import DEFAULT_BLOCK_SIZE, Driver, numel
 from .jobs import make_jobs, run_jobs
 from .output import Outputs
 from .plan import Plan, plan
+from .ranks import Team, partition
 
 
 @dataclass
@@ -33,6 +34,14 @@ class MergeResult:
     seconds: float = 0.0
     method: str = ""
     variants: list[str] = field(default_factory=list)
+    rank: int = 0                        # under torchrun: this process's rank, the world size,
+    world: int = 1                       # the tensors it merged and the bytes it wrote
+    rank_tensors: int = 0
+    rank_bytes: int = 0
+
+    def rank_line(self) -> str:
+        return (f"rank {self.rank}/{self.world}: merged {self.rank_tensors} of {self.tensors} tensors "
+                f"({self.rank_bytes} bytes)")
 
     def summary(self) -> str:
         gb = (self.bytes_read + self.bytes_written) / 1e9
@@ -109,8 +118,12 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     Checkpoint-like objects (e.g. lazily permuted views).  ``block_size``: float32 bytes of
     one input's row block for elementwise methods (default ``1MiB``); the output does not
     depend on it.  Multi-output methods write one sub-folder of ``out`` per variant.
+
+    Under ``torchrun`` every process calls this with the same arguments; the tensors are split
+    across the processes and the output is the same bytes (:mod:`mergelab.engine.ranks`).
     """
     t0 = time.perf_counter()
+    team = Team()
     p = plan(recipe, dtype=dtype, inputs=inputs)
     r = p.recipe
     allow = r.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
@@ -119,23 +132,39 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     block_bytes = parse_size(block_size if block_size is not None else DEFAULT_BLOCK_SIZE)
     d = Driver(p, device=device or r.device or "cpu", storage="cpu", seed=r.seed, allow_nonfinite=allow,
                block_bytes=block_bytes)
-    atomic = AtomicFolder(out, force)  # refuses an existing output before any work
+    folder = team.folder(out, force)  # refuses an existing output before any work
     if d.blockable:
         tune_malloc()
     jobs = make_jobs(d)
-    sums = _Checksums(p, checksums)
+    mine = None                       # the tensors this rank writes (None: all)
+    if team.world > 1:
+        nbytes = {n: numel(p.shape(n)) * p.out_dtype[n].itemsize for n in p.names}
+        mine = set(partition(p.names, nbytes, team.world)[team.rank])
+        jobs = [j for j in jobs if j.name in mine]
+    sums = _Checksums(p, checksums and team.lead)
     old_threads = torch.get_num_threads()
     # blocks are small: the worker threads use the cores, one intra-op thread each
     torch.set_num_threads(1 if d.blockable else max(1, min(nthreads, os.cpu_count() or 1)))
-    bar = tqdm(total=len(jobs) + len(p.names) - len(p.merged), disable=quiet, unit="job",
+    unmerged = [n for n in p.names if n not in p.merged and (mine is None or n in mine)]
+    bar = tqdm(total=len(jobs) + len(unmerged), disable=quiet or not team.lead, unit="job",
                desc=f"merge {p.method.name}", leave=False)
     outs = None
     try:
-        with atomic as tmp:
-            outs = Outputs(p, tmp, size)
-            run_jobs(d, jobs, d.prepass(), outs.put, nthreads, lambda: bar.update(1))
-            outs.finish(sums.result(), lambda: bar.update(1))
-            stages.after_merge(p, tmp, shard_size=size, quiet=quiet)
+        with folder as tmp:
+            prepass = d.prepass()
+            variants = _variants(d, prepass) if team.world > 1 and p.method.multi_output else None
+            if team.lead:             # rank 0 lays the shards out, the others open them
+                outs = Outputs(p, tmp, size, only=mine, variants=variants)
+            team.barrier()
+            if not team.lead:
+                outs = Outputs(p, tmp, size, only=mine, create=False, variants=variants)
+            run_jobs(d, jobs, prepass, outs.put, nthreads, lambda: bar.update(1))
+            outs.close(lambda: bar.update(1))
+            team.barrier()            # every rank's tensors are written
+            if team.lead:
+                outs.describe(sums.result())
+            team.barrier()            # the merged folder is complete: the stages read it
+            stages.after_merge(p, tmp, shard_size=size, quiet=quiet or not team.lead)
     finally:
         if outs is not None:
             outs.abort()
@@ -145,4 +174,14 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     outp = Path(out).expanduser().absolute()
     return MergeResult(outputs=[outp / v if v else outp for v in outs.variants], tensors=len(p.names),
                        bytes_read=d.bytes_read, bytes_written=outs.written,
-                       seconds=time.perf_counter() - t0, method=p.method.name, variants=[v for v in outs.variants if v])
+                       seconds=time.perf_counter() - t0, method=p.method.name, variants=[v for v in outs.variants if v],
+                       rank=team.rank, world=team.world, rank_tensors=len(p.names) if mine is None else len(mine),
+                       rank_bytes=outs.written)
+
+
+def _variants(d: Driver, prepass: Any) -> list[str]:
+    """A multi-output method's variant names, from its smallest tensor (every rank must lay out
+    every variant's folder before any rank writes)."""
+    p = d.p
+    probe = min(p.merged, key=lambda n: (numel(p.shape(n)), p.names.index(n)))
+    return sorted(d.compute(probe, prepass))

@@ -24,6 +24,7 @@ from ..io.models import build_model, is_hf_folder, load_weights
 from ..io.reader import open_checkpoint
 from ..io.finite import check_stored
 from ..io.writer import save_state
+from ..stats import distributed
 
 
 class DataSpec(BaseModel):
@@ -142,6 +143,8 @@ def run_repair(section: RepairSection, folder: Path, experts: Sequence[tuple[str
     if unfolded:
         raise MergelabError(f"repair: the correction at site(s) {', '.join(map(str, unfolded))} cannot be "
                             "folded into a layer; list foldable sites under repair.sites")
+    if not distributed.is_writer():     # under torchrun every rank calibrates, rank 0 writes
+        return
     _rewrite_weights(folder, fixed.state_dict(), shard_size, allow_nonfinite)
     log(f"repair: folded REPAIR corrections at {len(_sites_of(fixed, merged, section))} sites "
         f"into the merged weights ({section.mode}, {len(models)} experts)")
@@ -174,6 +177,8 @@ def run_tact(section: TactSection, folder: Path, experts: Mapping[str, Any], *,
     merged = _model(folder, section.model_code, open_checkpoint(folder), "merged model")
     tcm = tact(merged, models, data, section.n_batches, sites=section.sites, head=section.head,
                mode=section.mode, progress=not quiet, device=section.device)
+    if not distributed.is_writer():     # under torchrun every rank calibrates, rank 0 writes
+        return
     out = folder / "tact"
     out.mkdir()
     tcm.save_corrections(out / "corrections.safetensors")

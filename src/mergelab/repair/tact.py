@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 import torch
 from torch import Tensor, nn
 
 from ..device import module_device, placed, resolve_device
 from ..errors import MergelabError
+from ..io.writer import save_tensors
 from ..stats import distributed
 from ..stats.activations import _moments_pass
 from ..stats.sites import Site, channel_dim, find_head, resolve_sites, _inside
@@ -155,7 +156,7 @@ class TaskConditionedModel(nn.Module):
         meta = {"mergelab_kind": "tact_corrections", "tasks": json.dumps(self.tasks),
                 "sites": json.dumps([s.name for s in self.sites]), "eps": repr(self.eps),
                 "head": self.head or ""}
-        save_file(self.corrections_state(), str(path), metadata=meta)
+        save_tensors(self.corrections_state(), path, metadata=meta)
 
     def folded_model(self, task: str) -> nn.Module:
         """A plain model for ``task``: its head, every correction folded into a layer."""
@@ -187,7 +188,7 @@ class TaskConditionedModel(nn.Module):
         for t in self.tasks:
             (out / t).mkdir(exist_ok=True)
             sd = {k: v.contiguous() for k, v in self.folded_state_dict(t).items()}
-            save_file(sd, str(out / t / "model.safetensors"), metadata={"mergelab_kind": "tact_folded",
+            save_tensors(sd, str(out / t / "model.safetensors"), metadata={"mergelab_kind": "tact_folded",
                                                                          "task": t})
 
 

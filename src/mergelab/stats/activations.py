@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from safetensors import safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..device import placed, resolve_device
 from ..errors import MergelabError
+from ..io.writer import save_tensors
 from . import distributed
 from .batch import call_model, model_device, split_batch, to_device
 from .moments import Moments, reduce_moments
@@ -66,7 +67,7 @@ class Stats:
             tensors[f"{s}.mean"] = self.mean[s].float().cpu().contiguous()
             tensors[f"{s}.std"] = self.std[s].float().cpu().contiguous()
             tensors[f"{s}.count"] = self.count.get(s, torch.tensor(float("nan"))).double().cpu().reshape(())
-        save_file(tensors, str(path), metadata={"mergelab_kind": "activation_stats",
+        save_tensors(tensors, path, metadata={"mergelab_kind": "activation_stats",
                                                 "sites": json.dumps(self.sites)})
 
     @classmethod

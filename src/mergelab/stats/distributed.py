@@ -18,17 +18,20 @@ the same script runs on one process or many::
   reports (:func:`reduce_partial`).  Every rank ends with the full result; only rank 0
   writes files (:func:`is_writer`).  The result equals the single-process result to float64
   round-off (only the order of the additions differs).
-* The process group times out after ``MERGELAB_DIST_TIMEOUT`` seconds (default 600) in any
+* The process group times out after ``MERGELAB_DIST_TIMEOUT`` seconds (default 1800) in any
   collective, so a rank that died or hangs fails the run instead of blocking the others.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import threading
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+
+from ..errors import MergelabError
 
 
 def init(backend: str | None = None) -> bool:
@@ -47,7 +50,7 @@ def init(backend: str | None = None) -> bool:
 
 def timeout_s() -> float:
     """Seconds a collective (a reduction, a barrier) waits for the other ranks."""
-    return float(os.environ.get("MERGELAB_DIST_TIMEOUT", "600"))
+    return float(os.environ.get("MERGELAB_DIST_TIMEOUT", "1800"))
 
 
 def rank_world() -> tuple[int, int]:
@@ -121,9 +124,30 @@ def reduce_partial(tensors: Sequence[torch.Tensor | None], device: torch.device 
 
 
 def barrier() -> None:
-    """Wait for every rank (no-op on one process); times out after :func:`timeout_s`."""
-    if rank_world()[1] > 1:
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
+    """Wait for every rank (no-op on one process); times out after :func:`timeout_s`.
+
+    The wait runs on a helper thread while the main thread polls it, so a signal (SIGTERM
+    from torchrun when another rank failed) is handled at once, not after the timeout.  A
+    timeout or a lost peer is a :class:`~mergelab.errors.MergelabError` naming this rank."""
+    rank, world = rank_world()
+    if world == 1:
+        return
+    box: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+            else:
+                dist.barrier()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            box.append(e)
+
+    th = threading.Thread(target=wait, name="mergelab-barrier", daemon=True)
+    th.start()
+    while th.is_alive():
+        th.join(0.1)
+    if box:
+        first = (str(box[0]).strip().splitlines() or [type(box[0]).__name__])[0]
+        raise MergelabError(f"rank {rank}/{world}: waiting for the other ranks failed (a rank died, "
+                            f"or none came within {timeout_s():g} s; MERGELAB_DIST_TIMEOUT): {first[:200]}")

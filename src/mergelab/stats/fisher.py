@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 from tqdm.auto import tqdm
 
 from ..device import placed, resolve_device
 from ..errors import MergelabError
+from ..io.writer import save_tensors
 from . import distributed, persample
 from .activations import eval_no_grad
 from .batch import batch_len, call_model, logits_of, model_device, split_batch, take, to_device
@@ -62,7 +62,7 @@ class Fisher(dict):
     def save(self, path: str | Path) -> None:
         if not distributed.is_writer():
             return
-        save_file({k: v.cpu().contiguous() for k, v in self.items()}, str(path),
+        save_tensors({k: v.cpu().contiguous() for k, v in self.items()}, str(path),
                   metadata={"mergelab_kind": "fisher", "mode": self.mode,
                             "n_examples": str(self.n_examples)})
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..device import placed, resolve_device
 from ..errors import MergelabError
+from ..io.writer import save_tensors
 from . import distributed
 from .activations import data_pass, eval_no_grad
 from .batch import call_model, model_device
@@ -34,7 +34,7 @@ class Grams(dict):
             return
         meta = {"mergelab_kind": "gram"}
         meta.update({f"count:{k}": str(int(v)) for k, v in self.counts.items()})
-        save_file({k: v.cpu().contiguous() for k, v in self.items()}, str(path), metadata=meta)
+        save_tensors({k: v.cpu().contiguous() for k, v in self.items()}, path, metadata=meta)
 
 
 def gram_matrices(model: nn.Module, data: Iterable[Any], layers: Sequence[str] | None = None, *,
