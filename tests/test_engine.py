@@ -1,8 +1,6 @@
 """One per-tensor driver behind every entry point: merge() from files, merge_states() in memory,
 the experiment suites' merge_state and fisher_merge/regmean_merge give the same bytes for the
 same inputs and seed (random DARE masks and global-scope TIES included)."""
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +184,12 @@ def test_recipe_seed_reaches_methods_through_one_seed_function(tmp_path, family)
         del REGISTRY["_engine_seed_probe"]
     assert ("norm.weight", context_seed(9, "norm.weight")) in seen
     assert seen.count(("norm.weight", context_seed(9, "norm.weight"))) == 2
+
+
+def test_merge_states_names_ignore_the_other_tensors(family):
+    _, _, base, states, _, _ = family
+    heads = [{**s, "head.weight": torch.ones(i + 2, 16)} for i, s in enumerate(states)]  # task heads differ
+    out = ml.merge_states("linear", heads, names=["layers.0.w", "position_ids"])
+    assert list(out) == ["layers.0.w", "position_ids"]
+    with pytest.raises(MergelabError, match="head.weight.*shape"):
+        ml.merge_states("linear", heads)

@@ -38,7 +38,8 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
 @click.option("--dtype", default=None, help="Stored dtype: float32, float16 or bfloat16 (default: the recipe's, else the base model's).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Maximum shard size, e.g. 5GB, 500MB.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where tensors are merged.")
+@click.option("--device", default=None,
+              help="Math device: cpu, cuda or cuda:N (default: the recipe's device:, else cpu); reading and writing stay streamed.")
 @click.option("--threads", type=int, default=None, help="Worker threads (default: all cores, at most 4).")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Merge even when a tensor holds NaN or Inf.")
 @click.option("--no-checksums", is_flag=True, help="Skip the inputs' sha256 in the model card.")

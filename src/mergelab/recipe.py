@@ -163,9 +163,15 @@ class _RecipeCore(BaseModel):
         return yaml.safe_dump(clean(d), sort_keys=False)
 
 
-Recipe = create_model("Recipe", __base__=_RecipeCore, __module__=__name__,
-                      **{s.key: (Optional[s.schema], None) for s in _stages()})
-Recipe.__doc__ = _RecipeCore.__doc__
+def recipe_model() -> type:
+    """The Recipe class: the core keys plus one optional section per registered stage."""
+    cls = create_model("Recipe", __base__=_RecipeCore, __module__=__name__,
+                       **{s.key: (Optional[s.schema], None) for s in _stages()})
+    cls.__doc__ = _RecipeCore.__doc__
+    return cls
+
+
+Recipe = recipe_model()
 _SECTIONS = {s.key: s.schema for s in _stages()}
 
 

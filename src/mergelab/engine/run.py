@@ -21,7 +21,7 @@ from . import stages
 from .driver import DEFAULT_BLOCK_SIZE, Driver, numel
 from .jobs import make_jobs, run_jobs
 from .output import Outputs
-from .plan import Plan, plan
+from .planning import Plan, plan
 from .ranks import Team, partition
 
 

@@ -8,7 +8,7 @@ import torch
 from ..errors import MergelabError
 from ..methods.registry import get_method
 from .driver import Driver
-from .plan import plan
+from .planning import plan
 from .sources import StateCheckpoint
 
 State = Mapping[str, torch.Tensor]

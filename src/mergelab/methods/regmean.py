@@ -17,6 +17,7 @@ lacks it); ``ctx.stats["gram_count"]`` (optional) the per-model row counts, need
 """
 from __future__ import annotations
 
+import math
 from typing import Annotated, Mapping, Sequence
 
 import torch
@@ -36,10 +37,11 @@ def _mean(tensors: Sequence[Tensor]) -> Tensor:
 def regmean_weight(weights: Sequence[Tensor], grams: Sequence[Tensor], alpha: float = 0.9) -> Tensor:
     """``(Σ W_i G̃_i)(Σ G̃_i)⁻¹`` for 2-D ``W_i`` (d_out × d_in), in float64, returned as float32."""
     d_in = weights[0].shape[1]
-    lhs = torch.zeros(d_in, d_in, dtype=torch.float64)
-    rhs = torch.zeros(weights[0].shape[0], d_in, dtype=torch.float64)
+    dev = weights[0].device
+    lhs = torch.zeros(d_in, d_in, dtype=torch.float64, device=dev)
+    rhs = torch.zeros(weights[0].shape[0], d_in, dtype=torch.float64, device=dev)
     for w, g in zip(weights, grams):
-        g = g.to(torch.float64)
+        g = g.to(dev, torch.float64)
         gt = alpha * g
         gt.diagonal().add_((1.0 - alpha) * g.diagonal())
         lhs += gt
@@ -58,7 +60,7 @@ def _grams_of(ctx: TensorContext, n: int, shape: torch.Size) -> list[Tensor] | N
     gs = (ctx.stats or {}).get("gram")
     if gs is None or len(gs) != n or any(g is None for g in gs) or len(shape) < 2:
         return None
-    d_in = int(torch.tensor(shape[1:]).prod())
+    d_in = math.prod(shape[1:])
     for i, g in enumerate(gs):
         if tuple(g.shape) != (d_in, d_in):
             raise MergelabError(f"{ctx.name}: Gram of model {i} has shape {tuple(g.shape)},"

@@ -18,6 +18,7 @@ peak memory is the inputs, the output and O(models × CHUNK).
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import Annotated, Callable, Iterable, Iterator, Literal, Sequence
@@ -39,7 +40,7 @@ Density = Annotated[list[float], Range(0, 1, lo_open=True)]
 def _bucket(counts: Tensor, rank: int) -> tuple[int, int]:
     """Index of the bucket holding the ``rank``-th largest value (1-based), and the rank inside it."""
     from_top = counts.flip(0).cumsum(0)
-    i = int(torch.searchsorted(from_top, torch.tensor([rank], dtype=from_top.dtype)))
+    i = int(torch.searchsorted(from_top, torch.tensor([rank], dtype=from_top.dtype, device=from_top.device)))
     above = int(from_top[i - 1]) if i > 0 else 0
     return counts.numel() - 1 - i, rank - above
 
@@ -61,19 +62,23 @@ def kth_largest_many(chunks: Callable[[], Iterable[Sequence[Tensor]]],
     """
     S = len(ranks)
     live = [s for s in range(S) if ranks[s] is not None]
-    hi_counts = {s: torch.zeros(1 << 16, dtype=torch.int64) for s in live}
+    hi_counts: dict[int, Tensor] = {}  # on the values' device (made by bincount)
     n = [0] * S
     for xs in chunks():
         for s in live:
             bits = _bits(xs[s])
-            hi_counts[s] += torch.bincount(bits >> 16, minlength=1 << 16)
+            c = torch.bincount(bits >> 16, minlength=1 << 16)
+            if s in hi_counts:
+                hi_counts[s] += c
+            else:
+                hi_counts[s] = c
             n[s] += bits.numel()
     hi, rank2 = {}, {}
     for s in live:
         if not 1 <= ranks[s] <= n[s]:
             raise ValueError(f"rank {ranks[s]} outside 1..{n[s]}")
         hi[s], rank2[s] = _bucket(hi_counts[s], ranks[s])
-    lo_counts = {s: torch.zeros(1 << 16, dtype=torch.int64) for s in live}
+    lo_counts = {s: torch.zeros_like(hi_counts[s]) for s in live}
     for xs in chunks():
         for s in live:
             bits = _bits(xs[s])
@@ -83,7 +88,7 @@ def kth_largest_many(chunks: Callable[[], Iterable[Sequence[Tensor]]],
     out: list[tuple[float, int] | None] = [None] * S
     for s in live:
         lo, _ = _bucket(lo_counts[s], rank2[s])
-        value = float(torch.tensor([(hi[s] << 16) | lo], dtype=torch.int32).view(torch.float32))
+        value = struct.unpack("<f", struct.pack("<I", (hi[s] << 16) | lo))[0]
         greater = int(hi_counts[s][hi[s] + 1:].sum()) + int(lo_counts[s][lo + 1:].sum())
         out[s] = (value, greater)
     return out
@@ -143,7 +148,7 @@ def trim_states(tau_chunks: Callable[[], Iterable[Sequence[Tensor]]], density: S
         out: list[Trim | None] = [None] * M
         for i in todo:
             a = torch.cat([taus[i].reshape(-1).abs() for taus in tau_chunks()])
-            mask = torch.zeros(a.numel(), dtype=torch.bool)
+            mask = torch.zeros(a.numel(), dtype=torch.bool, device=a.device)
             mask[torch.argsort(a, descending=True)[:trim_keep_count(a.numel(), density[i])]] = True
             out[i] = Trim(mask=mask)
         return out
@@ -179,7 +184,7 @@ def trim_mask(tau: Tensor, density: float, tie_break: str = "index") -> Tensor:
     (st,) = trim_states(lambda: ((c,) for c in _flat_chunks(tau)), [density], tie_break)
     if st is None:
         return torch.ones_like(tau, dtype=torch.bool)
-    mask = torch.empty(tau.numel(), dtype=torch.bool)
+    mask = torch.empty(tau.numel(), dtype=torch.bool, device=tau.device)
     for s, c in zip(range(0, tau.numel(), CHUNK), _flat_chunks(tau)):
         mask[s:s + c.numel()] = trim_keep(c, st, s)
     return mask.reshape(tau.shape)
@@ -241,24 +246,26 @@ def _chunk_seed(seed: int, chunk: int) -> int:
     return derive_seed(seed, int(chunk))
 
 
-def dare_keep(start: int, stop: int, density: float, seed: int) -> Tensor:
-    """DARE's Bernoulli(density) keep-mask of the flat entries ``start:stop`` of a tensor.
+def dare_keep(start: int, stop: int, density: float, seed: int, device: torch.device | str | None = None) -> Tensor:
+    """DARE's Bernoulli(density) keep-mask of the flat entries ``start:stop`` of a tensor, on ``device``.
 
-    Entry j is kept when the ``(j mod 2^20)``-th draw of a generator seeded with
-    ``(seed, j // 2^20)`` is below ``density``: the mask of an entry does not depend on how
-    the tensor is cut into blocks.  ``seed`` is :func:`tensor_seed` (recipe seed, tensor
-    name, model index).
+    Entry j is kept when the ``(j mod 2^20)``-th draw of a CPU ``torch.Generator`` (Mersenne
+    twister) seeded with ``derive_seed(seed, j // 2^20)`` is below ``density``: the mask of an
+    entry does not depend on how the tensor is cut into blocks, nor on the device: the draws
+    are always made on the CPU and the mask is moved to ``device`` (CUDA's Philox generator
+    gives other numbers for the same seed, so drawing there would make GPU merges differ from
+    CPU ones).  ``seed`` is :func:`tensor_seed` (``ctx.seed``, tensor name, model index).
     """
-    out = torch.empty(max(0, stop - start), dtype=torch.bool)
+    out = torch.empty(max(0, stop - start), dtype=torch.bool, device="cpu")
     g = torch.Generator(device="cpu")
     pos = start
     while pos < stop:
         c = pos // CHUNK
         lo, hi = pos - c * CHUNK, min(stop - c * CHUNK, CHUNK)
         g.manual_seed(_chunk_seed(seed, c))
-        out[pos - start:pos - start + hi - lo] = torch.rand(hi, generator=g)[lo:] < density
+        out[pos - start:pos - start + hi - lo] = torch.rand(hi, generator=g, device="cpu")[lo:] < density
         pos = c * CHUNK + hi
-    return out
+    return out if device is None else out.to(device)
 
 
 # ------------------------------------------------------------------ the shared core
@@ -295,7 +302,7 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
     dare_seeds = [tensor_seed(seed, name, i) if sparsify == "random" and density[i] < 1.0 else None
                   for i in range(n_models)]
 
-    out = torch.empty(numel, dtype=torch.float32)
+    out = torch.empty(numel, dtype=torch.float32, device=base.device)
     total = math.fsum(weight)
     for s in range(0, numel, CHUNK):
         e = min(s + CHUNK, numel)
@@ -308,7 +315,7 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
             elif thresholds is not None and thresholds[i] is not None:
                 tau.mul_(tau.abs() >= thresholds[i])
             elif dare_seeds[i] is not None:
-                tau.mul_(dare_keep(offset + s, offset + e, density[i], dare_seeds[i]))
+                tau.mul_(dare_keep(offset + s, offset + e, density[i], dare_seeds[i], tau.device))
                 if rescale:
                     tau.div_(density[i])
             if weight[i] != 1.0:

@@ -53,21 +53,21 @@ def _fmt_shape(s) -> str:
     return str(tuple(int(x) for x in s))
 
 
-def check_compatible(ref: Input, others: Sequence[Input]) -> None:
-    """Every input holds the reference's tensor names with the reference's shapes."""
-    rkeys = ref.ckpt.keys()
+def check_compatible(ref: Input, others: Sequence[Input], names: Sequence[str] | None = None) -> None:
+    """Every input holds the reference's tensor names with the reference's shapes (only the
+    tensors ``names`` when given: the others may differ, e.g. task heads)."""
+    rkeys = ref.ckpt.keys() if names is None else list(names)
     rset = set(rkeys)
     for o in others:
         if o.ckpt is ref.ckpt:
             continue
-        okeys = o.ckpt.keys()
-        oset = set(okeys)
         for n in rkeys:
-            if n not in oset:
+            if n not in o.ckpt:
                 raise MergelabError(f"tensor '{n}' is in {ref.label} but missing from {o.label}")
-        for n in okeys:
-            if n not in rset:
-                raise MergelabError(f"tensor '{n}' is in {o.label} but missing from {ref.label}")
+        if names is None:
+            for n in o.ckpt.keys():
+                if n not in rset:
+                    raise MergelabError(f"tensor '{n}' is in {o.label} but missing from {ref.label}")
         for n in rkeys:
             a, b = tuple(ref.ckpt.shape(n)), tuple(o.ckpt.shape(n))
             if a != b:
@@ -136,13 +136,12 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: Mapping | None = None
     ref = base if base is not None else experts[0] if experts else None
     if ref is None:
         raise MergelabError("recipe: no model to merge besides the base_model")
-    check_compatible(ref, experts + ([base] if base is not None else []))
-    all_names = ref.ckpt.keys()
     if names is not None:
         missing = [n for n in names if n not in ref.ckpt]
         if missing:
             raise MergelabError(f"tensor '{missing[0]}' is not in {ref.label}")
-        all_names = list(names)
+    check_compatible(ref, experts + ([base] if base is not None else []), names)
+    all_names = ref.ckpt.keys() if names is None else list(names)
     merged = {n for n in all_names if ref.ckpt.dtype(n).is_floating_point}
 
     forced = (parse_dtype(dtype, "--dtype") or parse_dtype(r.out_dtype, "recipe: out_dtype")
