@@ -49,8 +49,10 @@ def _cmd(n: int, *args) -> list[str]:
 
 def _run(cmd: list[str], cwd: Path, threads: int) -> tuple[float, str]:
     t = time.perf_counter()
+    src = str(Path(__file__).resolve().parents[1] / "src")    # this tree's mergelab in every process
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd,
-                       env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                       env={**os.environ, "OMP_NUM_THREADS": str(threads),
+                            "PYTHONPATH": os.pathsep.join([src, str(cwd), os.environ.get("PYTHONPATH", "")])})
     wall = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
