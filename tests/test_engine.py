@@ -167,6 +167,10 @@ def test_recipe_seed_reaches_methods_through_one_seed_function(tmp_path, family)
 
     assert context_seed(3, "w") == derive_seed(3, "w") != derive_seed(4, "w")
     assert tensor_seed(3, "x.weight", 1) == 3254603654826957967  # the pinned DARE model seed
+    from mergelab.methods import TensorContext
+
+    ctx = TensorContext(name="x.weight", seed=context_seed(3, "x.weight"))
+    assert ctx.model_seed(1) == tensor_seed(ctx.seed, "x.weight", 1)
     seen = []
     from mergelab.methods.registry import REGISTRY, merge_method
 
@@ -193,3 +197,16 @@ def test_merge_states_names_ignore_the_other_tensors(family):
     assert list(out) == ["layers.0.w", "position_ids"]
     with pytest.raises(MergelabError, match="head.weight.*shape"):
         ml.merge_states("linear", heads)
+
+
+def test_merge_states_bad_inputs_are_one_line_errors(family):
+    _, _, base, states, _, _ = family
+    for bad, match in ((lambda: ml.merge_states("linear", []), "no states"),
+                       (lambda: ml.merge_states("linear", [torch.ones(3)]), r"states\[0\] is a Tensor"),
+                       (lambda: ml.merge_states("linear", [{"w": 3.0}]), "'w' is a float, expected a tensor"),
+                       (lambda: ml.merge_states("nope", states), "unknown merge method 'nope'"),
+                       (lambda: ml.merge_states("ties", states, base=[1]), "base is a list"),
+                       (lambda: ml.merge_states("linear", states, model_names=["a"]), "model_names has 1")):
+        with pytest.raises(MergelabError, match=match) as e:
+            bad()
+        assert "\n" not in str(e.value)

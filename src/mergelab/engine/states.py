@@ -61,6 +61,10 @@ def merge_states(method: str, states: Sequence[State], base: State | None = None
     labels = list(model_names) if model_names is not None else [f"states[{i}]" for i in range(len(states))]
     if len(labels) != len(states):
         raise MergelabError(f"merge_states: model_names has {len(labels)} entries, expected {len(states)}")
+    for i, s in enumerate(list(states) + ([base] if base is not None else [])):
+        if not isinstance(s, Mapping):
+            where = f"states[{i}]" if i < len(states) else "base"
+            raise MergelabError(f"merge_states: {where} is a {type(s).__name__}, expected a {{name: tensor}} dict")
     glob, mp = _split_params(method, dict(params), len(states), model_params)
     stats = dict(stats or {})
     counts = stats.pop("gram_count", None)

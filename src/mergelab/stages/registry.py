@@ -50,6 +50,8 @@ STAGES: dict[str, Stage] = {}
 
 
 def register(stage: Stage) -> Stage:
+    if not stage.key.isidentifier() or stage.key.startswith("_"):
+        raise ValueError(f"recipe stage key {stage.key!r}: expected an identifier not starting with '_'")
     if stage.key in STAGES:
         raise ValueError(f"recipe stage {stage.key!r} registered twice")
     STAGES[stage.key] = stage
