@@ -150,7 +150,9 @@ def _run_merge(recipe, out, force, dtype, shard_size, out_shard_size, device, cu
                 quiet=quiet, allow_nonfinite=allow_nonfinite, checksums=not no_checksums, block_size=block_size,
                 allow_crimes=allow_crimes, seed=random_seed, copy_tokenizer=copy_tokenizer,
                 model_card=write_model_card)
-    if not quiet:
+    if res.world > 1:          # under torchrun: each rank says what it did
+        click.echo(res.rank_line())
+    if not quiet and res.rank == 0:
         click.echo(res.summary())
 
 
@@ -217,16 +219,18 @@ def _shape(ctx, param, value):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shard-size", default="5GB", show_default=True, help="Shard size of written checkpoints.")
 @click.option("--force", is_flag=True, help="Replace existing outputs.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where cost matrices / activations are computed: cpu, cuda or cuda:N.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def align_cmd(reference, others, out, model_code, method, data, batch_size, input_shape, transfer_to, checkpoints,
-              max_iter, seed, shard_size, force, quiet):
+              max_iter, seed, shard_size, force, device, quiet):
     """Permute each OTHER checkpoint's hidden units to match REFERENCE (weight or activation matching)."""
     from .align.pipeline import run_align
 
     res, written = run_align(reference, list(others), out, model_code=model_code, method=method, data=data,
                              input_shape=input_shape, batch_size=batch_size, max_iter=max_iter, seed=seed,
                              transfer_to=list(transfer_to), checkpoints=checkpoints, force=force,
-                             shard_size=shard_size)
+                             shard_size=shard_size, device=device)
     if not quiet:
         click.echo(res.summary())
         for w in written:
@@ -255,6 +259,9 @@ def _stats_options(f):
         click.option("--label-column", default="label", show_default=True),
         click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=1)),
         click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--device", default="cpu", show_default=True,
+                     help="Where the pass runs: cpu, cuda or cuda:N (under torchrun, cuda is each "
+                          "process's own GPU)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -263,14 +270,16 @@ def _stats_options(f):
 
 @contextlib.contextmanager
 def _stats_run(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
-               label_column, max_length, quiet):
+               label_column, max_length, quiet, device):
     """``(net, data)`` with the output file checked (not an input, parent writable) and locked
     before the model and data are read; the lock is held until the file is written."""
+    from .device import resolve_device
     from .io.models import load_model
     from .io.outputs import Output, model_code_path
     from .stats import distributed
     from .stats.data import load_data, model_label2id
 
+    resolve_device(device, "--device")             # a machine without the device: nothing is loaded
     distributed.init()
     out = Output(output, kind="file", option="-o",
                  inputs=[("MODEL", model), ("--data", data_path), ("--model-code", model_code_path(model_code))])
@@ -299,14 +308,14 @@ def _done(output, what):
               help="Per-example gradients: closed-form from layer hooks, torch.func vmap, or hooks "
                    "where every parameter's layer is supported (checked), else vmap.")
 def stats_fisher(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
-                 label_column, max_length, quiet, mode, n_examples, seed, backend):
+                 label_column, max_length, quiet, device, mode, n_examples, seed, backend):
     """Diagonal Fisher of MODEL's parameters (mean of squared per-example gradients)."""
     from .stats import diagonal_fisher
 
     with _stats_run(model, data_path, output, model_code, batch_size, limit, image_size,
-                    text_column, label_column, max_length, quiet) as (net, data):
+                    text_column, label_column, max_length, quiet, device) as (net, data):
         f = diagonal_fisher(net, data, mode=mode, n_examples=n_examples, seed=seed, backend=backend,
-                            progress=not quiet)
+                            progress=not quiet, device=device)
         f.save(output)
     _done(output, f"the {mode} Fisher of {len(f)} tensors over {f.n_examples} examples ({f.backend})")
 
@@ -318,14 +327,14 @@ def stats_fisher(model, data_path, output, model_code, batch_size, limit, image_
 @click.option("--head", default="auto", show_default=True,
               help="The head module (its input is the last site); 'none' for no head.")
 def stats_activations(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
-                      label_column, max_length, quiet, sites, head):
+                      label_column, max_length, quiet, device, sites, head):
     """Per-channel mean/std of activations at sites."""
     from .stats import activation_stats
 
     with _stats_run(model, data_path, output, model_code, batch_size, limit, image_size,
-                    text_column, label_column, max_length, quiet) as (net, data):
+                    text_column, label_column, max_length, quiet, device) as (net, data):
         st = activation_stats(net, data, list(sites) or None, head=None if head == "none" else head,
-                              progress=not quiet)
+                              progress=not quiet, device=device)
         st.save(output)
     _done(output, f"statistics of {len(st.sites)} sites")
 
@@ -335,13 +344,13 @@ def stats_activations(model, data_path, output, model_code, batch_size, limit, i
 @click.option("--layer", "layers", multiple=True, help="A linear layer's module name; repeatable. "
               "Default: every nn.Linear.")
 def stats_gram(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
-               label_column, max_length, quiet, layers):
+               label_column, max_length, quiet, device, layers):
     """Gram matrices XᵀX of linear layers' inputs (for RegMean)."""
     from .stats import gram_matrices
 
     with _stats_run(model, data_path, output, model_code, batch_size, limit, image_size,
-                    text_column, label_column, max_length, quiet) as (net, data):
-        g = gram_matrices(net, data, list(layers) or None, progress=not quiet)
+                    text_column, label_column, max_length, quiet, device) as (net, data):
+        g = gram_matrices(net, data, list(layers) or None, progress=not quiet, device=device)
         g.save(output)
     _done(output, f"{len(g)} Gram matrices")
 

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..device import resolve_device
 from ..errors import MergelabError
 from ..io.models import build_model, is_hf_folder, load_factory, load_weights  # noqa: F401  (re-exported)
 from ..io.outputs import Output, check_not_input, model_code_path
@@ -122,13 +123,16 @@ class AlignResult:
 
 def align_checkpoints(reference, others: Sequence, *, model_code: str | None = None, method: str = "weight",
                       data=None, input_shape: Sequence[int] | None = None, batch_size: int = 32,
-                      max_iter: int = 100, seed: int = 0) -> AlignResult:
+                      max_iter: int = 100, seed: int = 0, device: str | None = None) -> AlignResult:
     """Permutations aligning each of ``others`` (paths or Checkpoint-like) to ``reference``.
 
     ``data`` (activation matching): a path for :func:`load_align_data` or an iterable of
     batches.  Example inputs for tracing: ``input_shape`` (float ``randn``), else the first
-    data batch, else (Hugging Face) generated token ids / pixels.
+    data batch, else (Hugging Face) generated token ids / pixels.  ``device``: where the cost
+    matrices (weight matching) or both models' passes (activation matching) run; tracing
+    stays on the CPU.
     """
+    dev = resolve_device(device, "align device")
     if method not in ("weight", "activation"):
         raise MergelabError(f"--method: expected 'weight' or 'activation', found {method!r}")
     if not others:
@@ -157,12 +161,14 @@ def align_checkpoints(reference, others: Sequence, *, model_code: str | None = N
     if method == "weight":
         ref_state = spec_state(spec, ref_ck, _label(ref_ck))
         for ck in oth_ck:
-            perms.append(weight_matching(spec, ref_state, spec_state(spec, ck, _label(ck)), max_iter=max_iter, seed=seed))
+            perms.append(weight_matching(spec, ref_state, spec_state(spec, ck, _label(ck)), max_iter=max_iter,
+                                         seed=seed, device=dev))
     else:
         ref_model = load_weights(model, ref_ck, _label(ref_ck))
         for ck in oth_ck:
             other = load_weights(build_model(ref_path, model_code), ck, _label(ck))
-            perms.append(activation_matching(spec, ref_model, other, batches, input_fn=_batch_input, seed=seed))
+            perms.append(activation_matching(spec, ref_model, other, batches, input_fn=_batch_input, seed=seed,
+                                             device=dev))
     return AlignResult(spec, perms, [_label(c) for c in oth_ck])
 
 
@@ -179,7 +185,7 @@ def _unique_stems(paths: Sequence) -> list[str]:
 def run_align(reference, others: Sequence, out, *, model_code: str | None = None, method: str = "weight",
               data=None, input_shape: Sequence[int] | None = None, batch_size: int = 32, max_iter: int = 100,
               seed: int = 0, transfer_to: Sequence = (), checkpoints: bool = False, force: bool = False,
-              shard_size: str = "5GB") -> tuple[AlignResult, list[Path]]:
+              shard_size: str = "5GB", device: str | None = None) -> tuple[AlignResult, list[Path]]:
     """Align ``others`` to ``reference`` and write into the folder ``out``:
 
     * ``<name>.permutation.safetensors`` per other model (``name``: its file stem / folder name);
@@ -215,7 +221,8 @@ def run_align(reference, others: Sequence, out, *, model_code: str | None = None
                 raise MergelabError(f"{t}: already exists (use --force to replace it)")
     with claim:
         res = align_checkpoints(reference, others, model_code=model_code, method=method, data=data,
-                                input_shape=input_shape, batch_size=batch_size, max_iter=max_iter, seed=seed)
+                                input_shape=input_shape, batch_size=batch_size, max_iter=max_iter, seed=seed,
+                                device=device)
         created = not out.exists()
         try:
             out.mkdir(exist_ok=True)
@@ -269,7 +276,7 @@ def recipe_inputs(recipe, inputs: Mapping | None = None) -> dict:
         recipe.base_model if recipe.base_model is not None else recipe.models[0].model)
     data = path_of(a.data) if isinstance(a.data, str) else a.data
     kw = dict(model_code=a.model_code, method=a.method, data=data, input_shape=a.input_shape,
-              batch_size=a.batch_size, max_iter=a.max_iter, seed=recipe.seed)
+              batch_size=a.batch_size, max_iter=a.max_iter, seed=recipe.seed, device=a.device)
     out = {}
     if a.transfer is not None:
         t = a.transfer

@@ -449,11 +449,12 @@ def atomic_file(path: str | os.PathLike, *, option: str = "-o") -> Iterator[Path
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None, *,
                      option: str = "-o") -> Path:
-    """``safetensors.torch.save_file`` written atomically (temporary sibling, then rename)."""
-    from safetensors.torch import save_file
+    """A safetensors file written atomically (temporary sibling, then rename), its bytes a
+    function of its content only (:func:`mergelab.io.writer.save_tensors`)."""
+    from .writer import save_tensors
 
     with atomic_file(path, option=option) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_tensors(tensors, tmp, metadata=metadata)
     return Path(path)
 
 

@@ -202,13 +202,21 @@ class ShardedWriter:
     ``shard_size`` bytes of tensor data (a tensor larger than that gets its own shard).
     One shard is ``model.safetensors``; more are ``model-0000i-of-0000n.safetensors`` with
     ``model.safetensors.index.json``.
+
+    Several processes can fill one layout (a merge under torchrun): one creates it
+    (``create=True``: headers written, files sized), the others open the same files
+    (``create=False``, after the creator finished, same plan and shard size) and each writes
+    only its tensors ``only``; :meth:`close` then checks those, and ``index=False`` leaves the
+    index to one process.
     """
 
     def __init__(self, folder: str | os.PathLike, plan: Iterable[TensorSpec],
-                 shard_size: int = DEFAULT_SHARD_SIZE, metadata: dict[str, str] | None = None):
+                 shard_size: int = DEFAULT_SHARD_SIZE, metadata: dict[str, str] | None = None, *,
+                 create: bool = True, only: Iterable[str] | None = None):
         self.folder = Path(folder)
         self.plan = list(plan)
         check_shard_size(self.plan, shard_size)
+        self.only = None if only is None else set(only)
         groups: list[list[TensorSpec]] = [[]]
         size = 0
         for t in self.plan:
@@ -236,11 +244,18 @@ class ShardedWriter:
                 off += t.nbytes
             hb = json.dumps(header, separators=(",", ":")).encode()
             hb += b" " * (-len(hb) % 8)
-            fd = os.open(self.folder / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            os.pwrite(fd, len(hb).to_bytes(8, "little") + hb, 0)
             start = 8 + len(hb)
-            os.ftruncate(fd, start + off)
+            if create:
+                fd = os.open(self.folder / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.pwrite(fd, len(hb).to_bytes(8, "little") + hb, 0)
+                os.ftruncate(fd, start + off)
+            else:
+                fd = os.open(self.folder / fname, os.O_RDWR)
+                found = os.fstat(fd).st_size
+                if found != start + off:
+                    os.close(fd)
+                    raise AssertionError(f"{fname}: laid out with {found} bytes, planned {start + off}")
+            self._fds.append(fd)
             for t in group:
                 self._where[t.name] = (fd, start + header[t.name]["data_offsets"][0], t)
                 self.weight_map[t.name] = fname
@@ -279,14 +294,21 @@ class ShardedWriter:
             while done < len(view):
                 done += os.pwrite(fd, view[done:], off + done)
 
-    def close(self) -> None:
-        """Close the shards and write the index; every planned tensor must have been written."""
-        missing = [t.name for t in self.plan if t.name not in self._written]
+    def close(self, index: bool = True) -> None:
+        """Close the shards and write the index (unless ``index=False``); every planned tensor
+        (of ``only``, if given) must have been written."""
+        missing = [t.name for t in self.plan if t.name not in self._written
+                   and (self.only is None or t.name in self.only)]
         for fd in self._fds:
             os.close(fd)
         self._fds = []
         if missing:
             raise AssertionError(f"tensors never written: {missing[:3]}")
+        if index:
+            self.write_index()
+
+    def write_index(self) -> None:
+        """``model.safetensors.index.json`` (sharded layouts only)."""
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -366,6 +388,31 @@ def write_model_card(folder: str | os.PathLike, *, recipe_yaml: str | None, vers
                 lines.append(f"  - `{fn}`: `{digest}`")
         lines.append("")
     (Path(folder) / "README.md").write_text("\n".join(lines))
+
+
+# ------------------------------------------------------------------ one small file
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """One safetensors file whose bytes depend only on its content: tensors and metadata
+    keys in sorted order.  (``safetensors.torch.save_file`` orders the metadata by a
+    per-process hash, so two runs that compute the same statistics wrote different bytes.)"""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(metadata[k]) for k in sorted(metadata)}
+    parts, off = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        nb = t.numel() * t.element_size()
+        header[name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nb]}
+        parts.append(t)
+        off += nb
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little") + hb)
+        for t in parts:
+            if t.numel():
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
 
 
 # ------------------------------------------------------------------ save_state

@@ -27,10 +27,11 @@ class AlignSection(BaseModel):
     batch_size: int = Field(32, gt=0)
     max_iter: int = Field(100, gt=0)
     transfer: AlignTransfer | None = None
+    device: str | None = None           # cpu, cuda or cuda:N (default: cpu)
 
 
 def _check(section: AlignSection, ctx: StageContext) -> None:
-    pass  # everything is checked while it runs, before the merge writes anything
+    pass  # everything (the device too) is checked while it runs, before the merge writes anything
 
 
 def _run(section: AlignSection, ctx: StageContext) -> dict:

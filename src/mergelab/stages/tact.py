@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from ..errors import MergelabError
 from ..repair.pipeline import TactSection, check_data, check_single_output, resolved, run_tact
+from ..device import resolve_device
 from .registry import Stage, StageContext, register
 
 
 def _check(section: TactSection, ctx: StageContext) -> None:
     check_single_output("tact", ctx.recipe, ctx.plan.method.multi_output)
     check_data("tact", ctx.recipe, [t.data for t in section.tasks.values()])
+    resolve_device(section.device, "recipe: tact: device")
     if not section.tasks:
         raise MergelabError("recipe: tact: 'tasks' is empty")
     models = ctx.plan.models
