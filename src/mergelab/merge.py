@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import MergelabError
-from .io.reader import open_checkpoint
+from .io.reader import checkpoint_exists, open_checkpoint
 from .io.writer import (DEFAULT_SHARD_SIZE, AtomicFolder, ShardedWriter, TensorSpec, copy_model_files,
                         parse_dtype, parse_size, sha256_file, write_model_card)
 from .methods.registry import MethodSpec, TensorContext, get_method
@@ -78,7 +78,7 @@ def _open(ref: Any, recipe: Recipe, where: str, inputs: dict | None, cache: dict
     path = recipe.resolve_path(ref)
     key = str(Path(path).absolute())
     if key not in cache:
-        if not Path(path).exists():
+        if not checkpoint_exists(path):
             raise MergelabError(f"{where}: {path}: no such file or folder")
         cache[key] = _Input(str(path), open_checkpoint(path))
     return cache[key]
@@ -116,13 +116,24 @@ def _check_compatible(ref: _Input, others: list[_Input]) -> None:
 
 
 def _num_layers(ref: _Input) -> int | None:
+    """The depth for layer gradients: config.json's layer count, checked against the layer
+    indices the weights hold (a count that contradicts them is an error naming the config)."""
     cfg = getattr(ref.ckpt, "config", None) or {}
-    for k in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(cfg.get(k), int):
-            return cfg[k]
     idx = [layer_index(n) for n in ref.ckpt.keys()]
     idx = [i for i in idx if i is not None]
-    return max(idx) + 1 if idx else None
+    found = max(idx) + 1 if idx else None
+    if not isinstance(cfg, dict):
+        raise MergelabError(f"{ref.label}: config.json: expected a JSON object, found {type(cfg).__name__}")
+    for k in ("num_hidden_layers", "n_layer", "num_layers"):
+        if k in cfg:
+            L = cfg[k]
+            if type(L) is not int or L < 1:
+                raise MergelabError(f"{ref.label}/config.json: '{k}' is {L!r}, expected a positive integer")
+            if found is not None and found > L:
+                raise MergelabError(f"{ref.label}/config.json: '{k}' is {L}, but the weights have layers up to"
+                                    f" index {found - 1}; a depth gradient needs the true layer count")
+            return L
+    return found
 
 
 @dataclass
@@ -424,7 +435,10 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     r = p.recipe
     allow = r.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
     size = parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE)
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MergelabError(f"--device: expected cpu or cuda, found {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergelabError("--device cuda: CUDA is not available on this machine")
     if dev.type not in ("cpu", "cuda"):

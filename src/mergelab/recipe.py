@@ -160,11 +160,13 @@ class Recipe(BaseModel):
         """A model reference as given, or a path made absolute (cwd first, then the recipe's folder)."""
         if not isinstance(p, (str, os.PathLike)):
             return p
+        from .io.reader import checkpoint_exists  # path@key selects a sub-dict: see io/reader.py
+
         path = Path(p).expanduser()
-        if path.exists() or path.is_absolute():
+        if checkpoint_exists(path) or path.is_absolute():
             return path
         bd = getattr(self, "_base_dir", None)
-        if bd is not None and (bd / path).exists():
+        if bd is not None and checkpoint_exists(bd / path):
             return bd / path
         return path
 

@@ -82,11 +82,10 @@ def load_align_data(path, reference: Path, batch_size: int = 32, limit: int | No
 def _open(ref) -> Any:
     if not isinstance(ref, (str, os.PathLike)):
         return ref
-    from ..io import open_checkpoint
-    p = Path(ref)
-    if not p.exists():
-        raise MergelabError(f"{p}: no such file or folder")
-    return open_checkpoint(p)
+    from ..io.reader import checkpoint_exists, open_checkpoint
+    if not checkpoint_exists(ref):
+        raise MergelabError(f"{ref}: no such file or folder")
+    return open_checkpoint(ref)
 
 
 def _label(ckpt) -> str:
@@ -190,8 +189,9 @@ def run_align(reference, others: Sequence, out, *, model_code: str | None = None
     if transfer_to and len(others) != 1:
         raise MergelabError(f"--transfer-to: needs exactly one OTHER (the foundation model the experts were "
                             f"fine-tuned from), found {len(others)}")
+    from ..io.reader import checkpoint_exists
     for p in [reference, *others, *transfer_to]:
-        if isinstance(p, (str, os.PathLike)) and not Path(p).exists():
+        if isinstance(p, (str, os.PathLike)) and not checkpoint_exists(p):
             raise MergelabError(f"{p}: no such file or folder")
     out = Path(out)
     if out.exists() and not out.is_dir():

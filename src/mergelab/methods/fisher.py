@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MergelabError
+from ..io.validate import check_states
 from .registry import Range, TensorContext, merge_method
 
 Weight = Annotated[list[float], Range(0, None)]
@@ -108,6 +109,8 @@ def fisher_merge(states: Sequence[Mapping[str, Tensor]], fishers: Sequence[Mappi
     from .registry import get_method
 
     spec = get_method("fisher")
+    check_states(states, "fisher_merge")
+    check_states([f for f in fishers if isinstance(f, Mapping)], "fisher_merge: fishers")
     n = len(states)
     if len(fishers) != n:
         raise MergelabError(f"fisher_merge: {n} states but {len(fishers)} Fisher dicts")

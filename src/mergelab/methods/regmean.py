@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MergelabError
+from ..io.validate import check_states
 from .registry import Range, TensorContext, merge_method
 
 
@@ -93,6 +94,8 @@ def regmean_merge(states: Sequence[Mapping[str, Tensor]], grams: Sequence[Mappin
     from .registry import get_method
 
     spec = get_method("regmean")
+    check_states(states, "regmean_merge")
+    check_states([g for g in grams if isinstance(g, Mapping)], "regmean_merge: grams")
     n = len(states)
     if len(grams) != n:
         raise MergelabError(f"regmean_merge: {n} states but {len(grams)} Gram dicts")
