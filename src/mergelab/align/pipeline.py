@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import MergelabError
-from ..io.models import build_model, is_hf_folder, load_factory, load_weights  # noqa: F401  (re-exported)
+from ..io.models import build_model, check_fit, is_hf_folder, load_factory, load_weights  # noqa: F401  (re-exported)
 from .apply import PermutedCheckpoint, save_permutation
 from .matching import activation_matching, weight_matching
 from .spec import Permutation, PermutationSpec, permutation_spec
@@ -134,11 +134,16 @@ def align_checkpoints(reference, others: Sequence, *, model_code: str | None = N
     oth_ck = [_open(o) for o in others]
     ref_path = Path(getattr(ref_ck, "path", "") or "")
     model = build_model(ref_path, model_code)
+    for ck in [ref_ck, *oth_ck]:  # a permutation of a model that is not this one means nothing
+        check_fit(model, ck, _label(ck))
     batches = None
     if method == "activation":
         if data is None:
             raise MergelabError("--method activation needs --data")
         batches = load_align_data(data, ref_path, batch_size) if isinstance(data, (str, os.PathLike)) else data
+        from ..stats.data import check_data
+        check_data(model, batches, f"--data {data}" if isinstance(data, (str, os.PathLike)) else "data",
+                   f"the model of {ref_path}")
     if input_shape is not None:
         if not all(isinstance(s, int) and s > 0 for s in input_shape):
             raise MergelabError(f"--input-shape: expected positive integers, found {list(input_shape)}")

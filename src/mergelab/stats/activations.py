@@ -89,6 +89,8 @@ def activation_stats(model: nn.Module, data: Iterable[Any], sites: Sequence[str 
 
     ``sites`` default to :func:`~mergelab.stats.sites.discover_sites`; token tensors honour
     the batch's attention mask.  Under torchrun the sums are all-reduced over ranks."""
+    from .data import check_data
+    check_data(model, data)  # one DataError line before the pass, not a traceback in it
     site_list = resolve_sites(model, sites, head)
     return _moments_pass(model, data, site_list, n_batches, shard, progress)
 

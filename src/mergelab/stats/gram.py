@@ -41,6 +41,8 @@ def gram_matrices(model: nn.Module, data: Iterable[Any], layers: Sequence[str] |
                   progress: bool = True) -> Grams:
     """XᵀX of the inputs of each nn.Linear (``layers``: module names; default all linears,
     minus the module named by ``exclude_head``)."""
+    from .data import check_data
+    check_data(model, data)  # one DataError line before the pass, not a traceback in it
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     if layers is None:
         head = find_head(model, exclude_head) if exclude_head else None
