@@ -148,14 +148,13 @@ def _stats_inputs(model, data_path, model_code, batch_size, limit, image_size, t
                   label_column, max_length, quiet):
     from .stats import distributed
     from .io.models import load_model
-    from .stats.data import check_data, load_data, model_label2id
+    from .stats.data import load_data, model_label2id
 
     distributed.init()
     net, tok = load_model(model, model_code, progress=not quiet)
     data = load_data(data_path, batch_size=batch_size, tokenizer=tok, text_column=text_column,
                      label_column=label_column, label2id=model_label2id(net), max_length=max_length,
                      image_size=image_size, limit=limit)
-    check_data(net, data, f"data '{data_path}'", f"model '{model}'")  # before the long pass
     return net, data
 
 

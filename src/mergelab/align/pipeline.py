@@ -142,8 +142,7 @@ def align_checkpoints(reference, others: Sequence, *, model_code: str | None = N
             raise MergelabError("--method activation needs --data")
         batches = load_align_data(data, ref_path, batch_size) if isinstance(data, (str, os.PathLike)) else data
         from ..stats.data import check_data
-        check_data(model, batches, f"--data {data}" if isinstance(data, (str, os.PathLike)) else "data",
-                   f"the model of {ref_path}")
+        check_data(model, batches, None, f"the model of {ref_path}")
     if input_shape is not None:
         if not all(isinstance(s, int) and s > 0 for s in input_shape):
             raise MergelabError(f"--input-shape: expected positive integers, found {list(input_shape)}")

@@ -35,8 +35,9 @@ IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 class TensorBatches:
     """Re-iterable batches over in-memory tensors ``x`` (and ``y``)."""
 
-    def __init__(self, x: Tensor, y: Tensor | None, batch_size: int):
+    def __init__(self, x: Tensor, y: Tensor | None, batch_size: int, source: str | None = None):
         self.x, self.y, self.batch_size = x, y, batch_size
+        self.source = source  # the file or folder, for messages
 
     def __len__(self) -> int:
         return (len(self.x) + self.batch_size - 1) // self.batch_size
@@ -50,9 +51,11 @@ class TensorBatches:
 class TextBatches:
     """Re-iterable tokenised batches (dicts) over a list of texts and labels."""
 
-    def __init__(self, texts: list[str], labels: Tensor | None, tokenizer, batch_size: int, max_length: int):
+    def __init__(self, texts: list[str], labels: Tensor | None, tokenizer, batch_size: int, max_length: int,
+                 source: str | None = None):
         self.texts, self.labels, self.tok = texts, labels, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
+        self.source = source  # the file, for messages
 
     def __len__(self) -> int:
         return (len(self.texts) + self.batch_size - 1) // self.batch_size
@@ -87,7 +90,7 @@ def load_data(path: str | Path, *, batch_size: int = 32, tokenizer: Any = None,
             m = torch.tensor(mean if mean is not None else [0.0] * 3).view(1, -1, 1, 1)
             s = torch.tensor(std if std is not None else [1.0] * 3).view(1, -1, 1, 1)
             x = (x - m) / s
-        return TensorBatches(x, y, batch_size)
+        return TensorBatches(x, y, batch_size, str(p))
     suffix = p.suffix.lower()
     if suffix == ".npz":
         return _npz(p, batch_size, limit)
@@ -105,7 +108,7 @@ def load_data(path: str | Path, *, batch_size: int = 32, tokenizer: Any = None,
         labels = None
         if label_column in cols:
             labels = _labels([r[label_column] for r in rows], label2id, p)
-        return TextBatches([str(r[col]) for r in rows], labels, tokenizer, batch_size, max_length)
+        return TextBatches([str(r[col]) for r in rows], labels, tokenizer, batch_size, max_length, str(p))
     raise DataError(f"data '{p}': expected an image folder, .npz, .csv or .jsonl, found '{suffix}'")
 
 
@@ -169,7 +172,7 @@ def _npz(p: Path, batch_size: int, limit: int | None) -> TensorBatches:
             raise DataError(f"data '{p}': x has {len(x)} rows, y has {len(y)}")
     if not len(x):
         raise DataError(f"data '{p}': no examples")
-    return TensorBatches(x, y, batch_size)
+    return TensorBatches(x, y, batch_size, str(p))
 
 
 def _image_folder(root: Path, image_size: int | None, limit: int | None) -> tuple[Tensor, Tensor]:
@@ -225,7 +228,7 @@ def _first_line(e: BaseException) -> str:
     return (s.splitlines()[0] if s else type(e).__name__)[:240]
 
 
-def check_data(model: nn.Module, data: Any, data_label: str = "data", model_label: str = "the model") -> None:
+def check_data(model: nn.Module, data: Any, data_label: str | None = None, model_label: str = "the model") -> None:
     """Check that ``data`` fits ``model`` before a long pass: one :class:`DataError` line naming
     the data and what was expected.
 
@@ -242,6 +245,9 @@ def check_data(model: nn.Module, data: Any, data_label: str = "data", model_labe
     would take it from the pass."""
     from .batch import call_model, logits_of, split_batch
 
+    if data_label is None:
+        src = getattr(data, "source", None)
+        data_label = f"data '{src}'" if src else "data"
     try:
         if iter(data) is data:
             return
@@ -271,8 +277,8 @@ def check_data(model: nn.Module, data: Any, data_label: str = "data", model_labe
             long = next((i for i, t in enumerate(lens) if len(t) > maxpos), None)
             if long is not None:
                 raise DataError(f"{data_label}: example {long} is {len(lens[long])} tokens long, more than"
-                                f" {model_label}'s max_position_embeddings ({maxpos}); pass a max length of at"
-                                f" most {maxpos}")
+                                f" {model_label}'s max_position_embeddings ({maxpos}); pass --max-length {maxpos} or"
+                                " less")
         if isinstance(maxpos, int) and every.dim() >= 2 and every.shape[-1] > maxpos:
             raise DataError(f"{data_label}: sequences of {every.shape[-1]} tokens, but {model_label} has"
                             f" max_position_embeddings {maxpos}")
