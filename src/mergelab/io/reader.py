@@ -121,6 +121,8 @@ def _is_int(x) -> bool:
 
 
 def _parse_header_json(raw: bytes, where: str) -> dict:
+    if raw[:1] != b"{":  # the format: the header starts with '{' (and may end in space padding)
+        raise CheckpointError(f"{where}: corrupted safetensors file (the header does not start with '{{')")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -276,9 +276,9 @@ def check_data(model: nn.Module, data: Any, data_label: str | None = None, model
             lens = data.tok(data.texts, truncation=True, max_length=data.max_length)["input_ids"]
             long = next((i for i, t in enumerate(lens) if len(t) > maxpos), None)
             if long is not None:
-                raise DataError(f"{data_label}: example {long} is {len(lens[long])} tokens long, more than"
-                                f" {model_label}'s max_position_embeddings ({maxpos}); pass --max-length {maxpos} or"
-                                " less")
+                raise DataError(f"{data_label}: example {long} is {len(lens[long])} tokens long, more than the"
+                                f" max_position_embeddings ({maxpos}) of {model_label}; pass --max-length {maxpos}"
+                                " or less")
         if isinstance(maxpos, int) and every.dim() >= 2 and every.shape[-1] > maxpos:
             raise DataError(f"{data_label}: sequences of {every.shape[-1]} tokens, but {model_label} has"
                             f" max_position_embeddings {maxpos}")
@@ -287,8 +287,8 @@ def check_data(model: nn.Module, data: Any, data_label: str | None = None, model
             if lo < 0 or hi >= vocab:
                 bad = lo if lo < 0 else hi
                 row = int((every == bad).reshape(len(every), -1).any(1).nonzero()[0])
-                raise DataError(f"{data_label}: token id {bad} (example {row}) is outside {model_label}'s"
-                                f" vocabulary 0..{vocab - 1}")
+                raise DataError(f"{data_label}: token id {bad} (example {row}) is outside 0..{vocab - 1}, the"
+                                f" vocabulary of {model_label}")
     elif isinstance(inputs, dict) and "input_ids" in inputs:
         raise DataError(f"{data_label}: holds token ids (text), but {model_label} does not take input_ids")
     try:
@@ -318,5 +318,5 @@ def check_data(model: nn.Module, data: Any, data_label: str | None = None, model
     if lo < 0 or hi >= n_cls:
         bad = lo if lo < 0 else hi
         row = int((every.reshape(-1) == bad).nonzero()[0])
-        raise DataError(f"{data_label}: label {bad} (example {row}) is outside {model_label}'s {n_cls} classes"
-                        f" (expected 0..{n_cls - 1})")
+        raise DataError(f"{data_label}: label {bad} (example {row}) is outside 0..{n_cls - 1}:"
+                        f" {model_label} has {n_cls} classes")
