@@ -213,14 +213,19 @@ def model_label2id(model: nn.Module) -> dict[str, int] | None:
 
 # ---------------------------------------------------------------- checks before a pass
 
-def _takes_token_ids(model: nn.Module) -> bool:
+def _takes_token_ids(model: nn.Module) -> bool | None:
+    """True when ``forward`` names ``input_ids``; None when it cannot tell (``**kwargs``)."""
     import inspect
 
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        return False
-    return "input_ids" in params
+        return None
+    if "input_ids" in params:
+        return True
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return None
+    return False
 
 
 def _first_line(e: BaseException) -> str:
@@ -289,7 +294,7 @@ def check_data(model: nn.Module, data: Any, data_label: str | None = None, model
                 row = int((every == bad).reshape(len(every), -1).any(1).nonzero()[0])
                 raise DataError(f"{data_label}: token id {bad} (example {row}) is outside 0..{vocab - 1}, the"
                                 f" vocabulary of {model_label}")
-    elif isinstance(inputs, dict) and "input_ids" in inputs:
+    elif tokens is False and isinstance(inputs, dict) and "input_ids" in inputs:
         raise DataError(f"{data_label}: holds token ids (text), but {model_label} does not take input_ids")
     try:
         with torch.no_grad():
