@@ -865,3 +865,29 @@ def test_api_stats_data_errors_are_typed():
         mergelab.gram_matrices(net, [torch.randn(4, 9)], progress=False)
     with pytest.raises(DataError, match="no examples"):
         mergelab.gram_matrices(net, [], progress=False)
+
+
+def test_api_misuse_is_one_line():
+    """Wrong types and mismatched states given to the public functions: MergelabError, never
+    a TypeError/IndexError/RuntimeError/KeyError from deep inside."""
+    from torch import nn
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    sd = net.state_dict()
+    spec = mergelab.permutation_spec(net, torch.randn(1, 3))
+    calls = {
+        "merge-int-recipe": lambda: mergelab.merge(123, "o"),
+        "wm-non-tensor": lambda: mergelab.weight_matching(spec, {k: 1 for k in sd}, sd),
+        "wm-shapes": lambda: mergelab.weight_matching(spec, sd, {k: torch.zeros(1) for k in sd}),
+        "am-bad-batch": lambda: mergelab.activation_matching(spec, net, net, [torch.randn(2, 7)]),
+        "stats-non-module": lambda: mergelab.activation_stats(5, [torch.randn(2, 3)], progress=False),
+        "gram-non-iterable": lambda: mergelab.gram_matrices(net, 5, progress=False),
+        "fisher-missing-name": lambda: mergelab.fisher_merge([sd, {}], [sd, sd]),
+        "fisher-shape": lambda: mergelab.fisher_merge([sd, {k: torch.zeros(1) for k in sd}], [sd, sd]),
+        "regmean-shape": lambda: mergelab.regmean_merge([sd, {k: torch.zeros(1) for k in sd}], [{}, {}]),
+        "regmean-gram-non-tensor": lambda: mergelab.regmean_merge([sd, sd], [{"0.weight": 1}] * 2),
+    }
+    for name, call in calls.items():
+        with pytest.raises(MergelabError) as e:
+            call()
+        assert "\n" not in str(e.value), name

@@ -69,9 +69,20 @@ def check_state(state: Any, where: str, *, values: bool = True) -> None:
             check_tensor(k, state[k], where)
 
 
-def check_states(states: Any, where: str) -> None:
-    """A sequence of states (the merge functions' inputs)."""
+def check_states(states: Any, where: str, *, same: bool = False) -> None:
+    """A sequence of states (the merge functions' inputs); with ``same``, every state has
+    the names and shapes of ``states[0]``."""
     if isinstance(states, Mapping) or not hasattr(states, "__len__"):
         raise CheckpointError(f"{where}: expected a list of state dicts, found {describe(states)}")
     for i, s in enumerate(states):
         check_state(s, f"{where}: states[{i}]")
+    if not same or not states:
+        return
+    ref = states[0]
+    for i, s in enumerate(states[1:], 1):
+        for n in ref.keys():
+            if n not in s:
+                raise CheckpointError(f"{where}: tensor '{n}' is in states[0] but missing from states[{i}]")
+            if tuple(s[n].shape) != tuple(ref[n].shape):
+                raise CheckpointError(f"{where}: tensor '{n}' has shape {tuple(ref[n].shape)} in states[0] but"
+                                      f" {tuple(s[n].shape)} in states[{i}]")

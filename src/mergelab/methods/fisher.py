@@ -109,7 +109,7 @@ def fisher_merge(states: Sequence[Mapping[str, Tensor]], fishers: Sequence[Mappi
     from .registry import get_method
 
     spec = get_method("fisher")
-    check_states(states, "fisher_merge")
+    check_states(states, "fisher_merge", same=True)
     check_states([f for f in fishers if isinstance(f, Mapping)], "fisher_merge: fishers")
     n = len(states)
     if len(fishers) != n:

@@ -94,7 +94,7 @@ def regmean_merge(states: Sequence[Mapping[str, Tensor]], grams: Sequence[Mappin
     from .registry import get_method
 
     spec = get_method("regmean")
-    check_states(states, "regmean_merge")
+    check_states(states, "regmean_merge", same=True)
     check_states([g for g in grams if isinstance(g, Mapping)], "regmean_merge: grams")
     n = len(states)
     if len(grams) != n:

@@ -250,6 +250,8 @@ def check_data(model: nn.Module, data: Any, data_label: str | None = None, model
     would take it from the pass."""
     from .batch import call_model, logits_of, split_batch
 
+    if not isinstance(model, nn.Module):
+        raise MergelabError(f"model: expected a torch.nn.Module, found {type(model).__name__}")
     if data_label is None:
         src = getattr(data, "source", None)
         data_label = f"data '{src}'" if src else "data"
