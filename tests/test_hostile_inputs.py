@@ -828,9 +828,9 @@ def test_api_non_tensor_states(tmp_path, case):
     with pytest.raises(CheckpointError):
         mergelab.save_state(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(CheckpointError):
+    with pytest.raises(MergelabError):
         mergelab.fisher_merge([bad, bad], [{"w": torch.ones(1)}] * 2)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(MergelabError):
         mergelab.regmean_merge([bad, bad], [{}, {}])
     spec, sd = _spec()
     state = dict(sd)
