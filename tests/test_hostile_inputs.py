@@ -756,6 +756,24 @@ def test_data_stats_refused(work, case):
     refused(work, "stats", cmd, *rest, "-o", "out.safetensors", "--quiet", match=pattern)
 
 
+def test_data_not_regular_files_and_nonfinite(work):
+    """Data files that are FIFOs (a .npz, a .jsonl, an image) are refused without blocking;
+    data holding NaN is refused before the pass (the statistics would be NaN)."""
+    os.mkfifo("fifo.npz")
+    os.mkfifo("fifo.jsonl")
+    (work / "imgs" / "cat").mkdir()
+    os.mkfifo(work / "imgs" / "cat" / "a.png")
+    for data, pattern in [("fifo.npz", "fifo.npz.*FIFO"), ("fifo.jsonl", "fifo.jsonl.*FIFO"),
+                          ("imgs", "a.png.*FIFO")]:
+        refused_subprocess(work, "stats", "gram", "m.safetensors", "--model-code", "mymodels:make_mlp", "--data",
+                           data, "-o", "out.safetensors", "--quiet", match=pattern, timeout=90)
+    x = np.random.default_rng(0).standard_normal((20, 10)).astype("f4")
+    x[7, 3] = np.nan
+    np.savez("nan.npz", x=x, y=np.arange(20) % 3)
+    refused(work, "stats", "gram", "m.safetensors", "--model-code", "mymodels:make_mlp", "--data", "nan.npz",
+            "-o", "out.safetensors", "--quiet", match="nan.npz.*example 7 holds NaN")
+
+
 def test_data_text_longer_than_positions(work):
     from transformers import BertTokenizerFast
 

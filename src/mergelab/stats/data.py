@@ -84,6 +84,8 @@ def load_data(path: str | Path, *, batch_size: int = 32, tokenizer: Any = None,
     p = Path(path)
     if not p.exists():
         raise DataError(f"data '{p}': no such file or folder")
+    if not p.is_dir():
+        _regular(p)
     if p.is_dir():
         x, y = _image_folder(p, image_size, limit)
         if mean is not None or std is not None:
@@ -110,6 +112,16 @@ def load_data(path: str | Path, *, batch_size: int = 32, tokenizer: Any = None,
             labels = _labels([r[label_column] for r in rows], label2id, p)
         return TextBatches([str(r[col]) for r in rows], labels, tokenizer, batch_size, max_length, str(p))
     raise DataError(f"data '{p}': expected an image folder, .npz, .csv or .jsonl, found '{suffix}'")
+
+
+def _regular(p: Path) -> None:
+    """Only regular files are read: a FIFO or device named like data would block the reader."""
+    from ..io.reader import check_regular_file
+
+    try:
+        check_regular_file(p, "data file")
+    except MergelabError as e:
+        raise DataError(f"data '{p}': {str(e).removeprefix(f'{p}: ')}") from None
 
 
 def _labels(values: list[Any], label2id: dict[str, int] | None, p: Path) -> Tensor:
@@ -187,6 +199,7 @@ def _image_folder(root: Path, image_size: int | None, limit: int | None) -> tupl
         raise DataError(f"data '{root}': no image files in the class folders")
     xs = []
     for f, _ in files:
+        _regular(f)
         try:
             img = Image.open(f).convert("RGB")
         except Exception:  # noqa: BLE001
@@ -296,6 +309,9 @@ def check_data(model: nn.Module, data: Any, data_label: str | None = None, model
                 row = int((every == bad).reshape(len(every), -1).any(1).nonzero()[0])
                 raise DataError(f"{data_label}: token id {bad} (example {row}) is outside 0..{vocab - 1}, the"
                                 f" vocabulary of {model_label}")
+    elif isinstance(data, TensorBatches) and data.x.is_floating_point() and not bool(torch.isfinite(data.x).all()):
+        bad = int((~torch.isfinite(data.x)).reshape(len(data.x), -1).any(1).nonzero()[0])
+        raise DataError(f"{data_label}: example {bad} holds NaN or Inf; statistics over it would be NaN")
     elif tokens is False and isinstance(inputs, dict) and "input_ids" in inputs:
         raise DataError(f"{data_label}: holds token ids (text), but {model_label} does not take input_ids")
     try:
