@@ -215,6 +215,9 @@ class SafetensorsFile:
         if size < 8:
             raise CheckpointError(f"{where}: truncated or corrupted safetensors file ({size} bytes, no header)")
         (n,) = struct.unpack("<Q", self._read_exact(0, 8))
+        if n > _MAX_HEADER and 8 + n <= size:
+            raise CheckpointError(f"{where}: corrupted safetensors file (header length {n} bytes is more than the"
+                                  f" format's limit of {_MAX_HEADER})")
         if n > _MAX_HEADER or 8 + n > size:
             raise CheckpointError(
                 f"{where}: truncated or corrupted safetensors file (header length {n} bytes, file has {size})")
