@@ -4,7 +4,7 @@ The public API is re-exported here; the README documents each name.
 """
 __version__ = "0.1.0"
 
-from .errors import MergelabError  # noqa: E402
+from .errors import CheckpointError, DataError, MergelabError, RecipeError  # noqa: E402
 from .merge import merge  # noqa: E402
 from .io import load_state, open_checkpoint, save_state  # noqa: E402
 from .align import (Permutation, PermutationSpec, activation_matching, load_permutation,  # noqa: E402
@@ -16,7 +16,7 @@ from .methods.search import coefficient_search  # noqa: E402
 from .repair import TaskConditionedModel, repair, tact  # noqa: E402
 
 __all__ = [
-    "__version__", "MergelabError",
+    "__version__", "MergelabError", "CheckpointError", "RecipeError", "DataError",
     "merge", "load_state", "open_checkpoint", "save_state",
     "permutation_spec", "PermutationSpec", "Permutation", "weight_matching", "activation_matching",
     "permute", "save_permutation", "load_permutation",
