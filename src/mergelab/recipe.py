@@ -125,7 +125,8 @@ class Recipe(BaseModel):
             return src
         base_dir = None
         if not isinstance(src, (str, os.PathLike, dict)):
-            raise MergelabError(f"recipe: expected a YAML path, YAML text, a dict or a Recipe, found "
+            from .errors import RecipeError
+            raise RecipeError(f"recipe: expected a YAML path, YAML text, a dict or a Recipe, found "
                                 f"{type(src).__name__}")
         if isinstance(src, dict):
             data = src
