@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 from ._startup import quiet_interrupt  # noqa: E402
 
 with quiet_interrupt():  # the mergelab command: Ctrl-C while torch loads exits quietly
-    from .errors import MergelabError  # noqa: E402
+    from .errors import CheckpointError, DataError, DeviceError, MergelabError, RecipeError  # noqa: E402
     from .merge import merge  # noqa: E402  (the shim module first: `mergelab.merge` stays the function)
     from .engine import merge_states  # noqa: E402
     from .engine.states import fisher_merge, regmean_merge  # noqa: E402  (in-memory Fisher / RegMean on the driver)
@@ -19,7 +19,7 @@ with quiet_interrupt():  # the mergelab command: Ctrl-C while torch loads exits 
     from .repair import TaskConditionedModel, repair, tact  # noqa: E402
 
 __all__ = [
-    "__version__", "MergelabError",
+    "__version__", "MergelabError", "CheckpointError", "RecipeError", "DataError", "DeviceError",
     "merge", "merge_states", "load_state", "open_checkpoint", "save_state",
     "permutation_spec", "PermutationSpec", "Permutation", "weight_matching", "activation_matching",
     "permute", "save_permutation", "load_permutation",

@@ -131,6 +131,10 @@ class _RecipeCore(BaseModel):
         if isinstance(src, _RecipeCore):
             return src
         base_dir = source = None
+        if not isinstance(src, (str, os.PathLike, dict)):
+            from .errors import RecipeError
+            raise RecipeError(f"recipe: expected a YAML path, YAML text, a dict or a Recipe, found "
+                                f"{type(src).__name__}")
         if isinstance(src, dict):
             data = src
         else:
@@ -169,11 +173,13 @@ class _RecipeCore(BaseModel):
         """A model reference as given, or a path made absolute (cwd first, then the recipe's folder)."""
         if not isinstance(p, (str, os.PathLike)):
             return p
+        from .io.reader import checkpoint_exists  # path@key selects a sub-dict: see io/reader.py
+
         path = Path(p).expanduser()
-        if path.exists() or path.is_absolute():
+        if checkpoint_exists(path) or path.is_absolute():
             return path
         bd = getattr(self, "_base_dir", None)
-        if bd is not None and (bd / path).exists():
+        if bd is not None and checkpoint_exists(bd / path):
             return bd / path
         return path
 

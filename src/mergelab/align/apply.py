@@ -41,6 +41,9 @@ def permute_tensor(spec: PermutationSpec, name: str, t: torch.Tensor, perm: Mapp
 
 def permute(spec: PermutationSpec, state: Mapping[str, torch.Tensor], permutation: Mapping[str, torch.Tensor]) -> dict:
     """A new state with every tensor permuted (function-preserving); the input is not modified."""
+    from ..io.validate import check_state
+
+    check_state(state, "permute")
     perm = spec.check(permutation)
     missing = [n for n in spec.axes if n not in state]
     if missing:

@@ -103,8 +103,15 @@ def _state_pieces(spec: PermutationSpec, state: Mapping[str, torch.Tensor], what
             raise MergelabError(f"{what}: state has no tensor {name!r} that the spec permutes")
         t = state[name]
         if not torch.is_tensor(t):
-            t = torch.as_tensor(t)
-        res.extend(_pieces(t.detach().to(device=device, dtype=torch.float32), spec.axes[name], sizes))
+            try:
+                t = torch.as_tensor(t)
+            except (TypeError, ValueError, RuntimeError):
+                raise MergelabError(f"{what}: {name!r} is a {type(t).__name__}, expected a tensor") from None
+        try:
+            res.extend(_pieces(t.detach().to(device=device, dtype=torch.float32), spec.axes[name], sizes))
+        except (IndexError, RuntimeError):  # fewer dims or smaller axes than the traced model's
+            raise MergelabError(f"{what}: tensor {name!r} of shape {tuple(t.shape)} does not fit the spec "
+                                "(traced on another architecture or size?)") from None
     return res
 
 
@@ -405,8 +412,15 @@ def _activation_matching(spec, reference_model, other_model, data, input_fn, max
             break
         nb += 1
         x = to_device(input_fn(batch), module_device(ref))
-        ra, _ = run_recorded(ref, x, keep="want", want=want)
-        rb, _ = run_recorded(oth, x, keep="want", want=want)
+        try:
+            ra, _ = run_recorded(ref, x, keep="want", want=want)
+            rb, _ = run_recorded(oth, x, keep="want", want=want)
+        except MergelabError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the models raise on inputs they cannot take
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise MergelabError(f"activation_matching: the models cannot run on batch {nb - 1}:"
+                                f" {type(e).__name__}: {first}") from None
         va = {i: dict(zip(want[i], v)) for i, v in ra.values}
         vb = {i: dict(zip(want[i], v)) for i, v in rb.values}
         if len(va) != len(want) or len(vb) != len(want):

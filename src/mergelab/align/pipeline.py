@@ -23,7 +23,7 @@ from torch import nn
 
 from ..device import resolve_device
 from ..errors import MergelabError
-from ..io.models import build_model, is_hf_folder, load_factory, load_weights  # noqa: F401  (re-exported)
+from ..io.models import build_model, check_fit, is_hf_folder, load_factory, load_weights  # noqa: F401  (re-exported)
 from ..io.outputs import Output, check_not_input, model_code_path
 from .apply import PermutedCheckpoint, save_permutation
 from .matching import activation_matching, weight_matching
@@ -85,11 +85,10 @@ def load_align_data(path, reference: Path, batch_size: int = 32, limit: int | No
 def _open(ref) -> Any:
     if not isinstance(ref, (str, os.PathLike)):
         return ref
-    from ..io import open_checkpoint
-    p = Path(ref)
-    if not p.exists():
-        raise MergelabError(f"{p}: no such file or folder")
-    return open_checkpoint(p)
+    from ..io.reader import checkpoint_exists, open_checkpoint
+    if not checkpoint_exists(ref):
+        raise MergelabError(f"{ref}: no such file or folder")
+    return open_checkpoint(ref)
 
 
 def _label(ckpt) -> str:
@@ -141,11 +140,15 @@ def align_checkpoints(reference, others: Sequence, *, model_code: str | None = N
     oth_ck = [_open(o) for o in others]
     ref_path = Path(getattr(ref_ck, "path", "") or "")
     model = build_model(ref_path, model_code)
+    for ck in [ref_ck, *oth_ck]:  # a permutation of a model that is not this one means nothing
+        check_fit(model, ck, _label(ck))
     batches = None
     if method == "activation":
         if data is None:
             raise MergelabError("--method activation needs --data")
         batches = load_align_data(data, ref_path, batch_size) if isinstance(data, (str, os.PathLike)) else data
+        from ..stats.data import check_data
+        check_data(model, batches, None, f"the model of {ref_path}")
     if input_shape is not None:
         if not all(isinstance(s, int) and s > 0 for s in input_shape):
             raise MergelabError(f"--input-shape: expected positive integers, found {list(input_shape)}")
@@ -198,8 +201,9 @@ def run_align(reference, others: Sequence, out, *, model_code: str | None = None
     if transfer_to and len(others) != 1:
         raise MergelabError(f"--transfer-to: needs exactly one OTHER (the foundation model the experts were "
                             f"fine-tuned from), found {len(others)}")
+    from ..io.reader import checkpoint_exists
     for p in [reference, *others, *transfer_to]:
-        if isinstance(p, (str, os.PathLike)) and not Path(p).exists():
+        if isinstance(p, (str, os.PathLike)) and not checkpoint_exists(p):
             raise MergelabError(f"{p}: no such file or folder")
     from ..io.writer import parse_size
     parse_size(shard_size, "--shard-size")  # before any work

@@ -169,7 +169,7 @@ def _merge(recipe: Any, out: str | os.PathLike, team: Team, *, force: bool, dtyp
     check_shard_size(specs, size)
     nthreads = _threads(threads)
     block_bytes = parse_size(block_size if block_size is not None else DEFAULT_BLOCK_SIZE, "--block-size")
-    d = Driver(p, device=device or r.device or "cpu", storage="cpu", seed=r.seed, allow_nonfinite=allow,
+    d = Driver(p, device=device if device is not None else (r.device or "cpu"), storage="cpu", seed=r.seed, allow_nonfinite=allow,
                block_bytes=block_bytes)
     folder = team.folder(out, force)  # refuses an existing output before any work
     if team.lead:

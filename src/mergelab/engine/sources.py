@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import MergelabError
-from ..io.reader import open_checkpoint
+from ..io.reader import checkpoint_exists, open_checkpoint
 
 
 @dataclass
@@ -78,7 +78,7 @@ def open_input(ref: Any, resolve, where: str, inputs: Mapping | None, cache: dic
     path = resolve(ref)
     key = str(Path(path).absolute())
     if key not in cache:
-        if not Path(path).exists():
+        if not checkpoint_exists(path):
             raise MergelabError(f"{where}: {path}: no such file or folder")
         cache[key] = Input(str(path), open_checkpoint(path))
     return cache[key]

@@ -425,11 +425,14 @@ def save_state(state: Mapping[str, torch.Tensor], out: str | os.PathLike, like: 
     dtype of floating tensors (default: each tensor's own).  Tensors are pulled from
     ``state`` one at a time, so a lazy mapping keeps memory bounded.
     """
+    from .validate import check_state
+
     dt = parse_dtype(dtype)
     size = parse_size(shard_size)
+    ck = getattr(state, "checkpoint", None)  # a LazyState: shapes without reading
+    check_state(state, "save_state", values=ck is None)
     names = list(state.keys())
     plan = []
-    ck = getattr(state, "checkpoint", None)  # a LazyState: shapes without reading
     for n in names:
         if ck is not None:
             shape, tdt = ck.shape(n), ck.dtype(n)

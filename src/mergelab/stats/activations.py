@@ -94,6 +94,8 @@ def activation_stats(model: nn.Module, data: Iterable[Any], sites: Sequence[str 
     ``device``: where the pass runs (the model moves there for the pass and back after;
     default: where the model is); the statistics stay on that device."""
     dev = resolve_device(device, "activation_stats device")
+    from .data import check_data
+    check_data(model, data)  # one DataError line before the pass, not a traceback in it
     site_list = resolve_sites(model, sites, head)
     with placed(model, dev):
         return _moments_pass(model, data, site_list, n_batches, shard, progress)

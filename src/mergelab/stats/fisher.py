@@ -139,6 +139,8 @@ def _fisher_pass(model, data, mode, n_examples, seed, params, chunk_size, shard,
         raise MergelabError(f"fisher backend: expected one of {', '.join(BACKENDS)}, found '{backend}'")
     if n_examples is not None and n_examples <= 0:
         raise MergelabError(f"fisher n_examples: expected a positive number, found {n_examples}")
+    from .data import check_data
+    check_data(model, data)  # one DataError line before the pass, not a traceback in it
     all_params = dict(model.named_parameters())
     if params is None:
         names = [n for n, p in all_params.items() if p.requires_grad]

@@ -44,6 +44,8 @@ def gram_matrices(model: nn.Module, data: Iterable[Any], layers: Sequence[str] |
     minus the module named by ``exclude_head``).  ``device``: where the pass runs (see
     :func:`~mergelab.stats.activation_stats`); the matrices stay on that device."""
     dev = resolve_device(device, "gram_matrices device")
+    from .data import check_data
+    check_data(model, data)  # one DataError line before the pass, not a traceback in it
     with placed(model, dev):
         return _gram_pass(model, data, layers, exclude_head, n_batches, shard, progress)
 
