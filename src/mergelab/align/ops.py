@@ -1,6 +1,6 @@
 """Per-op axis-link handlers for the permutation tracer.
 
-The tracer (:mod:`mergelab.align.spec`) runs the model once under a dispatch mode and sees
+The tracer (:mod:`mergelab.align.spec.build`) runs the model once under a dispatch mode and sees
 every ATen op with its real tensors.  For each op a handler here states which tensor axes
 must carry the SAME permutation (``c.link``), which axes are split into / merged from
 others (``c.prod`` for a reshape or a head split, ``c.cat`` for a concatenation), which axes

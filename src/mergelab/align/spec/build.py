@@ -1,0 +1,339 @@
+"""The spec builder: links axes op by op (handlers in :mod:`mergelab.align.ops`), then turns
+the union-find classes into groups, per-parameter axis rules and activation rules."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops as _ops
+from .objects import AxisPerm, Group, PermutationSpec
+from .record import _leaves, run_recorded
+from .unionfind import _Graph
+
+
+class _Ctx:
+    """What a handler sees: the op and the link/freeze vocabulary."""
+
+    def __init__(self, builder, op):
+        self.b, self.op = builder, op
+        self.touched: set = set()
+
+    def ax(self, t, a):
+        a = a + t.dim() if a < 0 else a
+        n = ("t", id(t), a)
+        self.b.register(t)
+        self.b.g.add(n, t.shape[a])
+        self.touched.add(n)
+        return n
+
+    def seg(self, t, a, start, length):
+        if start == 0 and length == t.shape[a]:
+            return self.ax(t, a)
+        self.b.register(t)
+        n = ("s", id(t), a, start, length)
+        if n not in self.b.g.parent and id(t) in self.b.state:
+            self.b.param_order.append(n)
+        self.b.g.add(n, length)
+        self.touched.add(("t", id(t), a))
+        self.b.segmented.add(("t", id(t), a))
+        return n
+
+    def virtual(self, size):
+        self.b.g.nvirtual += 1
+        n = ("v", self.b.g.nvirtual)
+        self.b.g.add(n, size)
+        if size == 1:
+            self.b.g.freeze(n, "size 1")
+        return n
+
+    def link(self, a, b):
+        self.b.g.union(a, b)
+
+    def ok(self, n):
+        pass   # touched by ax(); nothing else to say
+
+    def freeze(self, n, why):
+        self.b.g.freeze(n, why)
+
+    def prod(self, whole, parts):
+        parts = [p for p in parts if self.b.g.size[p] != 1]
+        if not parts:
+            return
+        if len(parts) == 1:
+            return self.link(whole, parts[0])
+        if len(parts) > 2:   # right-nested: (a, (b, c))
+            rest = self.virtual(math.prod(self.b.g.size[p] for p in parts[1:]))
+            self.prod(rest, parts[1:])
+            parts = [parts[0], rest]
+        self.b.g.struct("prod", whole, parts)
+
+    def cat(self, whole, parts):
+        self.b.g.struct("cat", whole, parts)
+
+
+class _Builder:
+    def __init__(self, model, inputs):
+        self.g = _Graph()
+        self.known: dict[int, torch.Tensor] = {}
+        self.state: dict[int, list[str]] = defaultdict(list)
+        for name, t in model.state_dict(keep_vars=True).items():
+            self.state[id(t)].append(name)
+        self.inputs = _leaves(inputs)
+        self.segmented: set = set()
+        self.unknown: list[str] = []
+        self.param_order: list = []    # param nodes in order of first use
+
+    def register(self, t):
+        if id(t) in self.known:
+            return
+        self.known[id(t)] = t
+        if id(t) in self.state:
+            for a in range(t.dim()):
+                self.param_order.append(("t", id(t), a))
+        elif not getattr(self, "_producing", False):
+            # neither a parameter, a model input nor an op output: a constant (e.g. a
+            # non-persistent buffer); its axes stay in place
+            for a in range(t.dim()):
+                n = ("t", id(t), a)
+                self.g.add(n, t.shape[a])
+                self.g.freeze(n, "constant tensor outside the state dict")
+
+    def trace(self, model, inputs):
+        for t in self.inputs:
+            self._producing = True
+            self.register(t)
+            self._producing = False
+            for a in range(t.dim()):
+                n = ("t", id(t), a)
+                self.g.add(n, t.shape[a])
+                self.g.freeze(n, "model input")
+        rec, out = run_recorded(model, inputs, keep="all")
+        self.records = rec.records
+        for op in rec.records:
+            for t in op.in_tensors:
+                self.register(t)
+            self._producing = True
+            for t in op.outs:
+                self.register(t)
+            self._producing = False
+            c = _Ctx(self, op)
+            h = _ops.HANDLERS.get(op.name)
+            if h is None and op.func is not None and torch.Tag.pointwise in op.func.tags:
+                h = _ops.pointwise
+            if h is None:
+                if op.name not in self.unknown:
+                    self.unknown.append(op.name)
+                why = f"unknown op {op.name}"
+            else:
+                h(c, op)
+                why = f"{op.name} does not say how this axis moves"
+            for t in op.in_tensors + op.outs:
+                for a in range(t.dim()):
+                    n = ("t", id(t), a)
+                    if n not in c.touched and t.shape[a] > 1:
+                        self.g.add(n, t.shape[a])
+                        self.g.freeze(n, why)
+        self.outputs = _leaves(out)
+        for t in self.outputs:
+            self.register(t)
+            for a in range(t.dim()):
+                n = ("t", id(t), a)
+                self.g.add(n, t.shape[a])
+                self.g.freeze(n, "model output")
+        for n in self.segmented:
+            if n in self.g.parent:   # used both whole and in segments: keep it all in place
+                tid, a = n[1], n[2]
+                for m in list(self.g.parent):
+                    if m[0] == "s" and m[1] == tid and m[2] == a:
+                        self.g.freeze(m, "axis used both whole and in segments")
+                self.g.freeze(n, "axis used both whole and in segments")
+        self.g.resolve()
+
+    # ------------------------------------------------------------------ groups
+    def build(self) -> PermutationSpec:
+        g = self.g
+        find = g.find
+        nodes = list(g.parent)
+        pnodes = [n for n in nodes if n[0] in ("t", "s") and n[1] in self.state]
+        # relevant classes: those holding a parameter axis, and (recursively) their parts
+        relevant = {find(n) for n in pnodes}
+        stack = list(relevant)
+        while stack:
+            r = stack.pop()
+            for _, parts in g.structs.get(r, [])[:1]:
+                for p in parts:
+                    if find(p) not in relevant:
+                        relevant.add(find(p))
+                        stack.append(find(p))
+
+        def fixed(r):
+            return r in g.frozen or r not in relevant or g.size[r] == 1
+
+        # roles: heads (outer of a 2-part product whose inner also moves) and within-head
+        outer_of: dict = defaultdict(set)
+        inner_of: dict = defaultdict(set)
+        for r, lst in g.structs.items():
+            kind, parts = lst[0]
+            if kind == "prod" and len(parts) == 2 and not fixed(r):
+                o, i = parts
+                if not fixed(o) and not fixed(i):
+                    outer_of[o].add(r)
+                    inner_of[i].add(o)
+        # tensors carrying each class (for the per-head test)
+        cls_tensors: dict = defaultdict(set)
+        tensor_classes: dict = defaultdict(set)
+        for n in nodes:
+            if n[0] == "t":
+                cls_tensors[find(n)].add(n[1])
+                tensor_classes[n[1]].add(find(n))
+        param_classes = {find(n) for n in pnodes}
+        per_head = {}
+        for i, outers in inner_of.items():
+            o = next(iter(outers))
+            per_head[i] = (len(outers) == 1 and i not in outer_of and i not in param_classes
+                           and i not in g.structs
+                           and all(o in tensor_classes[t] for t in cls_tensors[i]))
+
+        atomic = [r for r in relevant if not fixed(r) and r not in g.structs]
+        # order and names: first parameter axis (trace order) that shows the class
+        order = {}
+        label = {}
+        for n in self.param_order:
+            if n not in g.parent:
+                continue
+            r = find(n)
+            nm = self._node_name(n)
+            if r not in order:
+                order[r] = len(order)
+                label[r] = nm
+            for kind, parts in g.structs.get(r, [])[:1]:
+                for k, p in enumerate(parts):
+                    p = find(p)
+                    if p not in order:
+                        order[p] = len(order)
+                        label[p] = nm + ("/heads" if p in outer_of else "/within" if p in inner_of else f"/part{k}")
+        atomic.sort(key=lambda r: order.get(r, 1 << 30))
+        names, groups = {}, {}
+        for r in atomic:
+            nm = label.get(r, f"group{len(names)}")
+            names[r] = nm
+        for r in atomic:
+            nm = names[r]
+            if r in outer_of:
+                groups[nm] = Group(nm, "heads", g.size[r], n_heads=g.size[r])
+            elif r in inner_of:
+                o = next(iter(inner_of[r]))
+                H, d = g.size[o], g.size[r]
+                ph = per_head[r]
+                groups[nm] = Group(nm, "within_head", H * d if ph else d, n_heads=H, head_dim=d,
+                                   head_group=names[o], per_head=ph)
+            else:
+                groups[nm] = Group(nm, "plain", g.size[r])
+        # order: heads before their within-head groups is already guaranteed by naming order
+        self.names = names
+
+        memo = {}
+
+        def expr(r):
+            r = find(r)
+            if r in memo:
+                return memo[r]
+            if fixed(r):
+                e = ("id", g.size[r])
+            elif r in names:
+                e = ("group", names[r])
+            else:
+                kind, parts = g.structs[r][0]
+                if kind == "prod" and len(parts) == 2 and find(parts[1]) in per_head \
+                        and per_head[find(parts[1])] and find(parts[0]) in names:
+                    e = ("group", names[find(parts[1])])
+                else:
+                    sub = tuple(expr(p) for p in parts)
+                    e = ("id", g.size[r]) if all(s[0] == "id" for s in sub) else (kind, sub)
+            memo[r] = e
+            return e
+
+        self.expr = expr
+        axes: dict[str, list[AxisPerm]] = {}
+        frozen: dict[str, str] = {}
+        seg_index = defaultdict(list)
+        for n in g.parent:
+            if n[0] == "s":
+                seg_index[(n[1], n[2])].append(n)
+        for tid, pnames in self.state.items():
+            t = self.known.get(tid)
+            if t is None:
+                continue
+            for a in range(t.dim()):
+                if t.shape[a] <= 1:
+                    continue
+                segs = sorted(seg_index[(tid, a)], key=lambda n: n[3])
+                full = ("t", tid, a)
+                entries, why = [], None
+                if full in g.parent:
+                    e = expr(full)
+                    if e[0] != "id":
+                        entries.append(AxisPerm(a, 0, t.shape[a], e))
+                    else:
+                        why = g.frozen.get(find(full), "nothing to permute")
+                elif segs:
+                    for n in segs:
+                        e = expr(n)
+                        if e[0] != "id":
+                            entries.append(AxisPerm(a, n[3], n[4], e))
+                    if not entries:
+                        why = g.frozen.get(find(segs[0]), "nothing to permute")
+                else:
+                    why = "no op says how this axis moves (e.g. a kernel axis)"
+                for pn in pnames:
+                    if entries:
+                        axes.setdefault(pn, []).extend(entries)
+                    else:
+                        frozen[f"{pn}:{a}"] = why
+        # activation rules for the self-test and activation matching
+        act = []
+        for i, op in enumerate(self.records):
+            act.append([self._act_exprs(t, per_head, names) for t in op.outs])
+        info = _TraceInfo([op.name for op in self.records], act)
+        return PermutationSpec(groups, axes, frozen, list(self.unknown), info)
+
+    def _act_exprs(self, t, per_head, names):
+        g = self.g
+        ex = []
+        for a in range(t.dim()):
+            n = ("t", id(t), a)
+            if n not in g.parent or t.shape[a] <= 1:
+                ex.append(None)
+                continue
+            r = g.find(n)
+            if per_head.get(r) and r in names:
+                grp = names[r]
+                o = next(rr for rr in self._inner_outer(r))
+                oa = next(b for b in range(t.dim()) if ("t", id(t), b) in g.parent and g.find(("t", id(t), b)) == o)
+                ex.append(("headdim", grp, oa))
+                continue
+            e = self.expr(n)
+            ex.append(None if e[0] == "id" else e)
+        return ex
+
+    def _inner_outer(self, r):
+        g = self.g
+        for rr, lst in g.structs.items():
+            kind, parts = lst[0]
+            if kind == "prod" and len(parts) == 2 and g.find(parts[1]) == r:
+                yield g.find(parts[0])
+
+    def _node_name(self, n):
+        nm = self.state[n[1]][0]
+        if n[0] == "s":
+            return f"{nm}:{n[2]}[{n[3]}:{n[3] + n[4]}]"
+        return f"{nm}:{n[2]}"
+
+
+@dataclass
+class _TraceInfo:
+    op_names: list[str]
+    act_exprs: list   # per op, per output: per-axis rule or None
