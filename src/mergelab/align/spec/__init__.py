@@ -28,8 +28,9 @@ How a spec is built (:func:`permutation_spec`):
    ``N(0, 1.5/sqrt(fan_in))``, norms and biases randomised) so that attention is far from
    uniform, a random permutation is drawn for every group, and the permuted copy is run
    again.  *Every* intermediate tensor of the trace must equal the original one permuted
-   by the spec's rule for its axes (max abs difference <= 1e-5 x max(1, max|value|) in
-   float32).  A spec that fails is never returned: :class:`MergelabError` names the op.
+   by the spec's rule for its axes (relative Frobenius difference <= 64 eps sqrt(1 + k), k the
+   contracting ops (matmul, conv, norms, reductions) before it; float32 eps).  A spec that fails
+   is never returned: :class:`MergelabError` names the op.
 
 Unknown ops are never guessed: the axes they touch are left unpermuted, and their names
 are listed in :attr:`PermutationSpec.unknown_ops`; :attr:`PermutationSpec.frozen` says, for

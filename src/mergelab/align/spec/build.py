@@ -38,7 +38,7 @@ class _Ctx:
             self.b.param_order.append(n)
         self.b.g.add(n, length)
         self.touched.add(("t", id(t), a))
-        self.b.segmented.add(("t", id(t), a))
+        self.b.segmented[("t", id(t), a)] = None
         return n
 
     def virtual(self, size):
@@ -73,6 +73,10 @@ class _Ctx:
     def cat(self, whole, parts):
         self.b.g.struct("cat", whole, parts)
 
+    def piece(self, whole, start, length, node):
+        """``node`` is ``whole[start:start+length]`` (resolved once every piece is known)."""
+        self.b.slices.setdefault((whole[1], whole[2]), []).append((start, length, node))
+
 
 class _Builder:
     def __init__(self, model, inputs):
@@ -82,7 +86,10 @@ class _Builder:
         for name, t in model.state_dict(keep_vars=True).items():
             self.state[id(t)].append(name)
         self.inputs = _leaves(inputs)
-        self.segmented: set = set()
+        # non-persistent buffers (e.g. rotary frequencies): named in the frozen reasons
+        self.buffer_names = {id(t): n for n, t in model.named_buffers() if id(t) not in self.state}
+        self.segmented: dict = {}      # ordered set: (t, id, axis) used in segments
+        self.slices: dict = {}         # (id, axis) -> [(start, length, out node)]
         self.unknown: list[str] = []
         self.param_order: list = []    # param nodes in order of first use
 
@@ -96,10 +103,13 @@ class _Builder:
         elif not getattr(self, "_producing", False):
             # neither a parameter, a model input nor an op output: a constant (e.g. a
             # non-persistent buffer); its axes stay in place
+            bn = self.buffer_names.get(id(t))
+            why = (f"its values follow the constant buffer {bn} (outside the state dict) along "
+                   f"this axis" if bn else "constant tensor outside the state dict")
             for a in range(t.dim()):
                 n = ("t", id(t), a)
                 self.g.add(n, t.shape[a])
-                self.g.freeze(n, "constant tensor outside the state dict")
+                self.g.freeze(n, why)
 
     def trace(self, model, inputs):
         for t in self.inputs:
@@ -143,6 +153,7 @@ class _Builder:
                 n = ("t", id(t), a)
                 self.g.add(n, t.shape[a])
                 self.g.freeze(n, "model output")
+        self._resolve_slices()
         for n in self.segmented:
             if n in self.g.parent:   # used both whole and in segments: keep it all in place
                 tid, a = n[1], n[2]
@@ -152,6 +163,32 @@ class _Builder:
                 self.g.freeze(n, "axis used both whole and in segments")
         self.g.resolve()
 
+    def _resolve_slices(self):
+        """Slices of one axis that tile it exactly (``x[..., :d/2]``, ``x[..., d/2:]``; a fused
+        projection cut by slicing) make it the concatenation of the pieces; any other slice
+        (part of an axis, overlapping pieces, steps) pins the axis and the pieces."""
+        g = self.g
+        for (tid, a), pieces in self.slices.items():
+            whole = ("t", tid, a)
+            n = g.size[whole]
+            ranges: dict = {}
+            for start, length, node in pieces:
+                ranges.setdefault((start, length), []).append(node)
+            for nodes in ranges.values():
+                for m in nodes[1:]:
+                    g.union(nodes[0], m)
+            keys = sorted(ranges)
+            pos, ok = 0, True
+            for start, length in keys:
+                ok = ok and start == pos and length > 0
+                pos = start + length
+            if ok and pos == n and len(keys) > 1:
+                g.struct("cat", whole, [ranges[k][0] for k in keys])
+            else:
+                g.freeze(whole, "slice takes part of an axis")
+                for nodes in ranges.values():
+                    g.freeze(nodes[0], "slice takes part of an axis")
+
     # ------------------------------------------------------------------ groups
     def build(self) -> PermutationSpec:
         g = self.g
@@ -159,45 +196,51 @@ class _Builder:
         nodes = list(g.parent)
         pnodes = [n for n in nodes if n[0] in ("t", "s") and n[1] in self.state]
         # relevant classes: those holding a parameter axis, and (recursively) their parts
-        relevant = {find(n) for n in pnodes}
+        # (dicts as ordered sets throughout: iteration must not depend on ids or hashes)
+        relevant = dict.fromkeys(find(n) for n in pnodes)
         stack = list(relevant)
         while stack:
             r = stack.pop()
             for _, parts in g.structs.get(r, [])[:1]:
                 for p in parts:
                     if find(p) not in relevant:
-                        relevant.add(find(p))
+                        relevant[find(p)] = None
                         stack.append(find(p))
 
         def fixed(r):
             return r in g.frozen or r not in relevant or g.size[r] == 1
 
         # roles: heads (outer of a 2-part product whose inner also moves) and within-head
-        outer_of: dict = defaultdict(set)
-        inner_of: dict = defaultdict(set)
+        outer_of: dict = defaultdict(dict)
+        inner_of: dict = defaultdict(dict)
         for r, lst in g.structs.items():
             kind, parts = lst[0]
             if kind == "prod" and len(parts) == 2 and not fixed(r):
                 o, i = parts
                 if not fixed(o) and not fixed(i):
-                    outer_of[o].add(r)
-                    inner_of[i].add(o)
+                    outer_of[o][r] = None
+                    inner_of[i][o] = None
         # tensors carrying each class (for the per-head test)
-        cls_tensors: dict = defaultdict(set)
-        tensor_classes: dict = defaultdict(set)
+        cls_tensors: dict = defaultdict(dict)
+        tensor_classes: dict = defaultdict(dict)
         for n in nodes:
             if n[0] == "t":
-                cls_tensors[find(n)].add(n[1])
-                tensor_classes[n[1]].add(find(n))
-        param_classes = {find(n) for n in pnodes}
+                cls_tensors[find(n)][n[1]] = None
+                tensor_classes[n[1]][find(n)] = None
+        param_classes = dict.fromkeys(find(n) for n in pnodes)
         per_head = {}
         for i, outers in inner_of.items():
+            # one inner permutation per head needs a single head axis that is itself a
+            # group and travels with the inner axis on every tensor; an inner axis under
+            # several head axes (grouped-query attention: query heads = kv heads x group)
+            # shares one permutation across heads
             o = next(iter(outers))
-            per_head[i] = (len(outers) == 1 and i not in outer_of and i not in param_classes
-                           and i not in g.structs
+            per_head[i] = (len(outers) == 1 and o not in g.structs and i not in outer_of
+                           and i not in param_classes and i not in g.structs
                            and all(o in tensor_classes[t] for t in cls_tensors[i]))
 
         atomic = [r for r in relevant if not fixed(r) and r not in g.structs]
+        atomic_set = dict.fromkeys(atomic)
         # order and names: first parameter axis (trace order) that shows the class
         order = {}
         label = {}
@@ -225,11 +268,12 @@ class _Builder:
             if r in outer_of:
                 groups[nm] = Group(nm, "heads", g.size[r], n_heads=g.size[r])
             elif r in inner_of:
-                o = next(iter(inner_of[r]))
+                # its head group: the first outer that is a group itself (trace order)
+                o = next((x for x in inner_of[r] if x in atomic_set), next(iter(inner_of[r])))
                 H, d = g.size[o], g.size[r]
                 ph = per_head[r]
                 groups[nm] = Group(nm, "within_head", H * d if ph else d, n_heads=H, head_dim=d,
-                                   head_group=names[o], per_head=ph)
+                                   head_group=names.get(o, ""), per_head=ph)
             else:
                 groups[nm] = Group(nm, "plain", g.size[r])
         # order: heads before their within-head groups is already guaranteed by naming order
@@ -241,11 +285,13 @@ class _Builder:
             r = find(r)
             if r in memo:
                 return memo[r]
-            if fixed(r):
+            if r in g.frozen or g.size[r] == 1:
                 e = ("id", g.size[r])
             elif r in names:
                 e = ("group", names[r])
-            else:
+            elif r not in g.structs:   # an atomic class that is no group
+                e = ("id", g.size[r])
+            else:   # composed from its parts (also for activation axes holding no parameter)
                 kind, parts = g.structs[r][0]
                 if kind == "prod" and len(parts) == 2 and find(parts[1]) in per_head \
                         and per_head[find(parts[1])] and find(parts[0]) in names:

@@ -11,6 +11,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 LEAF_MODULES: tuple[type, ...] = (nn.MultiheadAttention,)
 
+# in-place ops that change a tensor's shape or strides (not its values)
+META_INPLACE = frozenset({"aten.as_strided_", "aten.squeeze_", "aten.unsqueeze_", "aten.transpose_",
+                          "aten.t_", "aten.swapdims_", "aten.swapaxes_", "aten.resize_",
+                          "aten.resize_as_"})
+
 
 def _leaves(x) -> list[torch.Tensor]:
     if isinstance(x, torch.Tensor):
@@ -102,10 +107,37 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = _packet(func)
+        before = None
+        if self.depth == 0 and self.keep == "all" and name in META_INPLACE and args \
+                and isinstance(args[0], torch.Tensor):
+            x = args[0]
+            before = x.as_strided(x.shape, x.stride(), x.storage_offset())
         out = func(*args, **kwargs)
         if self.depth == 0:
-            self._add(_packet(func), func, args, kwargs, out)
+            if before is not None and (before.shape != x.shape or before.stride() != x.stride()):
+                # an in-place change of shape/strides: the tensor object is the same before
+                # and after, so earlier records get a view with the old metadata and this
+                # op reads that view (axis nodes are keyed by the object's identity)
+                self._rebind(x, before)
+                args = (before,) + tuple(args[1:])
+            self._add(name, func, args, kwargs, out)
         return out
+
+    def _rebind(self, x, y):
+        def sub(v):
+            if v is x:
+                return y
+            if isinstance(v, list):
+                return [sub(u) for u in v]
+            if isinstance(v, tuple):
+                return tuple(sub(u) for u in v)
+            if isinstance(v, dict):
+                return {k: sub(u) for k, u in v.items()}
+            return v
+        for op in self.records:
+            op.args, op.kwargs = sub(op.args), sub(op.kwargs)
+            op.in_tensors, op.outs = sub(op.in_tensors), sub(op.outs)
 
 
 def run_recorded(model, inputs, keep="all", want=None):

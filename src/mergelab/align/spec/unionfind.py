@@ -97,4 +97,4 @@ class _Graph:
                     for p in parts:
                         changed |= self.freeze(p, self.frozen[r])
                 elif all(self.find(p) in self.frozen for p in parts):
-                    changed |= self.freeze(r, "all its parts are fixed")
+                    changed |= self.freeze(r, self.frozen[self.find(parts[0])])
