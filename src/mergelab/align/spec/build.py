@@ -252,12 +252,17 @@ class _Builder:
             if r not in order:
                 order[r] = len(order)
                 label[r] = nm
-            for kind, parts in g.structs.get(r, [])[:1]:
-                for k, p in enumerate(parts):
-                    p = find(p)
-                    if p not in order:
-                        order[p] = len(order)
-                        label[p] = nm + ("/heads" if p in outer_of else "/within" if p in inner_of else f"/part{k}")
+            stack = [(r, nm)]
+            while stack:   # parts, and parts of parts (GQA: query heads = kv heads x group)
+                q, qn = stack.pop()
+                for kind, parts in g.structs.get(q, [])[:1]:
+                    for k, p in enumerate(parts):
+                        p = find(p)
+                        if p not in order:
+                            order[p] = len(order)
+                            label[p] = qn + ("/heads" if p in outer_of else "/within" if p in inner_of
+                                             else f"/part{k}")
+                            stack.append((p, label[p]))
         atomic.sort(key=lambda r: order.get(r, 1 << 30))
         names, groups = {}, {}
         for r in atomic:
@@ -278,6 +283,7 @@ class _Builder:
                 groups[nm] = Group(nm, "plain", g.size[r])
         # order: heads before their within-head groups is already guaranteed by naming order
         self.names = names
+        self.per_head = per_head
 
         memo = {}
 
@@ -318,11 +324,12 @@ class _Builder:
                     continue
                 segs = sorted(seg_index[(tid, a)], key=lambda n: n[3])
                 full = ("t", tid, a)
-                entries, why = [], None
+                entries, why, parts_frozen = [], None, []
                 if full in g.parent:
                     e = expr(full)
                     if e[0] != "id":
                         entries.append(AxisPerm(a, 0, t.shape[a], e))
+                        parts_frozen.extend(self._frozen_parts(full, ""))
                     else:
                         why = g.frozen.get(find(full), "nothing to permute")
                 elif segs:
@@ -330,6 +337,7 @@ class _Builder:
                         e = expr(n)
                         if e[0] != "id":
                             entries.append(AxisPerm(a, n[3], n[4], e))
+                        parts_frozen.extend(self._frozen_parts(n, f"[{n[3]}:{n[3] + n[4]}]"))
                     if not entries:
                         why = g.frozen.get(find(segs[0]), "nothing to permute")
                 else:
@@ -337,6 +345,8 @@ class _Builder:
                 for pn in pnames:
                     if entries:
                         axes.setdefault(pn, []).extend(entries)
+                        for path, w in parts_frozen:   # pinned parts of a permuted axis
+                            frozen[f"{pn}:{a}{path}"] = w
                     else:
                         frozen[f"{pn}:{a}"] = why
         # activation rules for the self-test and activation matching
@@ -345,6 +355,26 @@ class _Builder:
             act.append([self._act_exprs(t, per_head, names) for t in op.outs])
         info = _TraceInfo([op.name for op in self.records], act)
         return PermutationSpec(groups, axes, frozen, list(self.unknown), info)
+
+    def _frozen_parts(self, n, path):
+        """(path, reason) for each pinned part (size > 1) of the axis node ``n``'s structure,
+        e.g. the within-head dims of a rotary query projection: ``/part1`` is the second
+        part of a product (heads x head_dim) or concatenation."""
+        g, names, per_head = self.g, self.names, self.per_head
+        r = g.find(n)
+        if g.size[r] == 1 or r in names:
+            return []
+        if r in g.frozen:
+            return [(path, f"size {g.size[r]}: {g.frozen[r]}")] if path else []
+        if r not in g.structs:
+            return [(path, f"size {g.size[r]}: not a group (no parameter axis moves with it)")] if path else []
+        kind, parts = g.structs[r][0]
+        if kind == "prod" and len(parts) == 2 and per_head.get(g.find(parts[1])) and g.find(parts[0]) in names:
+            return []
+        out = []
+        for k, p in enumerate(parts):
+            out.extend(self._frozen_parts(p, f"{path}/part{k}"))
+        return out
 
     def _act_exprs(self, t, per_head, names):
         g = self.g
