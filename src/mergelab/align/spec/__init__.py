@@ -39,8 +39,6 @@ every parameter axis that is not permuted, why.
 from __future__ import annotations
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
 from ...errors import MergelabError
@@ -48,7 +46,7 @@ from .build import _Builder, _TraceInfo
 from .objects import AxisPerm, Group, Permutation, PermutationSpec, compose_heads, split_heads
 from .record import LEAF_MODULES, call_model, run_recorded
 from .rules import apply_axis, apply_exprs, expr_groups, expr_size, expr_vector
-from .selftest import _reinit, self_test
+from .selftest import _reinit, copy_model, self_test
 
 __all__ = ["AxisPerm", "Group", "LEAF_MODULES", "Permutation", "PermutationSpec", "apply_axis",
            "apply_exprs", "call_model", "compose_heads", "expr_groups", "expr_size", "expr_vector",
@@ -63,7 +61,7 @@ def permutation_spec(model: nn.Module, example_inputs, seed: int = 0) -> Permuta
     """
     if not isinstance(model, nn.Module):
         raise MergelabError(f"permutation_spec: expected a torch.nn.Module, found {type(model).__name__}")
-    work = copy.deepcopy(model).float().eval()
+    work = copy_model(model).float().eval()
     _reinit(work, seed + 1)
     b = _Builder(work, example_inputs)
     try:

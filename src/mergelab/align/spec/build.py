@@ -83,8 +83,10 @@ class _Builder:
         self.g = _Graph()
         self.known: dict[int, torch.Tensor] = {}
         self.state: dict[int, list[str]] = defaultdict(list)
+        self.state_tensors: dict[int, torch.Tensor] = {}
         for name, t in model.state_dict(keep_vars=True).items():
             self.state[id(t)].append(name)
+            self.state_tensors[id(t)] = t
         self.inputs = _leaves(inputs)
         # non-persistent buffers (e.g. rotary frequencies): named in the frozen reasons
         self.buffer_names = {id(t): n for n, t in model.named_buffers() if id(t) not in self.state}
@@ -317,7 +319,12 @@ class _Builder:
                 seg_index[(n[1], n[2])].append(n)
         for tid, pnames in self.state.items():
             t = self.known.get(tid)
-            if t is None:
+            if t is None:   # not used on this forward pass (e.g. a training-only embedding)
+                t = self.state_tensors[tid]
+                for a in range(t.dim()):
+                    if t.shape[a] > 1:
+                        for pn in pnames:
+                            frozen[f"{pn}:{a}"] = "not used by the traced forward pass: how it moves is unknown"
                 continue
             for a in range(t.dim()):
                 if t.shape[a] <= 1:

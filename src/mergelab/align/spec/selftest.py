@@ -35,6 +35,18 @@ def _reinit(model: nn.Module, seed: int, gain: float = 1.5) -> None:
             t.copy_(v.to(t.dtype))
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copies modules holding computed (non-leaf) tensors as
+    attributes (``torch.nn.utils.weight_norm`` keeps ``weight`` so; deepcopy refuses them):
+    such attributes are copied detached (the module recomputes them in its forward)."""
+    memo = {}
+    for m in model.modules():
+        for v in vars(m).values():
+            if isinstance(v, torch.Tensor) and not v.is_leaf:
+                memo[id(v)] = v.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 # ops after which rounding differences between the two runs can grow (reductions over a
 # permuted axis sum in another order)
 _CONTRACTING = ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten.convolution", "aten.matmul",
@@ -103,7 +115,7 @@ def self_test(spec: PermutationSpec, model: nn.Module, example_inputs, seed: int
     """
     from ..apply import permute
     if reinit:
-        m1 = copy.deepcopy(model).float().eval()
+        m1 = copy_model(model).float().eval()
         _reinit(m1, seed + 1)
     else:   # the caller's own float copy
         m1 = model.eval()
@@ -113,7 +125,7 @@ def self_test(spec: PermutationSpec, model: nn.Module, example_inputs, seed: int
                             "(data-dependent control flow?)")
     perm = spec.random_permutation(seed)
     state = {k: v.detach() for k, v in m1.state_dict().items()}
-    m2 = copy.deepcopy(m1)
+    m2 = copy_model(m1)
     m2.load_state_dict(permute(spec, state, perm))
     rec2, _ = run_recorded(m2, example_inputs, keep="values")
     bad = _compare(rec1.values, rec2.values, spec.trace, perm, None)
