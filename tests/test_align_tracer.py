@@ -230,3 +230,43 @@ def test_builds_identical_across_processes_and_hash_seeds():
         outs.append(json.loads(r.stdout.strip().splitlines()[-1]))
     assert outs[0] == outs[1] == outs[2]
     assert set(outs[0]) == set(tracer_zoo.NAMES)
+
+
+def _depth(name, layers):
+    """The zoo model ``name`` with ``layers`` blocks (same seed, same widths)."""
+    import transformers as T
+    model, x = build(name)
+    cfg = model.config.to_dict()
+    if name == "t5":
+        cfg.update(num_layers=layers, num_decoder_layers=layers)
+    else:
+        cfg["num_hidden_layers"] = layers
+    torch.manual_seed(0)
+    return type(model)(type(model.config).from_dict(cfg)).eval(), x
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "t5", "bert_eager"])
+def test_reduced_depth_extension_equals_direct_build(name):
+    """A spec extended from a 2-block copy equals the deep model's own traced spec
+    (T5: two stacks, heads shared across blocks by the position bias)."""
+    deep, x = _depth(name, 4)
+    small, _ = _depth(name, 2)
+    direct = permutation_spec(deep, x)
+    extended = permutation_spec(deep, x, reduced=small)
+    assert extended.trace is None
+    assert digest(extended) == digest(direct)
+
+
+def test_meta_model_extended_without_weights():
+    import transformers as T
+    small, x = _depth("llama_gqa", 2)
+    with torch.device("meta"):
+        deep = T.LlamaForCausalLM(T.LlamaConfig(**{**small.config.to_dict(), "num_hidden_layers": 6})).eval()
+    spec = permutation_spec(deep, x, reduced=small)
+    assert len(spec.groups) == 1 + 4 * 6
+    assert set(spec.axes) <= set(deep.state_dict())
+    with pytest.raises(MergelabError, match="meta device"):
+        permutation_spec(deep, x)
+    other, _ = build("mistral")   # another architecture: refused in one line
+    with pytest.raises(MergelabError, match="counterpart"):
+        permutation_spec(deep, x, reduced=other)

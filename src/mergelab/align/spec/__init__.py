@@ -43,6 +43,7 @@ from torch import nn
 
 from ...errors import MergelabError
 from .build import _Builder, _TraceInfo
+from .extend import extend_spec, is_meta
 from .objects import AxisPerm, Group, Permutation, PermutationSpec, compose_heads, split_heads
 from .record import LEAF_MODULES, call_model, run_recorded
 from .rules import apply_axis, apply_exprs, expr_groups, expr_size, expr_vector
@@ -53,14 +54,29 @@ __all__ = ["AxisPerm", "Group", "LEAF_MODULES", "Permutation", "PermutationSpec"
            "permutation_spec", "run_recorded", "self_test", "split_heads", "_TraceInfo"]
 
 
-def permutation_spec(model: nn.Module, example_inputs, seed: int = 0) -> PermutationSpec:
+def permutation_spec(model: nn.Module, example_inputs, seed: int = 0,
+                     reduced: nn.Module | None = None) -> PermutationSpec:
     """Trace ``model`` on ``example_inputs`` and return its self-tested permutation spec.
 
     ``example_inputs``: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
     Use inputs that exercise every path (e.g. an attention mask with padding).
+
+    ``reduced``: for models too large to hold (e.g. built under ``torch.device("meta")``),
+    the same architecture with fewer repeated blocks and real weights (the same config with
+    ``num_hidden_layers=2``).  The spec is traced and self-tested on ``reduced`` (on
+    ``example_inputs``) and extended to ``model`` block by block
+    (:mod:`mergelab.align.spec.extend`); ``model`` is never run.  Such a spec has no
+    activation trace (``spec.trace is None``): weight matching and applying work, activation
+    matching needs the model itself.
     """
     if not isinstance(model, nn.Module):
         raise MergelabError(f"permutation_spec: expected a torch.nn.Module, found {type(model).__name__}")
+    if reduced is not None:
+        return extend_spec(permutation_spec(reduced, example_inputs, seed=seed), reduced, model)
+    if is_meta(model):
+        raise MergelabError("permutation_spec: the model is on the meta device (no weights), so it cannot "
+                            "be traced and self-tested; pass reduced=<the same architecture with fewer layers "
+                            "and real weights>")
     work = copy_model(model).float().eval()
     _reinit(work, seed + 1)
     b = _Builder(work, example_inputs)
