@@ -1,14 +1,11 @@
 """Tiny random-config models from Hugging Face transformers' own implementations (the zoo).
 
-Each entry builds a model (hidden 32-64, 2 layers, eager attention where a choice exists so
-that the trace sees every op) and its example inputs.  ``ZOO[name]() -> (model, inputs)``.
+Each entry builds a model (hidden 16-64, 1-2 layers per stage, the default attention
+implementation) and its example inputs.  ``ZOO[name]() -> (model, inputs)``.
 """
 from __future__ import annotations
 
 import torch
-
-_G = 0
-
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
