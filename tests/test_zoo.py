@@ -152,12 +152,12 @@ def test_weight_and_activation_matching_recover_a_permuted_copy(name):
     assert all(torch.equal(back[k], sd[k]) for k in spec.axes)
 
 
-@pytest.mark.parametrize("name", ["vit", pytest.param("efficientnet", marks=pytest.mark.slow),
-                                  pytest.param("regnet", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "swin", pytest.param("regnet", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_weight_matching_recovers_with_the_models_own_init(name, seed):
-    """The models' own (small, tied-looking) init, where Git Re-Basin's identity start stopped
-    in a local optimum; the signature start recovers the copy."""
+    """The models' own init, where Git Re-Basin's identity start stops in a local optimum
+    (measured: MobileNetV2 0/3 seeds recovered, Swin 2/3, RegNet 2/3; objective up to 32% below
+    the true permutation's); the signature start recovers the copy."""
     m, x, spec = _spec(name)
     sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
     sb = ml.permute(spec, sd, spec.random_permutation(seed + 10))
