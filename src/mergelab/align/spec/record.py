@@ -106,9 +106,10 @@ class _Recorder(TorchDispatchMode):
         # the same bookkeeping in every mode, so that every mode runs the same ops
         self.records.append(_Op(name, func, args, kwargs or {}, ins, outs, module))
         if self.keep == "values":
-            # views of parameters (a weight's transpose) are kept as views, not copied: a
-            # large model's self-test would otherwise hold its weights twice more
-            self.values.append([o.detach() if self._of_param(o) else o.detach().clone() for o in outs])
+            # views of parameters (a weight's transpose) are not kept: they are the permuted
+            # parameter itself, and a large model's self-test would hold its weights twice more
+            # (None: not compared; the function check is the ops that consume them)
+            self.values.append([None if self._of_param(o) else o.detach().clone() for o in outs])
         elif self.want is not None:
             k = self.counts.get(name, 0)
             self.counts[name] = k + 1
