@@ -93,30 +93,83 @@ def build_model(path: str | os.PathLike, model_code: str | None = None) -> nn.Mo
                         "to say which architecture it is")
 
 
+def _hf_renamed(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """``{model name: checkpoint name}`` by transformers' own load-time renaming of checkpoint
+    keys (transformers 5 renames modules, e.g. ViT's ``attention.attention.query`` is
+    ``attention.q_proj``, while ``save_pretrained`` writes the legacy names).  Keys that a
+    converter would combine or split (not a one-to-one rename) are not mapped."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:          # another transformers version: no conversion mapping
+        return {}
+    if not isinstance(model, PreTrainedModel):
+        return {}
+    conv = get_model_conversion_mapping(model) or []
+    ren = [c for c in conv if isinstance(c, WeightRenaming)]
+    cvt = [c for c in conv if isinstance(c, WeightConverter)]
+    if not ren and not cvt:
+        return {}
+    meta = model.state_dict()
+    out: dict[str, str] = {}
+    for k in keys:
+        mk, src = rename_source_key(k, ren, cvt, getattr(model, "base_model_prefix", None), meta)
+        if src is None and mk in meta and mk != k:
+            out.setdefault(mk, k)
+    return out
+
+
+def checkpoint_names(model: nn.Module, keys) -> dict[str, str]:
+    """``{model state name: checkpoint tensor name}`` for every model tensor the checkpoint
+    holds: the same name; else transformers' renaming of the checkpoint's (legacy) names;
+    else, for a tied tensor (the same parameter under two names, e.g. GPT-2's ``lm_head.weight``
+    and ``transformer.wte.weight``, written once), the name its twin has in the checkpoint."""
+    keys = list(keys)
+    present = set(keys)
+    state = model.state_dict(keep_vars=True)
+    names = {k: k for k in state if k in present}
+    if len(names) < len(state):
+        for mk, fk in _hf_renamed(model, [k for k in keys if k not in names.values()]).items():
+            names.setdefault(mk, fk)
+    twins: dict[int, list[str]] = {}
+    for k, t in state.items():
+        twins.setdefault(id(t), []).append(k)
+    for group in twins.values():
+        have = next((k for k in group if k in names), None)
+        if have is not None:
+            for k in group:
+                names.setdefault(k, names[have])
+    return names
+
+
 def _ignored(model: nn.Module, attr: str, name: str) -> bool:
     pats = getattr(model, attr, None) or []
     return any(re.search(p, name) for p in pats if isinstance(p, str))
 
 
 def check_fit(model: nn.Module, ckpt, label: str) -> None:
-    """The checkpoint's tensors are exactly the model's state (names and shapes), else one
+    """The checkpoint's tensors are exactly the model's state (names and shapes, through
+    :func:`checkpoint_names`: renamed and tied tensors are found), else one
     :class:`CheckpointError` line listing the first mismatches.  A tied tensor (one that
     shares memory with another, e.g. an output layer tied to the embeddings) may be absent
     when a tensor it is tied to is present; names a Hugging Face class declares ignorable
     (``_keys_to_ignore_on_load_missing`` / ``_unexpected``) are ignored."""
     sd = model.state_dict(keep_vars=True)
+    keys = list(ckpt.keys())
+    names = checkpoint_names(model, keys)
+    used = set(names.values())
     groups: dict[tuple, list[str]] = {}
     for n, t in sd.items():
         if t.numel() and t.device.type != "meta":
             groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(n)
     tied = {n: g for g in groups.values() if len(g) > 1 for n in g}
-    keys = set(ckpt.keys())
-    missing = [n for n in sd if n not in keys and not any(m in keys for m in tied.get(n, ()))
+    missing = [n for n in sd if n not in names and not any(m in names for m in tied.get(n, ()))
                and not _ignored(model, "_keys_to_ignore_on_load_missing", n)]
-    unexpected = [n for n in ckpt.keys() if n not in sd
-                  and not _ignored(model, "_keys_to_ignore_on_load_unexpected", n)]
-    shapes = [f"{n}: checkpoint {tuple(ckpt.shape(n))}, model {tuple(sd[n].shape)}" for n in sd
-              if n in keys and tuple(ckpt.shape(n)) != tuple(sd[n].shape)]
+    unexpected = [k for k in keys if k not in used and k not in sd
+                  and not _ignored(model, "_keys_to_ignore_on_load_unexpected", k)]
+    shapes = [f"{fk}: checkpoint {tuple(ckpt.shape(fk))}, model {tuple(sd[mk].shape)}" for mk, fk in names.items()
+              if tuple(ckpt.shape(fk)) != tuple(sd[mk].shape)]
     if not (missing or unexpected or shapes):
         return
     parts = []
@@ -125,14 +178,16 @@ def check_fit(model: nn.Module, ckpt, label: str) -> None:
         if items:
             more = f", ... ({len(items)} in all)" if len(items) > 3 else ""
             parts.append(f"{what}: {'; '.join(items[:3])}{more}")
-        
     raise CheckpointError(f"{label}: weights do not fit the model ({' | '.join(parts)})")
 
 
 def load_weights(model: nn.Module, ckpt, label: str) -> nn.Module:
-    """Load every tensor of ``ckpt`` (a Checkpoint-like object) into ``model`` (strict)."""
+    """Load every tensor of ``ckpt`` (a Checkpoint-like object) into ``model`` (strict, through
+    :func:`checkpoint_names`: renamed and tied tensors are found)."""
     check_fit(model, ckpt, label)
-    state = {k: ckpt.get(k) for k in ckpt.keys()}
+    keys = list(ckpt.keys())
+    names = checkpoint_names(model, keys)
+    state = {mk: ckpt.get(fk) for mk, fk in names.items()}
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as e:

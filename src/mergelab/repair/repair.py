@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..device import module_device, placed, resolve_device
 from ..errors import MergelabError
 from ..stats.activations import _moments_pass
-from ..stats.sites import Site, find_head, resolve_sites
+from ..stats.sites import Site, find_head, probe_batch, resolve_sites
 from .correct import apply_hooks, estimate_corrections
 from .fold import can_fold, fold_correction
 
@@ -74,7 +74,8 @@ def repair(merged_model: nn.Module, experts: Sequence[nn.Module], data: Iterable
     home = module_device(merged_model)
     dev = home if dev is None else dev
     head_name = find_head(merged_model, head)
-    site_list = resolve_sites(merged_model, sites, head_name)
+    probe = probe_batch(merged_model, data)[0] if sites is None else None
+    site_list = resolve_sites(merged_model, sites, head_name, probe)
     if sites is None:   # REPAIR corrects pre-activation sites only (not the post-ReLU head input)
         site_list = [s for s in site_list if not (s.module == head_name and s.where == "input")]
     stats = []

@@ -19,7 +19,7 @@ from ..io.outputs import save_safetensors
 from . import distributed
 from .batch import call_model, model_device, split_batch, to_device
 from .moments import Moments, reduce_moments
-from .sites import Site, hooked, resolve_sites
+from .sites import Site, hooked, probe_batch, resolve_sites
 
 
 @contextlib.contextmanager
@@ -96,7 +96,10 @@ def activation_stats(model: nn.Module, data: Iterable[Any], sites: Sequence[str 
     dev = resolve_device(device, "activation_stats device")
     from .data import check_data
     check_data(model, data)  # one DataError line before the pass, not a traceback in it
-    site_list = resolve_sites(model, sites, head)
+    probe = None
+    if sites is None:
+        probe, data = probe_batch(model, data)
+    site_list = resolve_sites(model, sites, head, probe)
     with placed(model, dev):
         return _moments_pass(model, data, site_list, n_batches, shard, progress)
 
