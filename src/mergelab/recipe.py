@@ -47,7 +47,7 @@ from .repair.pipeline import RepairSection, TactSection, TactTask  # noqa: F401 
 # mergekit keys we know and do not support: named in the error message
 MERGEKIT_UNSUPPORTED = {
     "modules": "multi-module models", "tokenizer": "tokenizer merging",
-    "tokenizer_source": "tokenizer merging", "chat_template": "chat templates", "lora": "LoRA inputs",
+    "tokenizer_source": "tokenizer merging", "chat_template": "chat templates",
     "merge_method_sequence": "method sequences",
 }
 
