@@ -273,3 +273,15 @@ def test_peft_loads_the_extracted_adapter(tmp_path):
     for n, v in sd.items():
         if n in view:
             torch.testing.assert_close(view.get(n), v, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_row_blocks_equal_whole_tensors(tmp_path, fam):
+    tmp, base, bpath, (a_path, fa), (b_path, fb) = fam
+    rec = {"merge_method": "task_arithmetic", "base_model": str(bpath),
+           "models": [{"model": f"{bpath}+{a_path}", "parameters": {"weight": 0.5}},
+                      {"model": f"{bpath}+{b_path}", "parameters": {"weight": 0.5}}]}
+    merge(rec, tmp_path / "whole", quiet=True)
+    merge(rec, tmp_path / "rows", quiet=True, block_size=3 * H * 4)
+    x, y = read(tmp_path / "whole"), read(tmp_path / "rows")
+    for n in x:
+        torch.testing.assert_close(x[n], y[n], rtol=1e-6, atol=1e-6)

@@ -46,9 +46,7 @@ from .repair.pipeline import RepairSection, TactSection, TactTask  # noqa: F401 
 
 # mergekit keys we know and do not support: named in the error message
 MERGEKIT_UNSUPPORTED = {
-    "modules": "multi-module models", "tokenizer": "tokenizer merging",
-    "tokenizer_source": "tokenizer merging", "chat_template": "chat templates",
-    "merge_method_sequence": "method sequences",
+    "modules": "multi-module models", "merge_method_sequence": "method sequences",
 }
 
 Scalar = Union[bool, int, float, str]
@@ -99,6 +97,37 @@ class SliceDef(BaseModel):
         return {} if v is None else v
 
 
+class TokenSourceSpec(BaseModel):
+    """Where one token's embedding comes from: ``{kind: zero}`` or
+    ``{kind: model_token, model: PATH, token: STR | token_id: INT}``."""
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    kind: str
+    model: Any = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+class TokenSpec(BaseModel):
+    """``tokenizer.tokens.<token>``: its embedding's source (a model path or a
+    :class:`TokenSourceSpec`); ``force`` uses it for every model, not only those lacking it."""
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    source: Union[str, TokenSourceSpec, None] = None
+    force: bool = False
+
+
+class TokenizerSection(BaseModel):
+    """mergekit's ``tokenizer:`` (see vocab/ and docs/llm.md)."""
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    source: str = "base"                     # base | union | model path (``model:PATH`` too)
+    tokens: dict[str, TokenSpec] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        return {} if v is None else {k: ({} if x is None else x) for k, x in v.items()}
+
+
 class _RecipeCore(BaseModel):
     """A merge recipe (pydantic, unknown keys are errors); the stage sections (``align:``,
     ``repair:``, ``tact:``, ...) are added from the stage registry (:mod:`mergelab.stages`)."""
@@ -117,6 +146,10 @@ class _RecipeCore(BaseModel):
     allow_nonfinite: bool = False
     name: str | None = None           # a label for the model card
     device: str | None = None         # math device (cpu, cuda, cuda:1); --device / device= win
+    # mergekit's tokenizer keys (vocab/): the output vocabulary and the rows of embeddings/LM head
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerSection | None = None
+    chat_template: str | None = None
 
     @field_validator("parameters", mode="before")
     @classmethod
