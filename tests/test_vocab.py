@@ -219,3 +219,37 @@ def test_row_blocks_equal_whole_tensors(tmp_path, ab):
     x, y = read(tmp_path / "whole"), read(tmp_path / "rows")
     for n in x:
         assert torch.equal(x[n], y[n])
+
+
+@pytest.mark.slow
+def test_transformers_loads_the_union_merge(tmp_path):
+    """A union merge of two tiny Llamas with different vocabularies loads in transformers; with
+    the first model merged with itself, its logits over its own tokens are unchanged."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    def mk(name, toks, seed):
+        torch.manual_seed(seed)
+        tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(toks)}, unk_token=toks[0]))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.add_special_tokens([AddedToken("<s>", special=True)])
+        cfg = LlamaConfig(vocab_size=len(toks) + 1, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False, bos_token_id=len(toks))
+        m = LlamaForCausalLM(cfg).eval()
+        m.save_pretrained(tmp_path / name)
+        tok.save(str(tmp_path / name / "tokenizer.json"))
+        (tmp_path / name / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+        return m
+
+    a = mk("a", ["[UNK]", "x", "y", "z"], 0)
+    mk("b", ["[UNK]", "z", "w", "v", "u"], 1)
+    merge(linear(tmp_path / "a", tmp_path / "b", tokenizer_source="union"), tmp_path / "ab", quiet=True)
+    m = LlamaForCausalLM.from_pretrained(tmp_path / "ab")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "ab")
+    assert m.config.vocab_size == 8 and m.config.bos_token_id == tok.convert_tokens_to_ids("<s>") == 4
+    assert tok("x w <s>").input_ids == [1, 5, 4]
+    merge(linear(tmp_path / "a", tmp_path / "a", tmp_path / "b", weights=[0.5, 0.5, 0.0],
+                 tokenizer_source="union"), tmp_path / "aa", quiet=True)
+    m = LlamaForCausalLM.from_pretrained(tmp_path / "aa").eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits[..., :5], a(ids).logits, rtol=1e-5, atol=1e-5)

@@ -273,8 +273,9 @@ def write_files(folder: Path, r: Recipe, model_folders: list[Path]) -> None:
     vo: VocabOutput | None = getattr(r, "_vocab", None)
     tc_path = folder / "tokenizer_config.json"
     if vo is not None:
-        for f in _STALE:  # the copied model's other vocabulary files no longer match
-            (folder / f).unlink(missing_ok=True)
+        if vo.out_vocab != vo.ref_vocab:  # the copied model's other vocabulary files no longer match
+            for f in _STALE:
+                (folder / f).unlink(missing_ok=True)
         (folder / "tokenizer.json").write_text(vo.tokenizer_json)
         tc = _read_json(vo.source_folder / "tokenizer_config.json")
         from tokenizers import Tokenizer
@@ -287,15 +288,18 @@ def write_files(folder: Path, r: Recipe, model_folders: list[Path]) -> None:
         stm = vo.source_folder / "special_tokens_map.json"
         if stm.is_file():
             (folder / "special_tokens_map.json").write_text(stm.read_text())
-        cfg_path = folder / "config.json"
-        cfg = _read_json(cfg_path)
-        if cfg:
-            cfg["vocab_size"] = vo.rows
-            inv = {i: t for t, i in vo.ref_vocab.items()}
+        inv = {i: t for t, i in vo.ref_vocab.items()}
+        for name in ("config.json", "generation_config.json"):  # copied from the first model: its token ids
+            cfg_path = folder / name
+            cfg = _read_json(cfg_path)
+            if not cfg:
+                continue
+            if name == "config.json":
+                cfg["vocab_size"] = vo.rows
             for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
                 v = cfg.get(k)
                 ids = v if isinstance(v, list) else [v]
-                if all(isinstance(x, int) for x in ids) and ids:
+                if ids and all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
                     mapped = [vo.out_vocab.get(inv.get(x, ""), x) for x in ids]
                     cfg[k] = mapped if isinstance(v, list) else mapped[0]
             cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
