@@ -135,7 +135,7 @@ def test_recipe_with_adapters_equals_merging_materialised_finetunes(tmp_path, fa
 
 def test_recipe_yaml_relative_base_plus_adapter(tmp_path, fam):
     tmp, base, bpath, (a_path, fa), _ = fam
-    (tmp / "r.yaml").write_text(f"merge_method: linear\nmodels:\n  - model: base+ad_a\n    parameters: {{weight: 1.0}}\n")
+    (tmp / "r.yaml").write_text("merge_method: linear\nmodels:\n  - model: base+ad_a\n    parameters: {{weight: 1.0}}\n")
     res = CliRunner().invoke(main, ["merge", str(tmp / "r.yaml"), "-o", str(tmp_path / "o"), "-q"])
     assert res.exit_code == 0, res.output
     want = materialise(base, fa)
@@ -285,3 +285,30 @@ def test_lora_row_blocks_equal_whole_tensors(tmp_path, fam):
     x, y = read(tmp_path / "whole"), read(tmp_path / "rows")
     for n in x:
         torch.testing.assert_close(x[n], y[n], rtol=1e-6, atol=1e-6)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None)
+@given(out=st.integers(1, 9), inp=st.integers(1, 9), r=st.integers(1, 4), fan=st.booleans(),
+       rs=st.booleans(), data=st.data())
+def test_lora_rows_match_the_formula(tmp_path_factory, out, inp, r, fan, rs, data):
+    tmp = tmp_path_factory.mktemp("hyp")
+    shape = (inp, out) if fan else (out, inp)
+    base = {"lin.weight": torch.randn(shape), "lin.bias": torch.randn(shape[0])}
+    bpath = save_hf(tmp / "b", base, {"model_type": "toy"})
+    A, B = torch.randn(r, inp), torch.randn(out, r)
+    (tmp / "ad").mkdir()
+    save_file({"base_model.model.lin.lora_A.weight": A, "base_model.model.lin.lora_B.weight": B},
+              str(tmp / "ad" / "adapter_model.safetensors"))
+    (tmp / "ad" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": 2.5, "use_rslora": rs, "fan_in_fan_out": fan}))
+    d = B @ A * (2.5 / (math.sqrt(r) if rs else r))
+    want = base["lin.weight"] + (d.T if fan else d)
+    v = open_with_lora(bpath, tmp / "ad")
+    torch.testing.assert_close(v.get("lin.weight"), want, rtol=1e-5, atol=1e-5)
+    s = data.draw(st.integers(0, shape[0]))
+    e = data.draw(st.integers(s, shape[0]))
+    torch.testing.assert_close(v.get_rows("lin.weight", s, e), want[s:e], rtol=1e-5, atol=1e-5)
+    assert torch.equal(v.get("lin.bias"), base["lin.bias"])

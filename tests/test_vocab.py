@@ -253,3 +253,32 @@ def test_transformers_loads_the_union_merge(tmp_path):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(m(ids).logits[..., :5], a(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from mergelab.engine.sources import StateCheckpoint  # noqa: E402
+from mergelab.vocab import VocabView  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_vocab_view_rows_match_brute_force(data):
+    """Random row plans (copies, means, zeros, from several checkpoints): every row range equals
+    the sum written out term by term."""
+    n_src = data.draw(st.integers(1, 3))
+    rows_src = [data.draw(st.integers(1, 9)) for _ in range(n_src)]
+    srcs = [StateCheckpoint({"e": torch.randn(r, 3), "other": torch.randn(2)}) for r in rows_src]
+    out_rows = data.draw(st.integers(1, 12))
+    terms = []
+    for _ in range(out_rows):
+        k = data.draw(st.integers(0, 3))
+        picks = [data.draw(st.integers(0, n_src - 1)) for _ in range(k)]
+        terms.append([(srcs[c], data.draw(st.integers(0, rows_src[c] - 1)), 1.0 / k) for c in picks])
+    v = VocabView(srcs[0], ["e"], out_rows, terms, None, "v")
+    want = torch.stack([sum((c.get("e")[r] * w for c, r, w in ts), torch.zeros(3)) for ts in terms])
+    torch.testing.assert_close(v.get("e"), want)
+    s = data.draw(st.integers(0, out_rows))
+    e = data.draw(st.integers(s, out_rows))
+    torch.testing.assert_close(v.get_rows("e", s, e), want[s:e])
+    assert v.shape("e") == (out_rows, 3) and torch.equal(v.get("other"), srcs[0].get("other"))
