@@ -135,7 +135,7 @@ def test_recipe_with_adapters_equals_merging_materialised_finetunes(tmp_path, fa
 
 def test_recipe_yaml_relative_base_plus_adapter(tmp_path, fam):
     tmp, base, bpath, (a_path, fa), _ = fam
-    (tmp / "r.yaml").write_text("merge_method: linear\nmodels:\n  - model: base+ad_a\n    parameters: {{weight: 1.0}}\n")
+    (tmp / "r.yaml").write_text("merge_method: linear\nmodels:\n  - model: base+ad_a\n    parameters: {weight: 1.0}\n")
     res = CliRunner().invoke(main, ["merge", str(tmp / "r.yaml"), "-o", str(tmp_path / "o"), "-q"])
     assert res.exit_code == 0, res.output
     want = materialise(base, fa)
