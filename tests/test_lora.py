@@ -312,3 +312,13 @@ def test_lora_rows_match_the_formula(tmp_path_factory, out, inp, r, fan, rs, dat
     e = data.draw(st.integers(s, shape[0]))
     torch.testing.assert_close(v.get_rows("lin.weight", s, e), want[s:e], rtol=1e-5, atol=1e-5)
     assert torch.equal(v.get("lin.bias"), base["lin.bias"])
+
+
+def test_slices_read_a_lora_input(tmp_path, fam):
+    tmp, base, bpath, (a_path, fa), _ = fam
+    rec = {"merge_method": "passthrough",
+           "slices": [{"sources": [{"model": f"{bpath}+{a_path}", "layer_range": [0, L]}]}]}
+    merge(rec, tmp_path / "o", quiet=True)
+    want, got = materialise(base, fa), read(tmp_path / "o")
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-6)

@@ -282,3 +282,25 @@ def test_vocab_view_rows_match_brute_force(data):
     e = data.draw(st.integers(s, out_rows))
     torch.testing.assert_close(v.get_rows("e", s, e), want[s:e])
     assert v.shape("e") == (out_rows, 3) and torch.equal(v.get("other"), srcs[0].get("other"))
+
+
+def test_union_over_a_lora_input(tmp_path, ab):
+    """A ``base+adapter`` input (its tokenizer is the base's) in a union merge: rows of the
+    adapted model, LoRA on the embedding included, follow the same rule."""
+    from safetensors.torch import save_file
+
+    (pa, va, ta), (pb, vb, tb) = ab
+    n = "model.embed_tokens.weight"
+    A, B = torch.randn(2, ta[n].shape[0]), torch.randn(H, 2)     # PEFT's lora_embedding_A/B
+    (tmp_path / "ad").mkdir()
+    save_file({"base_model.model.model.embed_tokens.lora_embedding_A": A,
+               "base_model.model.model.embed_tokens.lora_embedding_B": B}, str(tmp_path / "ad" / "adapter_model.safetensors"))
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    merge(linear(f"{pa}+{tmp_path / 'ad'}", pb, weights=[0.5, 0.5], tokenizer_source="union"), tmp_path / "o", quiet=True)
+    emb_a = ta[n] + (B @ A).T
+    vo = out_vocab(tmp_path / "o")
+    got = read(tmp_path / "o")[n]
+    for t, o in vo.items():
+        ra = emb_a[va[t]] if t in va else tb[n][vb[t]]
+        rb = tb[n][vb[t]] if t in vb else emb_a[va[t]]
+        torch.testing.assert_close(got[o], 0.5 * ra + 0.5 * rb)
