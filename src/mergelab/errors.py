@@ -15,3 +15,7 @@ class MergelabError(ValueError):
     def __init__(self, message: str):
         # keep it to one line, whatever the caller passed
         super().__init__(" ".join(str(message).split()))
+
+
+class DeviceError(MergelabError):
+    """A device that this machine does not have (``cuda`` without CUDA, ``cuda:3`` of 2 GPUs)."""

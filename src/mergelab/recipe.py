@@ -161,9 +161,9 @@ class _RecipeCore(BaseModel):
     def load(cls, src: "str | os.PathLike | dict | Recipe") -> "Recipe":  # noqa: F821
         """From a YAML path, a YAML string, a dict or a Recipe; relative model paths are
         resolved against the recipe file's folder when they do not exist from the cwd."""
-        if isinstance(src, Recipe):
+        if isinstance(src, _RecipeCore):
             return src
-        base_dir = None
+        base_dir = source = None
         if isinstance(src, dict):
             data = src
         else:
@@ -174,6 +174,7 @@ class _RecipeCore(BaseModel):
                     raise MergelabError(f"{p}: recipe file not found")
                 text = p.read_text()
                 base_dir = p.resolve().parent
+                source = p
             else:
                 text = src
             try:
@@ -194,6 +195,7 @@ class _RecipeCore(BaseModel):
         except ValidationError as e:
             raise MergelabError(f"{where}: {_one_line(e)}") from None
         r._base_dir = base_dir
+        r._source = source
         return r
 
     def resolve_path(self, p: Any) -> Any:
@@ -207,6 +209,69 @@ class _RecipeCore(BaseModel):
         if bd is not None and (bd / path).exists():
             return bd / path
         return path
+
+    def input_paths(self, inputs: dict | None = None) -> list[tuple[str, Any]]:
+        """``(label, path)`` of every file or folder the recipe reads: the recipe file, models,
+        statistics files and other path-valued parameters, and the align/repair/tact inputs
+        (data, model code).  Objects given in ``inputs`` count by their ``path``."""
+        from .io.outputs import model_code_path
+
+        out: list[tuple[str, Any]] = []
+        bd = getattr(self, "_base_dir", None)
+        src = getattr(self, "_source", None)
+        if src is not None:
+            out.append(("the recipe", src))
+
+        def ref(label: str, v: Any, must_exist: bool = False) -> None:
+            if isinstance(v, str) and inputs and v in inputs:
+                v = inputs[v]
+            if not isinstance(v, (str, os.PathLike)):
+                v = getattr(v, "path", None)
+                if v is None:
+                    return
+            p = self.resolve_path(v)
+            if must_exist and not Path(p).exists():
+                return
+            out.append((label, p))
+
+        def params(prefix: str, ps: dict) -> None:
+            for k, v in ps.items():
+                vals = v if isinstance(v, list) else [v]
+                for x in vals:
+                    x = getattr(x, "value", x)
+                    if isinstance(x, str):  # a statistics file, or any value naming an existing path
+                        ref(f"{prefix}.{k}", x, must_exist=True)
+
+        def code(label: str, mc: str | None) -> None:
+            p = model_code_path(mc)
+            if p is None and mc and bd is not None:
+                p = model_code_path(str(bd / mc)) if ":" in mc else None
+            if p is not None:
+                out.append((label, p))
+
+        if self.base_model is not None:
+            ref("base_model", self.base_model)
+        for i, m in enumerate(self.models):
+            ref(f"models[{i}].model", m.model)
+            params(f"models[{i}].parameters", m.parameters)
+        params("parameters", self.parameters)
+        for sl_i, sl in enumerate(self.slices or []):
+            for j, src in enumerate(sl.sources):
+                ref(f"slices[{sl_i}].sources[{j}].model", src.model)
+                params(f"slices[{sl_i}].sources[{j}].parameters", src.parameters)
+            params(f"slices[{sl_i}].parameters", sl.parameters)
+        for st in _stages():  # each stage names what its section reads
+            section = getattr(self, st.key, None)
+            if section is None:
+                continue
+            for label, v in st.inputs(section):
+                if v is None:
+                    continue
+                if label.endswith("model_code"):
+                    code(f"{st.key}.{label}", v)
+                else:
+                    ref(f"{st.key}.{label}", v)
+        return out
 
     def to_yaml(self) -> str:
         d = self.model_dump(exclude_none=True, exclude_defaults=False, mode="python")
