@@ -204,7 +204,7 @@ def test_extract_cli_prints_errors_and_refuses_overlap(tmp_path, fam):
     assert r.exit_code == 0, r.output
     assert "rel. error" in r.output and "model.layers.0.mlp.up_proj.weight" in r.output
     r = CliRunner().invoke(main, ["extract-lora", str(bpath), str(tpath), "-o", str(tpath), "--rank", "2", "--force"])
-    assert r.exit_code == 2 and r.output.startswith("error:") and "overlaps" in r.output
+    assert r.exit_code == 2 and r.output.startswith("error:") and "is the input TUNED" in r.output
     r = CliRunner().invoke(main, ["extract-lora", str(bpath), str(bpath), "-o", str(tmp_path / "x"), "--rank", "2"])
     assert r.exit_code == 2 and "nothing to extract" in r.output and nothing_written(tmp_path / "x")
     r = CliRunner().invoke(main, ["extract-lora", str(bpath), str(tpath), "-o", str(tmp_path / "y"), "--rank", "0"])
@@ -322,3 +322,12 @@ def test_slices_read_a_lora_input(tmp_path, fam):
     want, got = materialise(base, fa), read(tmp_path / "o")
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-6)
+
+
+def test_output_over_the_adapter_or_its_base_is_refused(tmp_path, fam):
+    tmp, base, bpath, (a_path, fa), _ = fam
+    rec = {"merge_method": "linear", "models": [{"model": f"{bpath}+{a_path}"}]}
+    for out in (a_path, bpath):
+        with pytest.raises(MergelabError, match="is the input models\\[0\\].model"):
+            merge(rec, out, force=True, quiet=True)
+    assert (a_path / "adapter_config.json").is_file() and (bpath / "model.safetensors").is_file()

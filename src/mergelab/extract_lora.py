@@ -48,15 +48,6 @@ def _module(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def _check_out(out: Path, inputs: list[Path]) -> None:
-    o = out.expanduser().absolute()
-    for i in inputs:
-        i = i.expanduser().absolute()
-        i = i if i.is_dir() else i.parent
-        if o == i or i in o.parents or o in i.parents:
-            raise MergelabError(f"{o}: output folder overlaps the input {i} (would write over an input)")
-
-
 def factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """``(B, A, rel_error, k)``: the rank-k SVD factors of ``delta`` (k = min(rank, full rank))."""
     d = delta.double()
@@ -86,8 +77,7 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, out: str | o
         raise MergelabError(f"tensor '{extra[0]}' is in {tuned} but missing from {base}")
     from .io.writer import parse_dtype
     store = parse_dtype(dtype, "--dtype") if dtype else None
-    _check_out(Path(out), [Path(base), Path(tuned)])
-    atomic = AtomicFolder(out, force)
+    atomic = AtomicFolder(out, force, inputs=[("BASE", base), ("TUNED", tuned)], option="-o")
 
     res = ExtractResult(Path(out).expanduser().absolute())
     tensors: dict[str, torch.Tensor] = {}

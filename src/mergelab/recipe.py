@@ -232,6 +232,12 @@ class _RecipeCore(BaseModel):
             p = self.resolve_path(v)
             if must_exist and not Path(p).exists():
                 return
+            if isinstance(v, str) and not Path(p).exists():
+                from .io.lora import split_lora_ref
+                parts = split_lora_ref(v)
+                if parts is not None:  # `base+adapter`: both are read
+                    out.extend((f"{label} ({what})", self.resolve_path(x)) for what, x in zip(("base", "adapter"), parts))
+                    return
             out.append((label, p))
 
         def params(prefix: str, ps: dict) -> None:
@@ -260,6 +266,13 @@ class _RecipeCore(BaseModel):
                 ref(f"slices[{sl_i}].sources[{j}].model", src.model)
                 params(f"slices[{sl_i}].sources[{j}].parameters", src.parameters)
             params(f"slices[{sl_i}].parameters", sl.parameters)
+        tok = self.tokenizer
+        src = self.tokenizer_source if self.tokenizer_source is not None else (tok.source if tok else None)
+        if src not in (None, "base", "union"):
+            ref("tokenizer.source", src[len("model:"):] if src.startswith("model:") else src, must_exist=True)
+        for t, spec in (tok.tokens.items() if tok else ()):
+            s = spec.source
+            ref(f"tokenizer.tokens.{t}.source", s if isinstance(s, str) else getattr(s, "model", None), must_exist=True)
         for st in _stages():  # each stage names what its section reads
             section = getattr(self, st.key, None)
             if section is None:
