@@ -275,7 +275,7 @@ def test_vocab_view_rows_match_brute_force(data):
         k = data.draw(st.integers(0, 3))
         picks = [data.draw(st.integers(0, n_src - 1)) for _ in range(k)]
         terms.append([(srcs[c], data.draw(st.integers(0, rows_src[c] - 1)), 1.0 / k) for c in picks])
-    v = VocabView(srcs[0], ["e"], out_rows, terms, None, "v")
+    v = VocabView.from_terms(srcs[0], ["e"], out_rows, terms, None, "v")
     want = torch.stack([sum((c.get("e")[r] * w for c, r, w in ts), torch.zeros(3)) for ts in terms])
     torch.testing.assert_close(v.get("e"), want)
     s = data.draw(st.integers(0, out_rows))

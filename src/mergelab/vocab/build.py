@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ..errors import MergelabError
 from ..recipe import ModelEntry, Recipe, TokenizerSection, TokenSourceSpec, layer_index
 from .view import VocabView
@@ -180,19 +182,28 @@ def expand(r: Recipe, inputs: dict | None, opener: Callable[[Any, str], Any], fo
         id_to_tok[i] = t
 
     # -- rows ----------------------------------------------------------------------------
-    def own(m: _Model, t: str):
-        i = m.vocab.get(t)
-        return [(m.inp.ckpt, i, 1.0)] if i is not None and i < m.rows else None
+    ckpts = [m.inp.ckpt for m in models]            # term sources; source models outside the merge appended
 
-    explicit: dict[str, list] = {}
+    def cindex(c) -> int:
+        for k, x in enumerate(ckpts):
+            if x is c:
+                return k
+        ckpts.append(c)
+        return len(ckpts) - 1
+
+    explicit: dict[int, list[tuple[int, int]]] = {}  # output row -> (checkpoint index, source row) terms
+    forced: list[int] = []
     for t, spec in sec.tokens.items():
         s = spec.source
         if s is None:
             continue
         where = f"tokenizer.tokens.{t}.source"
+        o = out_vocab[t]
+        if spec.force:
+            forced.append(o)
         if isinstance(s, TokenSourceSpec):
             if s.kind == "zero":
-                explicit[t] = []
+                explicit[o] = []
                 continue
             if s.kind != "model_token":
                 raise MergelabError(f"{where}: unknown kind '{s.kind}' (expected zero or model_token)")
@@ -207,31 +218,47 @@ def expand(r: Recipe, inputs: dict | None, opener: Callable[[Any, str], Any], fo
             i = m.vocab.get(t)
             if i is None or i >= m.rows:
                 raise MergelabError(f"{where}: token '{t}' is not in {m.key}")
-        explicit[t] = [(m.inp.ckpt, i, 1.0)]
+        explicit[o] = [(cindex(m.inp.ckpt), i)]
 
-    defaults: list[list] = []
-    for o in range(rows):
-        t = id_to_tok[o]
-        if t is None:
-            defaults.append([])
-        elif t in explicit:
-            defaults.append(explicit[t])
-        elif base is not None and own(base, t):
-            defaults.append(own(base, t))
-        else:
-            holders = [x[0] for x in (own(m, t) for m in models) if x]
-            defaults.append([(c, i, 1.0 / len(holders)) for c, i, _ in holders])
+    # idx[j, o]: model j's row of output token o, -1 when it lacks the token
+    idx = torch.full((len(models), rows), -1, dtype=torch.long)
+    for j, m in enumerate(models):
+        col = torch.tensor([m.vocab.get(t, -1) if t is not None else -1 for t in id_to_tok], dtype=torch.long)
+        col[col >= m.rows] = -1
+        idx[j] = col
+    has = idx >= 0
+    special = torch.zeros(rows, dtype=torch.bool)
+    special[list(explicit)] = True
+    parts = []                                        # default terms: (out, checkpoint, source row, weight)
+    use_base = (has[models.index(base)] & ~special) if base is not None else torch.zeros(rows, dtype=torch.bool)
+    if base is not None:
+        o = use_base.nonzero().flatten()
+        parts.append((o, torch.full_like(o, models.index(base)), idx[models.index(base), o], torch.ones(len(o))))
+    count = has.sum(0).clamp(min=1).float()
+    mean = ~special & ~use_base
+    for k in range(len(models)):
+        o = (mean & has[k]).nonzero().flatten()
+        parts.append((o, torch.full_like(o, k), idx[k, o], 1.0 / count[o]))
+    eo = [(o, c, r_) for o, ts in explicit.items() for c, r_ in ts]
+    if eo:
+        parts.append((torch.tensor([x[0] for x in eo]), torch.tensor([x[1] for x in eo]),
+                      torch.tensor([x[2] for x in eo]), torch.ones(len(eo))))
+    d_out, d_c, d_src, d_w = (torch.cat([p[i] for p in parts]) for i in range(4))
+    not_forced = torch.ones(rows, dtype=torch.bool)
+    not_forced[forced] = False
 
     views = {}
     for j, m in enumerate(models):
-        terms = []
-        for o in range(rows):
-            t = id_to_tok[o]
-            forced = t is not None and t in sec.tokens and sec.tokens[t].force and t in explicit
-            mine = None if (t is None or forced) else own(m, t)
-            terms.append(mine or defaults[o])
+        mine = has[j] & not_forced
+        o = mine.nonzero().flatten()
+        keep = ~mine[d_out]
+        out_ = torch.cat([o, d_out[keep]])
+        order = torch.sort(out_, stable=True).indices
         cfg = dict(getattr(m.inp.ckpt, "config", None) or {}, vocab_size=rows)
-        views[f"__vocab_{j}"] = VocabView(m.inp.ckpt, names, rows, terms, cfg, m.inp.label)
+        views[f"__vocab_{j}"] = VocabView(
+            m.inp.ckpt, names, rows, ckpts, out_[order], torch.cat([torch.full_like(o, j), d_c[keep]])[order],
+            torch.cat([idx[j, o], d_src[keep]])[order], torch.cat([torch.ones(len(o)), d_w[keep].float()])[order],
+            cfg, m.inp.label)
     name_of = {id(m): f"__vocab_{j}" for j, m in enumerate(models)}
     new_models = [ModelEntry(model=name_of[id(m)], parameters=e.parameters)
                   for m, e in zip(ref_of[len(ref_of) - len(r.models):], r.models)]

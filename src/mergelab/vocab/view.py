@@ -2,7 +2,7 @@
 remapped to the output vocabulary; every other tensor is read unchanged.
 
 Output row ``o`` of a vocabulary tensor is ``Σ_j w_j · ckpt_j[name][src_j]`` over a short list
-of terms: one term (weight 1) when the model has the token (an exact copy), the default
+of terms (held as flat sorted tensors): one term (weight 1) when the model has the token (an exact copy), the default
 row(s) when it lacks it (the base model's row, the only model that has it, or the mean of
 those that have it), none (zeros) for padding.  Rows are read in contiguous runs with
 ``get_rows``, so a row block costs only its rows.
@@ -16,31 +16,39 @@ import torch
 
 
 class VocabView:
-    def __init__(self, ckpt: Any, vocab_names: Sequence[str], out_rows: int,
-                 terms: list[list[tuple[Any, int, float]]], config: dict | None, label: str):
-        """``terms[o]``: the (checkpoint, source row, weight) terms of output row ``o``."""
+    def __init__(self, ckpt: Any, vocab_names: Sequence[str], out_rows: int, ckpts: list,
+                 out: torch.Tensor, cid: torch.Tensor, src: torch.Tensor, w: torch.Tensor,
+                 config: dict | None, label: str):
+        """Output row ``out[i]`` receives ``w[i] · ckpts[cid[i]][name][src[i]]`` (``out`` sorted)."""
         self.ckpt = ckpt
         self.vocab_names = set(vocab_names)
         self.out_rows = out_rows
         self.path = getattr(ckpt, "path", None)
         self.config = config
         self.label = label
-        self._ckpts: list[Any] = []
+        self._ckpts = list(ckpts)
+        self._out, self._cid, self._src = out.long(), cid.long(), src.long()
+        self._w = w.float()
+
+    @classmethod
+    def from_terms(cls, ckpt: Any, vocab_names: Sequence[str], out_rows: int,
+                   terms: list[list[tuple[Any, int, float]]], config: dict | None, label: str) -> "VocabView":
+        """``terms[o]``: the (checkpoint, source row, weight) terms of output row ``o``."""
+        ckpts: list = []
         idx: dict[int, int] = {}
         out, src, cid, w = [], [], [], []
         for o, ts in enumerate(terms):
             for c, r, wt in ts:
                 if id(c) not in idx:
-                    idx[id(c)] = len(self._ckpts)
-                    self._ckpts.append(c)
+                    idx[id(c)] = len(ckpts)
+                    ckpts.append(c)
                 out.append(o)
                 src.append(r)
                 cid.append(idx[id(c)])
                 w.append(wt)
-        self._out = torch.tensor(out, dtype=torch.long)
-        self._src = torch.tensor(src, dtype=torch.long)
-        self._cid = torch.tensor(cid, dtype=torch.long)
-        self._w = torch.tensor(w, dtype=torch.float32)
+        t = torch.tensor
+        return cls(ckpt, vocab_names, out_rows, ckpts, t(out, dtype=torch.long), t(cid, dtype=torch.long),
+                   t(src, dtype=torch.long), t(w, dtype=torch.float32), config, label)
 
     # -- the Checkpoint interface -------------------------------------------------------
     def keys(self) -> list[str]:
