@@ -331,3 +331,28 @@ def test_output_over_the_adapter_or_its_base_is_refused(tmp_path, fam):
         with pytest.raises(MergelabError, match="is the input models\\[0\\].model"):
             merge(rec, out, force=True, quiet=True)
     assert (a_path / "adapter_config.json").is_file() and (bpath / "model.safetensors").is_file()
+
+
+def test_extract_biases_and_dtype(tmp_path):
+    """A changed bias of a LoRA target is stored with PEFT's bias: lora_only; --dtype sets the
+    factors' dtype; the result applied again reproduces the fine-tune (bf16 factors: loosely)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"a.lin.weight": torch.randn(6, 5, generator=g), "a.lin.bias": torch.randn(6, generator=g),
+            "b.lin.weight": torch.randn(4, 6, generator=g), "b.lin.bias": torch.randn(4, generator=g)}
+    tuned = dict(base)
+    tuned["a.lin.weight"] = base["a.lin.weight"] + 0.1 * torch.randn(6, 5, generator=g)
+    tuned["b.lin.weight"] = base["b.lin.weight"] + 0.1 * torch.randn(4, 6, generator=g)
+    tuned["a.lin.bias"] = base["a.lin.bias"] + 1.0
+    bp, tp = save_hf(tmp_path / "b", base, {"model_type": "toy"}), save_hf(tmp_path / "t", tuned, {"model_type": "toy"})
+    r = CliRunner().invoke(main, ["extract-lora", str(bp), str(tp), "-o", str(tmp_path / "ad"), "-r", "8",
+                                  "--dtype", "bfloat16", "-q"])
+    assert r.exit_code == 0 and r.output == "", r.output
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["bias"] == "lora_only" and cfg["modules_to_save"] is None
+    assert cfg["rank_pattern"] == {"a.lin": 5, "b.lin": 4} == cfg["alpha_pattern"]
+    st = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    assert st["base_model.model.a.lin.lora_A.weight"].dtype == torch.bfloat16
+    assert {"base_model.model.a.lin.bias", "base_model.model.b.lin.bias"} <= set(st)
+    v = open_with_lora(bp, tmp_path / "ad")
+    for n in tuned:
+        torch.testing.assert_close(v.get(n), tuned[n], rtol=0, atol=3e-2 if "weight" in n else 0)
