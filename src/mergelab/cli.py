@@ -174,6 +174,28 @@ def mergekit_yaml_cmd(recipe, out, **kw):
     _run_merge(recipe, out, **kw)
 
 
+@main.command("extract-lora")
+@click.argument("base", type=click.Path())
+@click.argument("tuned", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output adapter folder (PEFT format, created atomically).")
+@click.option("--rank", "-r", required=True, type=int, help="LoRA rank (layers smaller than it keep their full rank).")
+@click.option("--dtype", default=None, help="Stored dtype of the factors (default: the fine-tune's).")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No per-layer lines.")
+def extract_lora_cmd(base, tuned, out, rank, dtype, force, quiet):
+    """A PEFT LoRA adapter of rank RANK for TUNED − BASE (truncated SVD per linear weight).
+
+    Prints each layer's relative Frobenius error ||Δ − B·A|| / ||Δ|| (also in OUT/lora_report.json)."""
+    from .extract_lora import extract_lora
+
+    show = None if quiet else (lambda r: click.echo(f"{r.name}\trank {r.rank}/{r.full_rank}\trel. error {r.rel_error:.4g}"))
+    res = extract_lora(base, tuned, out, rank, force=force, dtype=dtype, progress=show)
+    if not quiet:
+        worst = max((x.rel_error for x in res.layers), default=0.0)
+        click.echo(f"extracted {len(res.layers)} LoRA layers (max rel. error {worst:.4g})"
+                   + (f", {len(res.full)} tensors stored whole" if res.full else "") + f" -> {res.out}")
+
+
 @main.command("inspect")
 @click.argument("ckpt", type=click.Path())
 @click.option("--against", default=None, type=click.Path(), help="Base checkpoint: report per-tensor L2, relative L2 and cosine.")

@@ -46,9 +46,7 @@ from .repair.pipeline import RepairSection, TactSection, TactTask  # noqa: F401 
 
 # mergekit keys we know and do not support: named in the error message
 MERGEKIT_UNSUPPORTED = {
-    "modules": "multi-module models", "tokenizer": "tokenizer merging",
-    "tokenizer_source": "tokenizer merging", "chat_template": "chat templates", "lora": "LoRA inputs",
-    "merge_method_sequence": "method sequences",
+    "modules": "multi-module models", "merge_method_sequence": "method sequences",
 }
 
 Scalar = Union[bool, int, float, str]
@@ -99,6 +97,37 @@ class SliceDef(BaseModel):
         return {} if v is None else v
 
 
+class TokenSourceSpec(BaseModel):
+    """Where one token's embedding comes from: ``{kind: zero}`` or
+    ``{kind: model_token, model: PATH, token: STR | token_id: INT}``."""
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    kind: str
+    model: Any = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+class TokenSpec(BaseModel):
+    """``tokenizer.tokens.<token>``: its embedding's source (a model path or a
+    :class:`TokenSourceSpec`); ``force`` uses it for every model, not only those lacking it."""
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    source: Union[str, TokenSourceSpec, None] = None
+    force: bool = False
+
+
+class TokenizerSection(BaseModel):
+    """mergekit's ``tokenizer:`` (see vocab/ and docs/llm.md)."""
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    source: str = "base"                     # base | union | model path (``model:PATH`` too)
+    tokens: dict[str, TokenSpec] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        return {} if v is None else {k: ({} if x is None else x) for k, x in v.items()}
+
+
 class _RecipeCore(BaseModel):
     """A merge recipe (pydantic, unknown keys are errors); the stage sections (``align:``,
     ``repair:``, ``tact:``, ...) are added from the stage registry (:mod:`mergelab.stages`)."""
@@ -117,6 +146,10 @@ class _RecipeCore(BaseModel):
     allow_nonfinite: bool = False
     name: str | None = None           # a label for the model card
     device: str | None = None         # math device (cpu, cuda, cuda:1); --device / device= win
+    # mergekit's tokenizer keys (vocab/): the output vocabulary and the rows of embeddings/LM head
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerSection | None = None
+    chat_template: str | None = None
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -205,6 +238,12 @@ class _RecipeCore(BaseModel):
             p = self.resolve_path(v)
             if must_exist and not Path(p).exists():
                 return
+            if isinstance(v, str) and not Path(p).exists():
+                from .io.lora import split_lora_ref
+                parts = split_lora_ref(v)
+                if parts is not None:  # `base+adapter`: both are read
+                    out.extend((f"{label} ({what})", self.resolve_path(x)) for what, x in zip(("base", "adapter"), parts))
+                    return
             out.append((label, p))
 
         def params(prefix: str, ps: dict) -> None:
@@ -233,6 +272,13 @@ class _RecipeCore(BaseModel):
                 ref(f"slices[{sl_i}].sources[{j}].model", src.model)
                 params(f"slices[{sl_i}].sources[{j}].parameters", src.parameters)
             params(f"slices[{sl_i}].parameters", sl.parameters)
+        tok = self.tokenizer
+        src = self.tokenizer_source if self.tokenizer_source is not None else (tok.source if tok else None)
+        if src not in (None, "base", "union"):
+            ref("tokenizer.source", src[len("model:"):] if src.startswith("model:") else src, must_exist=True)
+        for t, spec in (tok.tokens.items() if tok else ()):
+            s = spec.source
+            ref(f"tokenizer.tokens.{t}.source", s if isinstance(s, str) else getattr(s, "model", None), must_exist=True)
         for st in _stages():  # each stage names what its section reads
             section = getattr(self, st.key, None)
             if section is None:

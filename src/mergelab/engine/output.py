@@ -98,6 +98,9 @@ class Outputs:
             if layers is not None:
                 from ..slicing import patch_config
                 patch_config(self.folder(v), layers)
+            if getattr(r, "_vocab", None) is not None or r.chat_template is not None:
+                from ..vocab import write_files
+                write_files(self.folder(v), r, [f for f in map(folder_of, p.readers) if f is not None])
             if self.model_card:
                 write_model_card(self.folder(v), recipe_yaml=getattr(r, "_card_yaml", None) or r.to_yaml(),
                                  version=__version__, inputs=sums,

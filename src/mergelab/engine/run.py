@@ -159,7 +159,7 @@ def _merge(recipe: Any, out: str | os.PathLike, team: Team, *, force: bool, dtyp
     p = plan(recipe, dtype=dtype, inputs=inputs, allow_crimes=allow_crimes)
     r = p.recipe
     if seed is not None and int(seed) != r.seed:  # --random-seed: recorded in the model card too
-        extra = {k: getattr(r, k) for k in ("_base_dir", "_card_yaml", "_layer_count") if hasattr(r, k)}
+        extra = {k: getattr(r, k) for k in ("_base_dir", "_card_yaml", "_layer_count", "_vocab", "_chat_template") if hasattr(r, k)}
         r = p.recipe = r.model_copy(update={"seed": int(seed)})
         for k, v in extra.items():
             setattr(r, k, v)

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import MergelabError
+from ..io.lora import open_with_lora, split_lora_ref
 from ..io.reader import checkpoint_exists, open_checkpoint
 
 
@@ -75,6 +76,13 @@ def open_input(ref: Any, resolve, where: str, inputs: Mapping | None, cache: dic
                 raise MergelabError(f"{where}: expected a checkpoint path, found {type(ref).__name__}")
         label = getattr(ref, "label", None) or getattr(ref, "path", None) or where
         return Input(str(label), ref)
+    lora = split_lora_ref(str(ref))
+    if lora is not None:  # mergekit's `base+adapter`: the PEFT adapter applied while reading
+        base, adapter = (resolve(x) for x in lora)
+        key = f"{Path(base).absolute()}+{Path(adapter).absolute()}"
+        if key not in cache:
+            cache[key] = Input(f"{base}+{adapter}", open_with_lora(base, adapter))
+        return cache[key]
     path = resolve(ref)
     key = str(Path(path).absolute())
     if key not in cache:

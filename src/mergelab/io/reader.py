@@ -166,6 +166,8 @@ def parse_safetensors_header(header: dict, data_len: int, where: str
             raise CheckpointError(f"{bad}: dtype {code!r} is not one of {', '.join(ST_DTYPES)})")
         if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
             raise CheckpointError(f"{bad}: shape {shape!r} is not a list of non-negative integers)")
+        if any(s >= 1 << 63 for s in shape):  # torch sizes are int64 (even for an empty tensor)
+            raise CheckpointError(f"{bad}: shape {shape!r} has a dimension of 2^63 or more)")
         if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(x) for x in offs)
                 and 0 <= offs[0] <= offs[1]):
             raise CheckpointError(f"{bad}: data_offsets {offs!r} is not [begin, end] with 0 <= begin <= end)")
