@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress
 
 from . import __version__
 from .errors import MergelabError
@@ -473,7 +473,7 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     old_threads = torch.get_num_threads()
     # blocks are small: the worker threads use the cores, one intra-op thread each
     torch.set_num_threads(1 if runner.blockable else max(1, min(nthreads, os.cpu_count() or 1)))
-    bar = tqdm(total=len(jobs) + len(p.names) - len(p.merged), disable=quiet, unit="job",
+    bar = progress(total=len(jobs) + len(p.names) - len(p.merged), disable=quiet, unit="job",
                desc=f"merge {p.method.name}", leave=False)
     writers: dict[str, ShardedWriter] = {}
     wlock = threading.Lock()

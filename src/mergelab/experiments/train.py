@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import progress
+from .determinism import one_thread
 
 Sampler = Callable[[torch.Generator, int], tuple[Any, torch.Tensor]]
 
@@ -64,7 +65,17 @@ def train(model: nn.Module, sampler: Sampler, *, steps: int, batch_size: int = 1
           optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4, warmup: int = 0,
           clip: float | None = 10.0, seed: int = 0, trainable: Callable[[str], bool] | None = None,
           quiet: bool = False, desc: str = "train") -> list[float]:
-    """Train in place; returns the per-step losses. Deterministic given ``seed``."""
+    """Train in place; returns the per-step losses. Deterministic given ``seed``: batches come
+    from a generator seeded with it, and the steps run on one intra-op thread whatever the
+    caller's thread count (a reduction over 2 threads sums in another order than over 1)."""
+    with one_thread():
+        return _train(model, sampler, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                      momentum=momentum, weight_decay=weight_decay, warmup=warmup, clip=clip, seed=seed,
+                      trainable=trainable, quiet=quiet, desc=desc)
+
+
+def _train(model, sampler, *, steps, batch_size, lr, optimizer, momentum, weight_decay, warmup, clip, seed,
+           trainable, quiet, desc) -> list[float]:
     params = [p for n, p in model.named_parameters() if trainable is None or trainable(n)]
     for n, p in model.named_parameters():
         p.requires_grad_(trainable is None or trainable(n))
@@ -77,7 +88,7 @@ def train(model: nn.Module, sampler: Sampler, *, steps: int, batch_size: int = 1
     g = torch.Generator().manual_seed(seed)
     model.train()
     losses = []
-    for step in tqdm(range(steps), desc=desc, disable=quiet, leave=False):
+    for step in progress(range(steps), desc=desc, disable=quiet):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         xb, yb = sampler(g, batch_size)
@@ -144,12 +155,15 @@ def reset_bn_stats(model: nn.Module, data: Iterable[tuple[Any, torch.Tensor]]) -
 
 # ----------------------------------------------------------------------------- cache
 
-CACHE_VERSION = 1
+# 2: one-thread training with pinned CPU kernels (determinism.py); splits hashed by their bytes
+CACHE_VERSION = 2
 
 
 def config_hash(config: dict) -> str:
-    """sha256 of the canonical JSON of ``config`` (and the cache format version)."""
-    blob = json.dumps({"v": CACHE_VERSION, **config}, sort_keys=True, default=str)
+    """sha256 of the canonical JSON of ``config``, the cache format version, the torch version and
+    the CPU kernels in use (each changes the trained weights)."""
+    blob = json.dumps({"v": CACHE_VERSION, "torch": torch.__version__,
+                       "kernels": torch.backends.cpu.get_cpu_capability(), **config}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

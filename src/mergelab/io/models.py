@@ -116,7 +116,9 @@ def load_model(path: str | os.PathLike, model_code: str | None = None, progress:
     if is_hf_folder(p):
         import transformers
 
-        if not progress:
+        from ..progress import is_terminal
+
+        if not progress or not is_terminal():  # HF's own bars redraw with carriage returns
             transformers.utils.logging.disable_progress_bar()
         cfg = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
         arch = (getattr(cfg, "architectures", None) or [None])[0]

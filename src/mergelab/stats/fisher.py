@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
-from tqdm.auto import tqdm
+from ..progress import progress as progress_bar
 
 from ..errors import MergelabError
 from . import distributed, persample
@@ -161,8 +161,8 @@ def diagonal_fisher(model: nn.Module, data: Iterable[Any],
     seen = torch.zeros((), dtype=torch.float64)
     rank, world = distributed.rank_world() if shard else (0, 1)
     offset = 0
-    bar = tqdm(total=n_examples, desc=f"fisher ({mode})", unit="ex", leave=False,
-               disable=not progress or not distributed.is_writer())
+    bar = progress_bar(total=n_examples, desc=f"fisher ({mode})", unit="ex",
+                   disable=not progress or not distributed.is_writer())
     with eval_no_grad(model), hooks.trainable():
         for i, batch in enumerate(data):
             if n_examples is not None and offset >= n_examples:

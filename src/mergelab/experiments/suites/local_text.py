@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ...progress import progress
 
 from .. import data as D
-from .. import report as R
 from .. import train as T
 from .. import zoo
+from ..seeds import seed_base
 from .common import Timer, choose, data_free_bodies, merge_state, versions
 
 TASKS = list(D.TEXT_TASKS)
@@ -195,7 +195,7 @@ class TextData:
         self.enc: dict[tuple[str, str], Encoded] = {}
         lim = {"train": profile["train_limit"], "val": profile["val_limit"], "test": profile["test_limit"]}
         jobs = [(t, s) for t in TASKS for s in ("train", "val", "test")]
-        for t, s in tqdm(jobs, desc="encode (frozen layers)", disable=quiet, leave=False):
+        for t, s in progress(jobs, desc="encode (frozen layers)", disable=quiet):
             texts = self.tasks[t].texts[s][: lim[s]]
             labels = self.tasks[t].labels[s][: lim[s]]
             self.enc[(t, s)] = encode(bert, tokenizer, texts, labels, profile["max_len"], profile["first_trainable"])
@@ -324,27 +324,38 @@ def _grid(method: str, p: dict) -> list:
             "fisher": [None], "regmean": p["regmean_alpha"]}[method]
 
 
-def run(profile_name: str = "smoke", out: str | Path = "runs/local-text", quiet: bool = False,
-        cache_root: str | Path | None = None) -> dict:
+# the frozen MiniLM and the encoded texts of a profile, shared by the seeds of one process
+_DATA: dict[str, tuple[nn.Module, "TextData"]] = {}
+
+
+def run(profile_name: str = "smoke", quiet: bool = False, cache_root: str | Path | None = None,
+        seed: int = 0) -> dict:
+    """One seed's results (``run_suite`` aggregates seeds and writes the report); the expert
+    seeds are offset by ``seed_base(seed)``."""
     p = PROFILES[profile_name]
-    torch.manual_seed(0)
+    base_seed = seed_base(seed)
+    torch.manual_seed(base_seed)
     timer = Timer()
     t_start = time.perf_counter()
     notes: list[str] = []
     with timer("data"):
-        bert = zoo.minilm_classifier(2).bert.eval()
-        data = TextData(p, bert, zoo.minilm_tokenizer(), quiet)
+        if profile_name not in _DATA:
+            bert = zoo.minilm_classifier(2).bert.eval()
+            _DATA[profile_name] = (bert, TextData(p, bert, zoo.minilm_tokenizer(), quiet))
+        bert, data = _DATA[profile_name]
     cache = T.ExpertCache(Path(cache_root) if cache_root else D.cache_dir() / "experts")
     tr = Trainer(p, data, bert, cache, quiet)
     results: dict[str, Any] = {
-        "suite": "local-text", "profile": profile_name, "config": p, "seeds": {"experts": "task index"},
-        "versions": versions(), "splits": data.split_hashes(), "tasks": TASKS, "experts": {},
+        "suite": "local-text", "profile": profile_name, "config": p,
+        "seeds": {"run": seed, "experts": f"{base_seed} + task index"},
+        "versions": versions(), "splits": data.split_hashes(), "tasks": TASKS,
+        "n_classes": {t: data.n_classes(t) for t in TASKS}, "experts": {},
         "expert_val": {}, "runs": [], "variance_collapse": [], "barrier": [], "timings": timer.t,
         "timings_cpu": timer.cpu, "notes": notes}
     experts: dict[str, nn.Module] = {}
     with timer("train"):
         for i, t in enumerate(TASKS):
-            experts[t], info = tr.expert(t, i)
+            experts[t], info = tr.expert(t, base_seed + i)
             results["expert_val"][t] = info.get("val", {}).get("acc")
     results["experts"]["local"] = {t: T.evaluate(experts[t], data.enc[(t, "test")].eval_loader())["acc"] for t in TASKS}
     base = dict(tr.pretrained().state_dict())
@@ -357,7 +368,6 @@ def run(profile_name: str = "smoke", out: str | Path = "runs/local-text", quiet:
             notes.append(f"local/{method}: skipped: {e}")
     timer.t["total"] = round(time.perf_counter() - t_start, 2)
     results["cache"] = {"hits": cache.hits, "misses": cache.misses, "root": str(cache.root)}
-    results["paths"] = {k: str(v) for k, v in R.write_report(results, out).items()}
     return results
 
 
