@@ -46,21 +46,28 @@ PROFILES: dict[str, dict[str, Any]] = {
                   fisher_examples=16, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
                   grid_ta=[0.3, 1.0], grid_ties=[1.0], grid_tall=[1.0], ties_density=0.5,
                   regmean_alpha=[0.9], tact_sites="norms"),
-    "quick": dict(max_len=64, first_trainable=4, probe_steps=20, steps=100, batch=32, group_by_length=8,
+    # quick: <= 15 CPU-min for 3 seeds; the data phase (MiniLM load + encoding, 129 CPU s) runs
+    # once per process, the rest per seed. The 1-seed quick measured training 334 s (5 x 120
+    # steps of 2 layers) and methods 345 s (val grids 74, test 134, merges 66, TACT 49, variance
+    # collapse 20). Here only the top layer trains (half the cost per step and per evaluation),
+    # 10 + 80 steps, 150 validation / 300 test texts, 3/2/1-point grids: ~200 CPU s a seed
+    # estimated, ~12 min for 3 seeds (not measured yet)
+    "quick": dict(max_len=64, first_trainable=5, probe_steps=10, steps=80, batch=32, group_by_length=8,
                   lr=1e-4, probe_lr=3e-3,
-                  train_limit=1500, val_limit=200, test_limit=500, stat_batches=4, stat_batch=32,
+                  train_limit=1500, val_limit=150, test_limit=300, stat_batches=4, stat_batch=32,
                   fisher_examples=128, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
-                  grid_ta=[0.2, 0.3, 0.5, 0.7, 1.0], grid_ties=[0.7, 1.0, 1.5], grid_tall=[0.4, 1.0],
-                  ties_density=0.5, regmean_alpha=[0.5, 0.9], tact_sites="norms"),
-    # full: sized for <= 28 min cold at 1 thread from quick's measured phase costs
-    # (docs/experiments.md): the quick model, twice the steps, ~2.7x the training texts,
-    # larger validation / test sets and statistics samples, wider grids
-    "full": dict(max_len=64, first_trainable=4, probe_steps=50, steps=200, batch=32, group_by_length=8,
+                  grid_ta=[0.3, 0.5, 0.7], grid_ties=[1.0, 1.5], grid_tall=[1.0],
+                  ties_density=0.5, regmean_alpha=[0.9], tact_sites="norms"),
+    # full: ~40 CPU-min for 3 seeds (of the 90 for all full suites). The 1-seed full measured
+    # data 293 CPU s (once), training 652 s, methods 611 s. Here 20 + 100 steps (0.48x),
+    # 200 validation / 400 test texts and 4/3/2-point grids (~0.6x of the methods): ~700 CPU s
+    # a seed estimated, 293 + 3 x 700 s ~ 40 min (not measured yet)
+    "full": dict(max_len=64, first_trainable=4, probe_steps=20, steps=100, batch=32, group_by_length=8,
                  lr=1e-4, probe_lr=3e-3,
-                 train_limit=4000, val_limit=300, test_limit=800, stat_batches=8, stat_batch=32,
-                 fisher_examples=256, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
-                 grid_ta=[0.2, 0.3, 0.4, 0.5, 0.7, 1.0], grid_ties=[0.7, 1.0, 1.5, 2.0],
-                 grid_tall=[0.4, 0.7, 1.0], ties_density=0.5, regmean_alpha=[0.5, 0.9],
+                 train_limit=4000, val_limit=200, test_limit=400, stat_batches=6, stat_batch=32,
+                 fisher_examples=192, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
+                 grid_ta=[0.3, 0.5, 0.7, 1.0], grid_ties=[1.0, 1.5, 2.0],
+                 grid_tall=[0.4, 1.0], ties_density=0.5, regmean_alpha=[0.5, 0.9],
                  tact_sites="norms"),
 }
 
