@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
 from ..progress import progress
 from .determinism import one_thread
 
@@ -69,40 +70,33 @@ def train(model: nn.Module, sampler: Sampler, *, steps: int, batch_size: int = 1
     from a generator seeded with it, and the steps run on one intra-op thread whatever the
     caller's thread count (a reduction over 2 threads sums in another order than over 1)."""
     with one_thread():
-        return _train(model, sampler, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                      momentum=momentum, weight_decay=weight_decay, warmup=warmup, clip=clip, seed=seed,
-                      trainable=trainable, quiet=quiet, desc=desc)
-
-
-def _train(model, sampler, *, steps, batch_size, lr, optimizer, momentum, weight_decay, warmup, clip, seed,
-           trainable, quiet, desc) -> list[float]:
-    params = [p for n, p in model.named_parameters() if trainable is None or trainable(n)]
-    for n, p in model.named_parameters():
-        p.requires_grad_(trainable is None or trainable(n))
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    elif optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {optimizer!r}")
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    losses = []
-    for step in progress(range(steps), desc=desc, disable=quiet):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
-        xb, yb = sampler(g, batch_size)
-        loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        losses.append(loss.item())
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
-    return losses
+        params = [p for n, p in model.named_parameters() if trainable is None or trainable(n)]
+        for n, p in model.named_parameters():
+            p.requires_grad_(trainable is None or trainable(n))
+        if optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        elif optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {optimizer!r}")
+        g = torch.Generator().manual_seed(seed)
+        model.train()
+        losses = []
+        for step in progress(range(steps), desc=desc, disable=quiet):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr, warmup)
+            xb, yb = sampler(g, batch_size)
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            losses.append(loss.item())
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+        return losses
 
 
 def batches(x, y, batch_size: int = 128) -> Iterator[tuple[Any, torch.Tensor]]:
