@@ -2,7 +2,6 @@
 results, the --seeds parsing, the report's figures (panel counts, page size), progress output
 without carriage returns, and expert weights independent of the thread count (slow)."""
 import io
-import json
 import math
 import os
 import struct

@@ -49,6 +49,7 @@ from torch import nn
 from .. import data as D
 from .. import train as T
 from .. import zoo
+from ..seeds import seed_base
 from .common import Timer, versions
 
 PROFILES: dict[str, dict[str, Any]] = {
