@@ -1,5 +1,6 @@
 """Helpers shared by the data and reproduction-suite tests."""
 import json
+import re
 import subprocess
 import sys
 
@@ -20,13 +21,30 @@ def ensure_data(names=None) -> None:
 
 
 def reproduce_smoke(suite: str, out) -> dict:
-    """``mergelab reproduce SUITE --profile smoke`` in a subprocess; checks the exit code, the
-    printed report path and the report's title, and returns the parsed results.json."""
+    """``mergelab reproduce SUITE --profile smoke`` in a subprocess (output to a pipe); checks the
+    exit code, progress lines without carriage returns, the printed report path and the
+    report's title, and returns the parsed results.json."""
     r = subprocess.run([sys.executable, "-m", "mergelab", "reproduce", suite, "--profile", "smoke",
-                        "--out", str(out), "--quiet"], capture_output=True, text=True)
+                        "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # progress goes to a pipe here: one line per phase, never a carriage-return redraw
+    assert "\r" not in r.stdout + r.stderr
+    # (training lines only when the experts are not cached yet; merge phases always)
+    assert any(re.match(r".+: \d+(/\d+)? \w+ in [\d.]+ s$", ln) for ln in r.stderr.splitlines()), r.stderr
     assert f"report: {out / 'report.md'}" in r.stdout
     assert (out / "report.md").read_text().startswith(f"# mergelab reproduce: {suite}")
     res = json.loads((out / "results.json").read_text())
     assert res["suite"] == suite and res["profile"] == "smoke"
     return res
+
+
+def results_digest(res: dict) -> str:
+    """sha256 of every accuracy of a results.json (per seed, experts and runs, rounded to 6
+    decimals): identical runs on any machine give the same digest."""
+    import hashlib
+
+    experts = {s: {t: [round(v, 6) for v in vs] for t, vs in ts.items()} for s, ts in res["experts_seeds"].items()}
+    runs = [[r["setting"], r["method"], r["alignment"], r["correction"],
+             {t: [round(v, 6) for v in vs] for t, vs in r["acc_seeds"].items()}] for r in res["runs"]]
+    blob = json.dumps({"experts": experts, "runs": runs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()

@@ -123,3 +123,21 @@ def test_stale_apt_lists_error_names_the_fix(tmp_path, monkeypatch):
     assert "apt-get update" in msg and "Unable to locate package" in msg
     with pytest.raises(MergelabError, match="unknown data source"):
         data.install(["nope"], log=lambda s: None)
+
+
+def test_split_hash_identifies_the_data_not_only_the_indices(installed):
+    mn, an = data.image_pool("mnist"), data.image_pool("animal-mnist")
+    # same size, same seed: the index arrays (the old hash) are equal...
+    assert data.indices_hash(mn.splits) == data.indices_hash(an.splits)
+    # ...the data are not, and one changed pixel or label changes the hash
+    assert mn.split_hash() != an.split_hash()
+    assert mn.split_hash() == data.image_pool("mnist").split_hash()
+    x = mn.x.copy()
+    x[0, 0, 0] ^= 1
+    assert data.split_data_hash(mn.splits, x, mn.y) != mn.split_hash()
+    y = mn.y.copy()
+    y[0] = (y[0] + 1) % 10
+    assert data.split_data_hash(mn.splits, mn.x, y) != mn.split_hash()
+    t = data.text_task("rt-sentiment")
+    texts = [s for k in sorted(t.texts) for s in t.texts[k]]
+    assert data.split_data_hash({}, texts, [0] * len(texts)) != data.split_data_hash({}, texts[::-1], [0] * len(texts))

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from mergelab.experiments.suites.common import choose
-from suite_helpers import ensure_data, reproduce_smoke
+from suite_helpers import ensure_data, reproduce_smoke, results_digest
+
+# Every accuracy of `mergelab reproduce nonlocal-vision --profile smoke` (seed 0) under torch
+# 2.13.0 with the pinned AVX2 kernels and one thread (experiments/determinism.py). Another
+# machine giving another digest does not reproduce the numbers: compare its results.json.
+NLV_SMOKE_DIGEST = "1c09d83528d5710a58620950c65c992262cc1c301bdc80bc4a41d0b9fe9080b0"
 
 
 def _cli(*args):
@@ -58,6 +63,10 @@ def test_nonlocal_vision_smoke_end_to_end(tmp_path, monkeypatch):
     res2 = json.loads((out / "results.json").read_text())
     assert res2["cache"]["misses"] == 0 and res2["cache"]["hits"] > 0
     assert res2["experts"] == res["experts"]
+    assert results_digest(res2) == results_digest(res)
+    if torch.__version__.split("+")[0] == "2.13.0":
+        assert res["versions"]["cpu_capability"] == "AVX2"
+        assert results_digest(res) == NLV_SMOKE_DIGEST
 
 
 def test_timer_records_wall_and_cpu_seconds_per_phase():

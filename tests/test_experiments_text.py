@@ -75,7 +75,8 @@ def test_local_text_smoke_end_to_end(tmp_path):
     assert {r["method"] for r in res["runs"]} >= {"task_arithmetic", "ties", "ties_tall"}
     for run in res["runs"]:
         assert set(run["acc"]) == set(res["tasks"])
-        assert str(run["coef"]["coef"]) in run["coef"]["val_scores"]  # chosen among the validation-scored grid
+        for coef in run["coef_seeds"]:  # chosen among the validation-scored grid, per seed
+            assert str(coef["coef"]) in coef["val_scores"]
     assert all(v for v in res["splits"].values())
 
 

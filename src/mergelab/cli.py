@@ -400,10 +400,14 @@ def data_install(only: tuple[str, ...], quiet: bool) -> None:
 @click.argument("suite")
 @click.option("--profile", type=click.Choice(["smoke", "quick", "full"]), default="smoke", show_default=True)
 @click.option("--out", type=click.Path(), default=None, help="output folder (default runs/SUITE)")
-@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
-def reproduce(suite: str, profile: str, out: str | None, quiet: bool) -> None:
-    """Run a reproduction suite (nonlocal-vision, local-text, fisher) and write its report."""
+@click.option("--seeds", default=None, metavar="0,1,2",
+              help="seeds to train and aggregate (default: 0 for smoke, 0,1,2 for quick and full)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress output")
+def reproduce(suite: str, profile: str, out: str | None, seeds: str | None, quiet: bool) -> None:
+    """Run a reproduction suite (nonlocal-vision, local-text, fisher) for each seed and write its
+    report (every number: mean ± 95% t-interval over seeds)."""
     from .experiments.report import headline
+    from .experiments.seeds import parse_seeds
     from .experiments.suites import run_suite
 
     from .experiments.data import cache_dir
@@ -412,7 +416,7 @@ def reproduce(suite: str, profile: str, out: str | None, quiet: bool) -> None:
     out = out if out is not None else str(Path("runs") / suite)
     with Output(out, kind="folder", option="--out", inputs=[("the data and model cache", cache_dir())],
                 replaces=False, parents=True):
-        res = run_suite(suite, profile, out, quiet=quiet)
+        res = run_suite(suite, profile, out, quiet=quiet, seeds=parse_seeds(seeds, profile))
     click.echo(headline(res))
     for n in res.get("notes", []):
         click.echo(f"note: {n}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress
 
 from ..errors import MergelabError
 from ..io.outputs import Output
@@ -187,7 +187,7 @@ def _merge(recipe: Any, out: str | os.PathLike, team: Team, *, force: bool, dtyp
     # blocks are small: the worker threads use the cores, one intra-op thread each
     torch.set_num_threads(1 if d.blockable else max(1, min(nthreads, os.cpu_count() or 1)))
     unmerged = [n for n in p.names if n not in p.merged and (mine is None or n in mine)]
-    bar = tqdm(total=len(jobs) + len(unmerged), disable=quiet or not team.lead, unit="job",
+    bar = progress(total=len(jobs) + len(unmerged), disable=quiet or not team.lead, unit="job",
                desc=f"merge {p.method.name}", leave=False)
     outs = None
     try:

@@ -374,10 +374,26 @@ def split_indices(n: int, fractions: dict[str, float], seed: int) -> dict[str, n
 
 
 def indices_hash(splits: dict[str, np.ndarray]) -> str:
+    """Hash of the split index arrays alone (the same for two data sets of the same size)."""
     h = hashlib.sha256()
     for k in sorted(splits):
         h.update(k.encode())
         h.update(np.asarray(splits[k], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def split_data_hash(splits: dict[str, np.ndarray], x, y) -> str:
+    """Hash identifying a split data set: the split indices AND the data they index (``x`` an
+    array or a list of strings, ``y`` the labels), so two data sets with equal sizes differ."""
+    h = hashlib.sha256(indices_hash(splits).encode())
+    if isinstance(x, np.ndarray):
+        h.update(str((x.dtype.str, x.shape)).encode())
+        h.update(np.ascontiguousarray(x).tobytes())
+    else:
+        for t in x:
+            h.update(t.encode("utf-8"))
+            h.update(b"\0")
+    h.update(np.asarray(y, dtype=np.int64).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -396,6 +412,10 @@ class ImagePool:
     x: np.ndarray
     y: np.ndarray
     splits: dict[str, np.ndarray]  # into x / y
+
+    def split_hash(self) -> str:
+        """Identifies the images, the labels and the splits (:func:`split_data_hash`)."""
+        return split_data_hash(self.splits, self.x, self.y)
 
     def part(self, split: str, classes: tuple[int, ...] | None = None, limit: int | None = None):
         """(x float32 (n,1,28,28) in [0,1] normalised, y remapped to 0..len(classes)-1)."""
@@ -464,7 +484,7 @@ def _from_rows(name, texts, labels, classes, seed, given_test=None) -> TextTask:
         tt, ll = texts + given_test[0], labels + given_test[1]
     enc = _encode(ll, classes)
     return TextTask(name, classes, {k: [tt[i] for i in v] for k, v in s.items()},
-                    {k: enc[v] for k, v in s.items()}, indices_hash(s))
+                    {k: enc[v] for k, v in s.items()}, split_data_hash(s, tt, enc))
 
 
 def text_task(name: str, seed: int = SPLIT_SEED) -> TextTask:

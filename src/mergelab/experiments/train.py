@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
+
+from ..progress import progress
+from .determinism import one_thread
 
 Sampler = Callable[[torch.Generator, int], tuple[Any, torch.Tensor]]
 
@@ -64,34 +66,37 @@ def train(model: nn.Module, sampler: Sampler, *, steps: int, batch_size: int = 1
           optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4, warmup: int = 0,
           clip: float | None = 10.0, seed: int = 0, trainable: Callable[[str], bool] | None = None,
           quiet: bool = False, desc: str = "train") -> list[float]:
-    """Train in place; returns the per-step losses. Deterministic given ``seed``."""
-    params = [p for n, p in model.named_parameters() if trainable is None or trainable(n)]
-    for n, p in model.named_parameters():
-        p.requires_grad_(trainable is None or trainable(n))
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    elif optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {optimizer!r}")
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    losses = []
-    for step in tqdm(range(steps), desc=desc, disable=quiet, leave=False):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
-        xb, yb = sampler(g, batch_size)
-        loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        losses.append(loss.item())
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
-    return losses
+    """Train in place; returns the per-step losses. Deterministic given ``seed``: batches come
+    from a generator seeded with it, and the steps run on one intra-op thread whatever the
+    caller's thread count (a reduction over 2 threads sums in another order than over 1)."""
+    with one_thread():
+        params = [p for n, p in model.named_parameters() if trainable is None or trainable(n)]
+        for n, p in model.named_parameters():
+            p.requires_grad_(trainable is None or trainable(n))
+        if optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        elif optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {optimizer!r}")
+        g = torch.Generator().manual_seed(seed)
+        model.train()
+        losses = []
+        for step in progress(range(steps), desc=desc, disable=quiet):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr, warmup)
+            xb, yb = sampler(g, batch_size)
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            losses.append(loss.item())
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+        return losses
 
 
 def batches(x, y, batch_size: int = 128) -> Iterator[tuple[Any, torch.Tensor]]:
@@ -144,12 +149,15 @@ def reset_bn_stats(model: nn.Module, data: Iterable[tuple[Any, torch.Tensor]]) -
 
 # ----------------------------------------------------------------------------- cache
 
-CACHE_VERSION = 1
+# 2: one-thread training with pinned CPU kernels (determinism.py); splits hashed by their bytes
+CACHE_VERSION = 2
 
 
 def config_hash(config: dict) -> str:
-    """sha256 of the canonical JSON of ``config`` (and the cache format version)."""
-    blob = json.dumps({"v": CACHE_VERSION, **config}, sort_keys=True, default=str)
+    """sha256 of the canonical JSON of ``config``, the cache format version, the torch version and
+    the CPU kernels in use (each changes the trained weights)."""
+    blob = json.dumps({"v": CACHE_VERSION, "torch": torch.__version__,
+                       "kernels": torch.backends.cpu.get_cpu_capability(), **config}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

@@ -223,7 +223,9 @@ def load_model(path: str | os.PathLike, model_code: str | None = None, progress:
     if is_hf_folder(p):
         import transformers
 
-        if not progress:
+        from ..progress import is_terminal
+
+        if not progress or not is_terminal():  # HF's own bars redraw with carriage returns
             transformers.utils.logging.disable_progress_bar()
         ckpt = open_checkpoint(p)  # our reader validates config.json and every weight file first
         model = build_model(p)     # the architecture (one line if transformers cannot build it)

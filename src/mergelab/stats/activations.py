@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors import safe_open
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from ..progress import progress as progress_bar
 
 from ..device import placed, resolve_device
 from ..errors import MergelabError
@@ -42,8 +42,8 @@ def data_pass(model: nn.Module, data: Iterable[Any], n_batches: int | None = Non
     The caller runs the model; this sets up the shard, the device and the progress bar."""
     device = model_device(model)
     total = n_batches if n_batches is not None else (len(data) if hasattr(data, "__len__") else None)
-    bar = tqdm(distributed.shard(data, n_batches, shard), total=total, desc=desc,
-               disable=not progress or not distributed.is_writer(), leave=False)
+    bar = progress_bar(distributed.shard(data, n_batches, shard), total=total, desc=desc,
+                   disable=not progress or not distributed.is_writer())
     for _, batch in bar:
         inputs, _, mask = split_batch(batch)
         yield to_device(inputs, device), (None if mask is None else mask.to(device))

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
-from tqdm.auto import tqdm
+from ..progress import progress as progress_bar
 
 from ..device import placed, resolve_device
 from ..errors import MergelabError
@@ -178,8 +178,8 @@ def _fisher_pass(model, data, mode, n_examples, seed, params, chunk_size, shard,
     rank, world = distributed.rank_world() if shard else (0, 1)
     offset = 0
     checked = False
-    bar = tqdm(total=n_examples, desc=f"fisher ({mode})", unit="ex", leave=False,
-               disable=not progress or not distributed.is_writer())
+    bar = progress_bar(total=n_examples, desc=f"fisher ({mode})", unit="ex",
+                   disable=not progress or not distributed.is_writer())
     with eval_no_grad(model), hooks.trainable():
         for i, batch in enumerate(data):
             if n_examples is not None and offset >= n_examples:

@@ -15,8 +15,8 @@ A foundation MLP is pre-trained on the ``pretrain`` split of MNIST-10k and Anima
   is chosen on the target's validation split over a ``grid``-point grid (51 in the paper) by
   :func:`mergelab.methods.search.coefficient_search`, for the average and the Fisher merge
   alike (and for the Fisher merge with each Fisher divided by its norm, the reference code's
-  ``normalize`` option). Compared with the target alone; repeated for each seed in ``seeds`` (a different
-  labelled subset each time), the reported accuracy is the mean over seeds.
+  ``normalize`` option). Compared with the target alone; one target per run seed (a different
+  labelled subset each time); ``run_suite`` reports the mean and interval over seeds.
 
   The target's Fisher is estimated on ``target_fisher_n`` *unlabelled* images of the target's
   training pool (drawn with the seed; their labels are never read): the Fisher of a classifier
@@ -47,21 +47,24 @@ import torch
 from torch import nn
 
 from .. import data as D
-from .. import report as R
 from .. import train as T
 from .. import zoo
+from ..seeds import seed_base
 from .common import Timer, versions
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(widths=(64, 64), pre_steps=100, ft_steps=60, n_members=2, batch=64, lr=0.05, ft_lr=0.05,
                   train_limit=3000, val_limit=300, test_limit=500, fisher_examples=128, fisher_mode="expected",
-                  target_n=20, target_steps=40, donor_steps=60, seeds=[0], grid=11, target_fisher_n=128),
+                  target_n=20, target_steps=40, donor_steps=60, grid=11, target_fisher_n=128),
     "quick": dict(widths=(256, 256), pre_steps=1500, ft_steps=500, n_members=4, batch=128, lr=0.05, ft_lr=0.05,
                   train_limit=None, val_limit=1000, test_limit=None, fisher_examples=1024, fisher_mode="expected",
-                  target_n=20, target_steps=100, donor_steps=800, seeds=[0, 1, 2], grid=51, target_fisher_n=1024),
-    "full": dict(widths=(512, 512), pre_steps=3000, ft_steps=1000, n_members=5, batch=128, lr=0.05, ft_lr=0.05,
+                  target_n=20, target_steps=100, donor_steps=800, grid=51, target_fisher_n=1024),
+    # full: ~8 CPU-min for 3 seeds (the 1-seed full measured 219 CPU s, foundation and members
+    # 35, ensembling 66, transfer 108; every seed now trains its own foundation, members and
+    # donor): 2/3 of the pre-training, 4 members, 2/3 of the donor steps
+    "full": dict(widths=(512, 512), pre_steps=2000, ft_steps=1000, n_members=4, batch=128, lr=0.05, ft_lr=0.05,
                  train_limit=None, val_limit=None, test_limit=None, fisher_examples=2048, fisher_mode="expected",
-                 target_n=20, target_steps=100, donor_steps=1500, seeds=[0, 1, 2, 3, 4], grid=51,
+                 target_n=20, target_steps=100, donor_steps=1000, grid=51,
                  target_fisher_n=1024),
 }
 
@@ -142,18 +145,21 @@ class Data:
         return np.concatenate(xs), np.concatenate(ys)
 
     def split_hashes(self) -> dict[str, str]:
-        return {"fashion-mnist": D.indices_hash(self.fm.splits),
-                **{p.name: D.indices_hash(p.splits) for p in self.pre}}
+        return {"fashion-mnist": self.fm.split_hash(), **{p.name: p.split_hash() for p in self.pre}}
 
 
 def _loader(xy, batch: int = 256) -> list:
     return list(T.batches(xy[0], xy[1], batch))
 
 
-def run(profile_name: str = "smoke", out: str | Path = "runs/fisher", quiet: bool = False,
-        cache_root: str | Path | None = None) -> dict:
+def run(profile_name: str = "smoke", quiet: bool = False, cache_root: str | Path | None = None,
+        seed: int = 0) -> dict:
+    """One seed's results (``run_suite`` aggregates seeds and writes the report): every model
+    seed is offset by ``b = seed_base(seed)``; the transfer experiment draws its target subset
+    with ``seed``."""
     p = PROFILES[profile_name]
-    torch.manual_seed(0)
+    b = seed_base(seed)
+    torch.manual_seed(b)
     timer = Timer()
     t_start = time.perf_counter()
     notes: list[str] = []
@@ -164,7 +170,7 @@ def run(profile_name: str = "smoke", out: str | Path = "runs/fisher", quiet: boo
                 "train_limit": p["train_limit"]}
     results: dict[str, Any] = {
         "suite": "fisher", "profile": profile_name, "config": p, "versions": versions(),
-        "splits": data.split_hashes(), "tasks": TASKS, "experts": {}, "runs": [], "variance_collapse": [],
+        "splits": data.split_hashes(), "tasks": TASKS, "n_classes": {ENSEMBLE_TASK: 10, TARGET_TASK: 5}, "experts": {}, "runs": [], "variance_collapse": [],
         "barrier": [], "members": {}, "transfer_seeds": [], "timings": timer.t, "timings_cpu": timer.cpu,
         "notes": notes,
         "transfer_protocol": {
@@ -176,8 +182,8 @@ def run(profile_name: str = "smoke", out: str | Path = "runs/fisher", quiet: boo
             "target_fisher_labelled_only": f"{p['fisher_mode']}, the {p['target_n']} labelled examples (first protocol)",
             "merged": "bodies (target keeps its head); floor 1e-6",
             "lambda": f"target weight on a {p['grid']}-point grid in [0, 1], chosen on the target's validation split"},
-        "seeds": {"foundation": 0, "members": f"1000 + i, i < {p['n_members']}",
-                  "transfer": "target subset / target fine-tune seed s, donor seed 500", "list": p["seeds"]}}
+        "seeds": {"run": seed, "foundation": b, "members": f"{b} + 1000 + i, i < {p['n_members']}",
+                  "transfer": f"target subset seed {seed}, target fine-tune seed {b + seed}, donor seed {b + 500}"}}
 
     def fit_fn(x, y, steps, lr, seed, desc, val):
         def fit(m):
@@ -189,9 +195,9 @@ def run(profile_name: str = "smoke", out: str | Path = "runs/fisher", quiet: boo
     with timer("train"):
         fx, fy = data.pretrain()
         foundation, _ = cache.get_or_train(
-            {**base_cfg, "kind": "foundation", "seed": 0, "steps": p["pre_steps"], "lr": p["lr"]},
-            lambda: zoo.build("mlp", seed=0, widths=tuple(p["widths"]), n_classes=20),
-            fit_fn(fx, fy, p["pre_steps"], p["lr"], 0, "foundation", data.pretrain("val")))
+            {**base_cfg, "kind": "foundation", "seed": b, "steps": p["pre_steps"], "lr": p["lr"]},
+            lambda: zoo.build("mlp", seed=b, widths=tuple(p["widths"]), n_classes=20),
+            fit_fn(fx, fy, p["pre_steps"], p["lr"], b, "foundation", data.pretrain("val")))
 
     def finetune(task, x, y, steps, seed, extra):
         cfg = {**base_cfg, "kind": "finetune", "task": task, "seed": seed, "steps": steps, "lr": p["ft_lr"], **extra}
@@ -201,19 +207,18 @@ def run(profile_name: str = "smoke", out: str | Path = "runs/fisher", quiet: boo
                                          data.task(task, "val")))[0]
 
     with timer("ensembling"):
-        _ensembling(results, data, p, finetune, notes)
+        _ensembling(results, data, p, finetune, notes, b)
     with timer("transfer"):
-        _transfer(results, data, p, finetune, notes)
+        _transfer(results, data, p, finetune, notes, seed, b)
     timer.t["total"] = round(time.perf_counter() - t_start, 2)
     results["cache"] = {"hits": cache.hits, "misses": cache.misses, "root": str(cache.root)}
-    results["paths"] = {k: str(v) for k, v in R.write_report(results, out).items()}
     return results
 
 
-def _ensembling(results, data, p, finetune, notes):
+def _ensembling(results, data, p, finetune, notes, b):
     x, y = data.task(ENSEMBLE_TASK, "train")
     test = _loader(data.task(ENSEMBLE_TASK, "test"))
-    members = [finetune(ENSEMBLE_TASK, x, y, p["ft_steps"], 1000 + i, {}) for i in range(p["n_members"])]
+    members = [finetune(ENSEMBLE_TASK, x, y, p["ft_steps"], b + 1000 + i, {}) for i in range(p["n_members"])]
     accs = [T.evaluate(m, test)["acc"] for m in members]
     results["members"] = {"acc": accs}
     results["experts"]["ensembling"] = {ENSEMBLE_TASK: float(np.mean(accs))}
@@ -239,11 +244,11 @@ def _ensembling(results, data, p, finetune, notes):
     record("fisher", fm)
 
 
-def _transfer(results, data, p, finetune, notes):
+def _transfer(results, data, p, finetune, notes, s, b):
     from ...methods.search import coefficient_search, pairwise_grid
 
     dx, dy = data.task(DONOR_TASK, "train")
-    donor = finetune(DONOR_TASK, dx, dy, p["donor_steps"], 500, {})
+    donor = finetune(DONOR_TASK, dx, dy, p["donor_steps"], b + 500, {})
     val = _loader(data.task(TARGET_TASK, "val"))
     test = _loader(data.task(TARGET_TASK, "test"))
     body = [k for k in donor.state_dict() if not k.startswith("head.")]
@@ -253,47 +258,42 @@ def _transfer(results, data, p, finetune, notes):
     except Unavailable as e:
         notes.append(f"transfer/fisher: skipped: {e}")
         donor_fisher = None
-    per_seed = []
-    for s in p["seeds"]:
-        tx, ty = data.target_subset(s)
-        target = finetune(TARGET_TASK, tx, ty, p["target_steps"], s, {"target_n": p["target_n"], "subset_seed": s})
-        t_state = {k: v for k, v in target.state_dict().items() if k in body}
-        row: dict[str, Any] = {"seed": s, "target_alone": T.evaluate(target, test)["acc"], "fisher_norm": {}}
+    # one target per run seed; run_suite aggregates the seeds
+    tx, ty = data.target_subset(s)
+    target = finetune(TARGET_TASK, tx, ty, p["target_steps"], b + s, {"target_n": p["target_n"], "subset_seed": s})
+    t_state = {k: v for k, v in target.state_dict().items() if k in body}
+    row: dict[str, Any] = {"seed": s, "target_alone": T.evaluate(target, test)["acc"], "fisher_norm": {}}
 
-        def with_body(b, target=target):
-            m = copy.deepcopy(target)
-            m.load_state_dict({**target.state_dict(), **b})
-            return m.eval()
+    def with_body(merged_body, target=target):
+        m = copy.deepcopy(target)
+        m.load_state_dict({**target.state_dict(), **merged_body})
+        return m.eval()
 
-        merges = {"average": lambda c: with_body(parameter_average([t_state, donor_state], list(c)))}
-        if donor_fisher is not None:
-            from ...methods.fisher import fisher_merge
-            ux = data.target_unlabelled(s)
-            t_fisher = _fisher(target, _loader((ux, np.zeros(len(ux), dtype=np.int64)), 64), None, p["fisher_mode"])
-            t_fisher_lab = _fisher(target, _loader((tx, ty), 64), None, p["fisher_mode"])
-            row["fisher_norm"] = {"donor": _norm(donor_fisher, body), "target_unlabelled": _norm(t_fisher, body),
-                                  "target_labelled_only": _norm(t_fisher_lab, body)}
-            for name, tf, norm in (("fisher", t_fisher, False), ("fisher_normalized", t_fisher, True),
-                                   ("fisher_labelled_only", t_fisher_lab, False)):
-                merges[name] = (lambda c, tf=tf, norm=norm: with_body(fisher_merge(
-                    [t_state, donor_state], [tf, donor_fisher], weights=list(c), normalize=norm)))
-        for method, merge_fn in merges.items():
-            res = coefficient_search(merge_fn, 2, lambda m: T.evaluate(m, val)["acc"], grid=pairwise_grid(p["grid"]))
-            lam = res.best_coefficients
-            row[method] = {"lambda_target": lam[0], "val": res.best_score,
-                           "test": T.evaluate(merge_fn(lam), test)["acc"],
-                           "val_grid": {f"{c[0]:.3f}": sc for c, sc in res.table}}
-        per_seed.append(row)
-    results["transfer_seeds"] = per_seed
-    results["experts"]["transfer"] = {TARGET_TASK: float(np.mean([r["target_alone"] for r in per_seed]))}
+    merges = {"average": lambda c: with_body(parameter_average([t_state, donor_state], list(c)))}
+    if donor_fisher is not None:
+        from ...methods.fisher import fisher_merge
+        ux = data.target_unlabelled(s)
+        t_fisher = _fisher(target, _loader((ux, np.zeros(len(ux), dtype=np.int64)), 64), None, p["fisher_mode"])
+        t_fisher_lab = _fisher(target, _loader((tx, ty), 64), None, p["fisher_mode"])
+        row["fisher_norm"] = {"donor": _norm(donor_fisher, body), "target_unlabelled": _norm(t_fisher, body),
+                              "target_labelled_only": _norm(t_fisher_lab, body)}
+        for name, tf, norm in (("fisher", t_fisher, False), ("fisher_normalized", t_fisher, True),
+                               ("fisher_labelled_only", t_fisher_lab, False)):
+            merges[name] = (lambda c, tf=tf, norm=norm: with_body(fisher_merge(
+                [t_state, donor_state], [tf, donor_fisher], weights=list(c), normalize=norm)))
+    for method, merge_fn in merges.items():
+        res = coefficient_search(merge_fn, 2, lambda m: T.evaluate(m, val)["acc"], grid=pairwise_grid(p["grid"]))
+        lam = res.best_coefficients
+        row[method] = {"lambda_target": lam[0], "val": res.best_score,
+                       "test": T.evaluate(merge_fn(lam), test)["acc"],
+                       "val_grid": {f"{c[0]:.3f}": sc for c, sc in res.table}}
+    results["transfer_seeds"] = [row]
+    results["experts"]["transfer"] = {TARGET_TASK: row["target_alone"]}
     results["runs"].append({"setting": "transfer", "method": "target_alone", "alignment": "none", "correction": "none",
-                            "acc": {TARGET_TASK: results["experts"]["transfer"][TARGET_TASK]},
-                            "acc_per_seed": [r["target_alone"] for r in per_seed]})
+                            "acc": {TARGET_TASK: row["target_alone"]}})
     for method in ("average", "fisher", "fisher_normalized", "fisher_labelled_only"):
-        if method not in per_seed[0]:
+        if method not in row:
             continue
         results["runs"].append({
             "setting": "transfer", "method": method, "alignment": "none", "correction": "none",
-            "acc": {TARGET_TASK: float(np.mean([r[method]["test"] for r in per_seed]))},
-            "acc_per_seed": [r[method]["test"] for r in per_seed],
-            "coef": {"lambda_target": [r[method]["lambda_target"] for r in per_seed]}})
+            "acc": {TARGET_TASK: row[method]["test"]}, "coef": {"lambda_target": row[method]["lambda_target"]}})

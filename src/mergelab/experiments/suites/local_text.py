@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ...progress import progress
 
 from .. import data as D
-from .. import report as R
 from .. import train as T
 from .. import zoo
+from ..seeds import seed_base
 from .common import Timer, choose, data_free_bodies, merge_state, versions
 
 TASKS = list(D.TEXT_TASKS)
@@ -46,21 +46,28 @@ PROFILES: dict[str, dict[str, Any]] = {
                   fisher_examples=16, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
                   grid_ta=[0.3, 1.0], grid_ties=[1.0], grid_tall=[1.0], ties_density=0.5,
                   regmean_alpha=[0.9], tact_sites="norms"),
-    "quick": dict(max_len=64, first_trainable=4, probe_steps=20, steps=100, batch=32, group_by_length=8,
+    # quick: <= 15 CPU-min for 3 seeds; the data phase (MiniLM load + encoding, 129 CPU s) runs
+    # once per process, the rest per seed. The 1-seed quick measured training 334 s (5 x 120
+    # steps of 2 layers) and methods 345 s (val grids 74, test 134, merges 66, TACT 49, variance
+    # collapse 20). Here only the top layer trains (half the cost per step and per evaluation),
+    # 10 + 80 steps, 150 validation / 300 test texts, 3/2/1-point grids: ~200 CPU s a seed
+    # estimated, ~12 min for 3 seeds (not measured yet)
+    "quick": dict(max_len=64, first_trainable=5, probe_steps=10, steps=80, batch=32, group_by_length=8,
                   lr=1e-4, probe_lr=3e-3,
-                  train_limit=1500, val_limit=200, test_limit=500, stat_batches=4, stat_batch=32,
+                  train_limit=1500, val_limit=150, test_limit=300, stat_batches=4, stat_batch=32,
                   fisher_examples=128, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
-                  grid_ta=[0.2, 0.3, 0.5, 0.7, 1.0], grid_ties=[0.7, 1.0, 1.5], grid_tall=[0.4, 1.0],
-                  ties_density=0.5, regmean_alpha=[0.5, 0.9], tact_sites="norms"),
-    # full: sized for <= 28 min cold at 1 thread from quick's measured phase costs
-    # (docs/experiments.md): the quick model, twice the steps, ~2.7x the training texts,
-    # larger validation / test sets and statistics samples, wider grids
-    "full": dict(max_len=64, first_trainable=4, probe_steps=50, steps=200, batch=32, group_by_length=8,
+                  grid_ta=[0.3, 0.5, 0.7], grid_ties=[1.0, 1.5], grid_tall=[1.0],
+                  ties_density=0.5, regmean_alpha=[0.9], tact_sites="norms"),
+    # full: ~40 CPU-min for 3 seeds (of the 90 for all full suites). The 1-seed full measured
+    # data 293 CPU s (once), training 652 s, methods 611 s. Here 20 + 100 steps (0.48x),
+    # 200 validation / 400 test texts and 4/3/2-point grids (~0.6x of the methods): ~700 CPU s
+    # a seed estimated, 293 + 3 x 700 s ~ 40 min (not measured yet)
+    "full": dict(max_len=64, first_trainable=4, probe_steps=20, steps=100, batch=32, group_by_length=8,
                  lr=1e-4, probe_lr=3e-3,
-                 train_limit=4000, val_limit=300, test_limit=800, stat_batches=8, stat_batch=32,
-                 fisher_examples=256, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
-                 grid_ta=[0.2, 0.3, 0.4, 0.5, 0.7, 1.0], grid_ties=[0.7, 1.0, 1.5, 2.0],
-                 grid_tall=[0.4, 0.7, 1.0], ties_density=0.5, regmean_alpha=[0.5, 0.9],
+                 train_limit=4000, val_limit=200, test_limit=400, stat_batches=6, stat_batch=32,
+                 fisher_examples=192, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
+                 grid_ta=[0.3, 0.5, 0.7, 1.0], grid_ties=[1.0, 1.5, 2.0],
+                 grid_tall=[0.4, 1.0], ties_density=0.5, regmean_alpha=[0.5, 0.9],
                  tact_sites="norms"),
 }
 
@@ -195,7 +202,7 @@ class TextData:
         self.enc: dict[tuple[str, str], Encoded] = {}
         lim = {"train": profile["train_limit"], "val": profile["val_limit"], "test": profile["test_limit"]}
         jobs = [(t, s) for t in TASKS for s in ("train", "val", "test")]
-        for t, s in tqdm(jobs, desc="encode (frozen layers)", disable=quiet, leave=False):
+        for t, s in progress(jobs, desc="encode (frozen layers)", disable=quiet):
             texts = self.tasks[t].texts[s][: lim[s]]
             labels = self.tasks[t].labels[s][: lim[s]]
             self.enc[(t, s)] = encode(bert, tokenizer, texts, labels, profile["max_len"], profile["first_trainable"])
@@ -324,27 +331,38 @@ def _grid(method: str, p: dict) -> list:
             "fisher": [None], "regmean": p["regmean_alpha"]}[method]
 
 
-def run(profile_name: str = "smoke", out: str | Path = "runs/local-text", quiet: bool = False,
-        cache_root: str | Path | None = None) -> dict:
+# the frozen MiniLM and the encoded texts of a profile, shared by the seeds of one process
+_DATA: dict[str, tuple[nn.Module, "TextData"]] = {}
+
+
+def run(profile_name: str = "smoke", quiet: bool = False, cache_root: str | Path | None = None,
+        seed: int = 0) -> dict:
+    """One seed's results (``run_suite`` aggregates seeds and writes the report); the expert
+    seeds are offset by ``seed_base(seed)``."""
     p = PROFILES[profile_name]
-    torch.manual_seed(0)
+    base_seed = seed_base(seed)
+    torch.manual_seed(base_seed)
     timer = Timer()
     t_start = time.perf_counter()
     notes: list[str] = []
     with timer("data"):
-        bert = zoo.minilm_classifier(2).bert.eval()
-        data = TextData(p, bert, zoo.minilm_tokenizer(), quiet)
+        if profile_name not in _DATA:
+            bert = zoo.minilm_classifier(2).bert.eval()
+            _DATA[profile_name] = (bert, TextData(p, bert, zoo.minilm_tokenizer(), quiet))
+        bert, data = _DATA[profile_name]
     cache = T.ExpertCache(Path(cache_root) if cache_root else D.cache_dir() / "experts")
     tr = Trainer(p, data, bert, cache, quiet)
     results: dict[str, Any] = {
-        "suite": "local-text", "profile": profile_name, "config": p, "seeds": {"experts": "task index"},
-        "versions": versions(), "splits": data.split_hashes(), "tasks": TASKS, "experts": {},
+        "suite": "local-text", "profile": profile_name, "config": p,
+        "seeds": {"run": seed, "experts": f"{base_seed} + task index"},
+        "versions": versions(), "splits": data.split_hashes(), "tasks": TASKS,
+        "n_classes": {t: data.n_classes(t) for t in TASKS}, "experts": {},
         "expert_val": {}, "runs": [], "variance_collapse": [], "barrier": [], "timings": timer.t,
         "timings_cpu": timer.cpu, "notes": notes}
     experts: dict[str, nn.Module] = {}
     with timer("train"):
         for i, t in enumerate(TASKS):
-            experts[t], info = tr.expert(t, i)
+            experts[t], info = tr.expert(t, base_seed + i)
             results["expert_val"][t] = info.get("val", {}).get("acc")
     results["experts"]["local"] = {t: T.evaluate(experts[t], data.enc[(t, "test")].eval_loader())["acc"] for t in TASKS}
     base = dict(tr.pretrained().state_dict())
@@ -357,7 +375,6 @@ def run(profile_name: str = "smoke", out: str | Path = "runs/local-text", quiet:
             notes.append(f"local/{method}: skipped: {e}")
     timer.t["total"] = round(time.perf_counter() - t_start, 2)
     results["cache"] = {"hits": cache.hits, "misses": cache.misses, "root": str(cache.root)}
-    results["paths"] = {k: str(v) for k, v in R.write_report(results, out).items()}
     return results
 
 

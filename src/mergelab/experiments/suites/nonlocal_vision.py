@@ -36,12 +36,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ...progress import progress
 
 from .. import data as D
-from .. import report as R
 from .. import train as T
 from .. import zoo
+from ..seeds import seed_base
 from .common import Timer, choose, data_free_bodies, interpolate, merge_state, versions
 
 TASKS = [f"{ds}-{lo}-{lo + 4}" for ds in ("fmnist", "mnist", "animal") for lo in (0, 5)]
@@ -56,28 +56,34 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(model=_SMALL_VGG, pre_steps=30, probe_steps=5, ft_steps=15, scratch_steps=25,
                   batch=32, lr=0.05, ft_lr=0.02, train_limit=3000, val_limit=200, test_limit=300,
                   stat_batches=2, stat_batch=64, fisher_examples=64, calib_examples=128, repair_per_task=32,
-                  threads=1,
                   settings=list(SETTINGS), methods=list(METHODS), alignments=list(ALIGNMENTS),
                   corrections=list(CORRECTIONS), grid_ta=[0.3, 1.0], grid_ties=[0.7, 1.0], ties_density=0.5,
                   barrier_points=5),
+    # quick: <= 15 CPU-min for 3 seeds (5 min a seed). The 1-seed quick measured ~350-420 CPU s,
+    # ~21 % training, ~15 % REPAIR, ~19 % TACT, ~40 % grids + evaluation; here the same models
+    # and training, with half the calibration images (TACT, REPAIR), 4-point lambda grids
+    # (the validation choices of the 1-seed runs were 0.1-0.25 / 0.4-0.8) and 400 test images
+    # per task: ~270 CPU s a seed estimated (docs/reproduce.md has the measurement)
     "quick": dict(model={"arch": "vgg", "cfg": ("M", 32, "M", 64, 64), "dense": (64,), "norm": "ln"},
                   pre_steps=500, probe_steps=30, ft_steps=150, scratch_steps=300,
-                  batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=300, test_limit=500,
-                  stat_batches=4, stat_batch=128, fisher_examples=128, calib_examples=512,
-                  repair_per_task=64, threads=1,
+                  batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=300, test_limit=400,
+                  stat_batches=4, stat_batch=128, fisher_examples=128, calib_examples=256,
+                  repair_per_task=32,
                   settings=list(SETTINGS), methods=list(METHODS), alignments=list(ALIGNMENTS),
-                  corrections=list(CORRECTIONS), grid_ta=[0.1, 0.15, 0.25, 0.4, 0.6],
-                  grid_ties=[0.4, 0.6, 0.8, 1.0, 1.3], ties_density=0.5, barrier_points=11),
-    # full: sized for the issue's "all suites <= 90 min on 2 cores" (this suite ~45 min cold):
-    # a 2.3x wider VGG than quick, 2x the training steps, 4x the test images, 2x calibration
-    "full": dict(model={"arch": "vgg", "cfg": ("M", 48, "M", 96, 96), "dense": (96,), "norm": "ln"},
-                 pre_steps=1000, probe_steps=50, ft_steps=300, scratch_steps=600,
-                 batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=500, test_limit=2000,
-                 stat_batches=8, stat_batch=128, fisher_examples=256, calib_examples=1024,
-                 repair_per_task=128, threads=1,
+                  corrections=list(CORRECTIONS), grid_ta=[0.1, 0.17, 0.25, 0.4],
+                  grid_ties=[0.3, 0.45, 0.65, 0.9], ties_density=0.5, barrier_points=11),
+    # full: the three full suites with 3 seeds <= 90 CPU-min, this one ~45 (15 a seed). The
+    # 1-seed full measured 1803 CPU s (55 % training); here a VGG of 0.69x the cost per step
+    # (widths 40/80 instead of 48/96), 0.83x the steps, half the calibration images and test
+    # images, 4-point grids: ~0.5x, ~900 CPU s a seed estimated (not measured yet)
+    "full": dict(model={"arch": "vgg", "cfg": ("M", 40, "M", 80, 80), "dense": (80,), "norm": "ln"},
+                 pre_steps=800, probe_steps=40, ft_steps=250, scratch_steps=500,
+                 batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=400, test_limit=800,
+                 stat_batches=6, stat_batch=128, fisher_examples=256, calib_examples=512,
+                 repair_per_task=64,
                  settings=list(SETTINGS), methods=list(METHODS), alignments=list(ALIGNMENTS),
-                 corrections=list(CORRECTIONS), grid_ta=[0.1, 0.15, 0.2, 0.3, 0.4, 0.6],
-                 grid_ties=[0.4, 0.6, 0.8, 1.0, 1.3, 1.6], ties_density=0.5, barrier_points=11),
+                 corrections=list(CORRECTIONS), grid_ta=[0.1, 0.15, 0.25, 0.4],
+                 grid_ties=[0.4, 0.6, 0.9, 1.3], ties_density=0.5, barrier_points=11),
 }
 
 
@@ -115,7 +121,7 @@ class TaskData:
         return out[:n_batches] if n_batches else out
 
     def split_hashes(self) -> dict[str, str]:
-        return {k: D.indices_hash(p.splits) for k, p in self.pools.items()}
+        return {k: p.split_hash() for k, p in self.pools.items()}
 
 
 # ----------------------------------------------------------------------------- training
@@ -267,19 +273,13 @@ def _with_state(template: nn.Module, body: dict, head_from: nn.Module) -> nn.Mod
     return m.eval()
 
 
-def run(profile_name: str = "smoke", out: str | Path = "runs/nonlocal-vision", quiet: bool = False,
-        cache_root: str | Path | None = None) -> dict:
+def run(profile_name: str = "smoke", quiet: bool = False, cache_root: str | Path | None = None,
+        seed: int = 0) -> dict:
+    """One seed's results (``run_suite`` aggregates seeds and writes the report); every seed
+    used below is offset by ``seed_base(seed)``."""
     p = PROFILES[profile_name]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(p.get("threads", threads))
-    try:
-        return _run(profile_name, p, out, quiet, cache_root)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(profile_name, p, out, quiet, cache_root) -> dict:
-    torch.manual_seed(0)
+    base_seed = seed_base(seed)
+    torch.manual_seed(base_seed)
     timer = Timer()
     t_start = time.perf_counter()
     notes: list[str] = []
@@ -289,14 +289,16 @@ def _run(profile_name, p, out, quiet, cache_root) -> dict:
     tr = Trainer(p, data, cache, quiet)
     results: dict[str, Any] = {
         "suite": "nonlocal-vision", "profile": profile_name, "config": p, "seeds": {},
-        "versions": versions(), "splits": data.split_hashes(), "tasks": TASKS, "experts": {},
+        "versions": versions(), "splits": data.split_hashes(), "tasks": TASKS,
+        "n_classes": {t: 5 for t in TASKS}, "experts": {},
         "runs": [], "variance_collapse": [], "barrier": [], "alignment": [], "timings": timer.t,
         "timings_cpu": timer.cpu, "notes": notes}
 
     with timer("train"):
-        fa = tr.foundation(0)
-        fb = tr.foundation(1) if "two-foundations" in p["settings"] else None
-    results["seeds"] = {"foundation_A": 0, "foundation_B": 1, "experts": "task index (+100 no-foundation)"}
+        fa = tr.foundation(base_seed)
+        fb = tr.foundation(base_seed + 1) if "two-foundations" in p["settings"] else None
+    results["seeds"] = {"run": seed, "foundation_A": base_seed, "foundation_B": base_seed + 1,
+                        "experts": f"{base_seed} + task index (+100 no-foundation)"}
     results["foundations"] = {"A": T.evaluate(fa, data.loader("pretrain", "val"))["acc"]}
     if fb is not None:
         results["foundations"]["B"] = T.evaluate(fb, data.loader("pretrain", "val"))["acc"]
@@ -306,24 +308,24 @@ def _run(profile_name, p, out, quiet, cache_root) -> dict:
             experts, inits = {}, {}
             for i, t in enumerate(TASKS):
                 if setting == "no-foundation":
-                    experts[t], _ = tr.expert(t, "scratch", 100 + i, None)
-                    inits[t] = tr.random_init(100 + i)
+                    experts[t], _ = tr.expert(t, "scratch", base_seed + 100 + i, None)
+                    inits[t] = tr.random_init(base_seed + 100 + i)
                 else:
                     f, name = (fa, "A") if setting == "local" or i % 2 == 0 else (fb, "B")
-                    experts[t], _ = tr.expert(t, name, i, f)
+                    experts[t], _ = tr.expert(t, name, base_seed + i, f)
                     inits[t] = f
         results["experts"][setting] = {t: T.evaluate(experts[t], data.loader(t, "test"))["acc"] for t in TASKS}
         alignments = ["none"] if setting == "local" else p["alignments"]
         mappers: dict[str, Callable[[dict], dict]] = {}
         fishers: dict[str, dict] = {}   # per expert, unaligned: an aligned expert's Fisher is its permutation
-        for alignment in tqdm(alignments, desc=f"{setting}: alignments", disable=quiet, leave=False):
+        for alignment in progress(alignments, desc=f"{setting}: alignments", disable=quiet):
             with timer("align"):
                 states, init_states, maps = _aligned(setting, alignment, experts, inits, fa, fb, data, p, mappers)
             results["alignment"].append({"setting": setting, "alignment": alignment,
                                          "expert_l2_to_ref": _spread(states)})
             base = {k: torch.stack([s[k].float() for s in init_states.values()]).mean(0)
                     if torch.is_floating_point(s0) else s0 for k, s0 in next(iter(init_states.values())).items()}
-            for method in tqdm(p["methods"], desc=f"{setting}/{alignment}: methods", disable=quiet, leave=False):
+            for method in progress(p["methods"], desc=f"{setting}/{alignment}: methods", disable=quiet):
                 with timer("merge"):
                     _run_method(results, setting, alignment, method, states, base, experts, data, p, timer,
                                 {"maps": maps, "fishers": fishers})
@@ -332,7 +334,6 @@ def _run(profile_name, p, out, quiet, cache_root) -> dict:
                 _barrier(results, fa, fb, data, p, mappers)
     timer.t["total"] = round(time.perf_counter() - t_start, 2)
     results["cache"] = {"hits": cache.hits, "misses": cache.misses, "root": str(cache.root)}
-    results["paths"] = {k: str(v) for k, v in R.write_report(results, out).items()}
     return results
 
 
@@ -500,4 +501,5 @@ def _barrier(results, fa, fb, data, p, mappers):
             losses.append(r["loss"])
             accs.append(r["acc"])
         results["barrier"].append({"setting": "two-foundations", "label": "foundation A ↔ B",
+                                   "split": "pre-training task's validation split (30 classes)",
                                    "alignment": alignment, "alphas": alphas, "loss": losses, "acc": accs})
