@@ -908,6 +908,11 @@ def test_api_misuse_is_one_line():
         "fisher-shape": lambda: mergelab.fisher_merge([sd, {k: torch.zeros(1) for k in sd}], [sd, sd]),
         "regmean-shape": lambda: mergelab.regmean_merge([sd, {k: torch.zeros(1) for k in sd}], [{}, {}]),
         "regmean-gram-non-tensor": lambda: mergelab.regmean_merge([sd, sd], [{"0.weight": 1}] * 2),
+        "merge-out-none": lambda: mergelab.merge({"models": [{"model": "x"}], "merge_method": "linear"}, None),
+        "repair-non-module": lambda: mergelab.repair(net, [sd], [torch.randn(2, 3)], progress=False),
+        "repair-merged-non-module": lambda: mergelab.repair(sd, [net], [torch.randn(2, 3)], progress=False),
+        "tact-non-module": lambda: mergelab.tact(net, {"a": sd}, {"a": [torch.randn(2, 3)]}, progress=False),
+        "tact-list": lambda: mergelab.tact(net, [net], [[torch.randn(2, 3)]], progress=False),
     }
     for name, call in calls.items():
         with pytest.raises(MergelabError) as e:

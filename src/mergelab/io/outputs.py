@@ -343,6 +343,8 @@ class Output:
                  parents: bool = False):
         self.option, self.kind, self.force, self.replaces = option, kind, force, replaces
         self.parents = parents
+        if not isinstance(path, (str, os.PathLike)):
+            raise MergelabError(f"{option}: expected an output path, found {type(path).__name__}")
         given = Path(path).expanduser()
         if str(path) == "" or given.name in ("", ".", ".."):
             given = _resolve(given.absolute(), option)

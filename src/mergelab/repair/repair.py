@@ -70,6 +70,9 @@ def repair(merged_model: nn.Module, experts: Sequence[nn.Module], data: Iterable
     ``merged_model``'s device."""
     if not experts:
         raise MergelabError("repair: expected at least one expert model, found none")
+    for where, m in [("merged_model", merged_model), *((f"experts[{i}]", e) for i, e in enumerate(experts))]:
+        if not isinstance(m, nn.Module):
+            raise MergelabError(f"repair: {where} is a {type(m).__name__}, expected a torch.nn.Module")
     dev = resolve_device(device, "repair device")
     home = module_device(merged_model)
     dev = home if dev is None else dev

@@ -221,8 +221,14 @@ def tact(merged_model: nn.Module, experts: Mapping[str, nn.Module], data: Mappin
     one pass per site); see :mod:`mergelab.repair.correct`.  ``merged_model`` is not modified.
     ``device``: where the passes run (each model moves there for its pass and back after;
     default: where ``merged_model`` is); the result is on ``merged_model``'s device."""
+    if not isinstance(experts, Mapping) or not isinstance(data, Mapping):
+        raise MergelabError(f"tact: experts and data must be dicts keyed by task, found "
+                            f"{type(experts).__name__} and {type(data).__name__}")
     if not experts:
         raise MergelabError("tact: expected at least one expert, found none")
+    for where, m in [("merged_model", merged_model), *((f"experts['{t}']", e) for t, e in experts.items())]:
+        if not isinstance(m, nn.Module):
+            raise MergelabError(f"tact: {where} is a {type(m).__name__}, expected a torch.nn.Module")
     if set(experts) != set(data):
         raise MergelabError(f"tact: experts and data must name the same tasks, found "
                             f"{sorted(experts)} and {sorted(data)}")
