@@ -93,7 +93,8 @@ def test_permute_preserves_function_and_weight_matching_recovers_exactly(specs, 
     q = weight_matching(spec, a, b, seed=1)
     back = permute(spec, b, q)
     assert all(torch.equal(back[k], a[k]) for k in a)
-    assert q.history[-1] >= q.history[0]
+    # never worse than the start (the signature start may already be optimal: float32 rounding)
+    assert q.history[-1] >= q.history[0] * (1 - 1e-6)
     # the found permutation is the inverse of the applied one
     inv = invert(spec, p)
     assert all(torch.equal(q[g], inv[g]) for g in spec.groups)

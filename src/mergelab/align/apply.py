@@ -62,15 +62,43 @@ def compose(spec: PermutationSpec, first: Mapping, then: Mapping) -> Permutation
     return Permutation({k: a[k][b[k]] for k in a})
 
 
+def rename_spec(spec: PermutationSpec, names: Mapping[str, str]) -> PermutationSpec:
+    """The spec in a checkpoint's tensor names: ``names`` maps the model's parameter names to
+    the checkpoint's (:func:`mergelab.io.models.checkpoint_names`).  Tied parameters (two model
+    names, one checkpoint tensor) keep one entry: permuting the stored tensor permutes both.
+    Names not in ``names`` stay as they are."""
+    axes: dict = {}
+    for n, rules in spec.axes.items():
+        f = names.get(n, n)
+        if f in axes:
+            if [(r.axis, r.start, r.length, r.expr) for r in axes[f]] != \
+                    [(r.axis, r.start, r.length, r.expr) for r in rules]:
+                raise MergelabError(f"tied tensors {n!r} and its twin (stored as {f!r}) are permuted "
+                                    "differently by the spec")
+            continue
+        axes[f] = rules
+    frozen = {}
+    for k, why in spec.frozen.items():
+        n, _, ax = k.rpartition(":")
+        frozen[f"{names.get(n, n)}:{ax}" if n else k] = why
+    return PermutationSpec(dict(spec.groups), axes, frozen, list(spec.unknown_ops), spec.trace)
+
+
 class PermutedCheckpoint:
     """A checkpoint reader that permutes each tensor as it is read.
 
     Wraps anything with the Checkpoint interface (``keys/shape/dtype/get/config/path``,
     ``__contains__``, ``__len__``) or a plain mapping; only the tensor asked for is read.
+    ``names`` (model parameter name -> checkpoint tensor name, see
+    :func:`mergelab.io.models.checkpoint_names`) translates a spec traced on the model to a
+    checkpoint written with other (legacy) names or with tied tensors stored once.
     """
 
-    def __init__(self, checkpoint, spec: PermutationSpec, permutation: Mapping[str, torch.Tensor]):
+    def __init__(self, checkpoint, spec: PermutationSpec, permutation: Mapping[str, torch.Tensor],
+                 names: Mapping[str, str] | None = None):
         self.checkpoint = checkpoint
+        if names is not None:
+            spec = rename_spec(spec, names)
         self.spec = spec
         self.permutation = spec.check(permutation)
         missing = [n for n in spec.axes if n not in checkpoint]

@@ -223,18 +223,80 @@ class _Entry:
         return self.value
 
 
+def _signatures(x: torch.Tensor, k: int, q: int = 64) -> torch.Tensor:
+    """Per-unit signature along axis ``k``: the unit's row (every other axis) sorted, sampled
+    at ``q`` evenly spaced ranks.  Sorting makes it invariant to any permutation of the other
+    axes, so a unit keeps its signature whatever the other groups do."""
+    n = x.shape[k]
+    rows = x.movedim(k, 0).reshape(n, -1).sort(dim=1).values
+    L = rows.shape[1]
+    if L > q:
+        rows = rows[:, torch.linspace(0, L - 1, q).round().long()]
+    return rows.double()
+
+
+def signature_match(spec: PermutationSpec, reference_state: Mapping[str, torch.Tensor],
+                    other_state: Mapping[str, torch.Tensor], q: int = 64) -> Permutation:
+    """A one-shot weight-statistics match (no coordinate descent): per group, the LAP that
+    minimises the summed squared distance between the units' signatures (each parameter row
+    along the group's axis, sorted, at ``q`` ranks) of the reference and the other model.
+
+    Every group is solved independently of the others, so a randomly permuted copy is
+    recovered exactly in one step (the signatures of matching units are equal).  Attention
+    heads are solved jointly with their per-head inner groups, as in weight matching.  Used
+    as weight matching's starting point (``init="signature"``)."""
+    if isinstance(reference_state, nn.Module):
+        reference_state = reference_state.state_dict()
+    if isinstance(other_state, nn.Module):
+        other_state = other_state.state_dict()
+    pa = _state_pieces(spec, reference_state, "signature_match (reference)")
+    pb = _state_pieces(spec, other_state, "signature_match (other)")
+    return _signature_match(spec, pa, pb, q)
+
+
+def _signature_match(spec: PermutationSpec, pa: list, pb: list, q: int = 64) -> Permutation:
+    costs: dict[str, np.ndarray] = {}
+    for (xa, ax), (xb, _) in zip(pa, pb):
+        if xa.shape != xb.shape:
+            raise MergelabError(f"signature_match: reference and other differ in shape: {tuple(xa.shape)} "
+                                f"vs {tuple(xb.shape)}")
+        for k, g in enumerate(ax):
+            if g is None:
+                continue
+            sa, sb = _signatures(xa, k, q), _signatures(xb, k, q)
+            c = (2 * sa @ sb.T - (sa * sa).sum(1)[:, None] - (sb * sb).sum(1)[None, :]).numpy()
+            costs[g] = costs[g] + c if g in costs else c
+    perm = dict(spec.identity())
+    units = _Units(spec)
+    for u in units.units:
+        cs = {n: costs[n] for n in (u[1], *u[2]) if n in costs}
+        if cs:
+            new, _ = units.solve(u, cs, perm)
+            perm.update(new)
+    return spec.check(perm)
+
+
+def _head_of(spec: PermutationSpec, g: str) -> str:
+    grp = spec.groups[g]
+    return grp.head_group if grp.kind == "within_head" and grp.per_head else g
+
+
 def _piece_objective(xa, xb, ax, perm) -> float:
     return float((xa * _permute_piece(xb, ax, perm)).sum(dtype=torch.float64))
 
 
 def weight_matching(spec: PermutationSpec, reference_state: Mapping[str, torch.Tensor],
                     other_state: Mapping[str, torch.Tensor], max_iter: int = 100, seed: int = 0,
-                    init: Mapping[str, torch.Tensor] | None = None, verbose: bool = False,
+                    init: "Mapping[str, torch.Tensor] | str" = "signature", verbose: bool = False,
                     groups: Sequence[str] | None = None) -> Permutation:
     """Permutation of ``other_state`` that best matches ``reference_state`` (Git Re-Basin).
 
-    Coordinate descent over groups in random order (seeded), one LAP per group (or per
-    head unit), until a sweep improves nothing (gain <= 1e-12 x max(1, |objective|)) or
+    Starts from ``init``: ``"signature"`` (default: :func:`signature_match`, a one-shot match
+    of sorted-weight signatures that solves every group independently, so the descent does
+    not start where coupled groups hold each other in a poor local optimum; ViT-style stacks
+    started from the identity stop ~26% below the true permutation's objective), ``"identity"``
+    (Git Re-Basin's start), or a permutation.  Then coordinate descent over groups in random
+    order (seeded), one LAP per group (or per head unit), until a sweep improves nothing (gain <= 1e-12 x max(1, |objective|)) or
     ``max_iter`` sweeps.  ``permute(spec, other_state, result)`` is then aligned to the
     reference.  ``result.history`` holds the objective sum <W_A, pi(W_B)> after each sweep
     (index 0: before the first sweep).  ``groups`` restricts the search to some groups
@@ -256,7 +318,18 @@ def weight_matching(spec: PermutationSpec, reference_state: Mapping[str, torch.T
         if xa.shape != xb.shape:
             raise MergelabError(f"weight_matching: reference and other differ in shape: {tuple(xa.shape)} "
                                 f"vs {tuple(xb.shape)}")
-    perm = dict(spec.check(init) if init is not None else spec.identity())
+    if init is None or (isinstance(init, str) and init == "identity"):
+        perm = dict(spec.identity())
+    elif isinstance(init, str) and init == "signature":
+        perm = dict(_signature_match(spec, pa, pb))
+        if groups is not None:   # only the searched groups start from the signature match
+            perm = {g: (v if g in groups or _head_of(spec, g) in groups else torch.arange(len(v)))
+                    for g, v in perm.items()}
+    elif isinstance(init, str):
+        raise MergelabError(f"weight_matching: init must be 'signature', 'identity' or a permutation, "
+                            f"found {init!r}")
+    else:
+        perm = dict(spec.check(init))
     units = _Units(spec)
     todo = [u for u in units.units if groups is None or u[1] in groups]
 

@@ -1,6 +1,6 @@
 """Per-op axis-link handlers for the permutation tracer.
 
-The tracer (:mod:`mergelab.align.spec`) runs the model once under a dispatch mode and sees
+The tracer (:mod:`mergelab.align.spec.build`) runs the model once under a dispatch mode and sees
 every ATen op with its real tensors.  For each op a handler here states which tensor axes
 must carry the SAME permutation (``c.link``), which axes are split into / merged from
 others (``c.prod`` for a reshape or a head split, ``c.cat`` for a concatenation), which axes
@@ -175,38 +175,132 @@ def select(c, op):
 
 @handles("aten.slice", "aten.narrow")
 def slice_(c, op):
+    """A contiguous piece of an axis.  Pieces that tile the axis exactly make it their
+    concatenation (resolved after the trace); any other slice pins the axis."""
     x, y = op.args[0], op.outs[0]
-    d = _dim(op.args[1] if len(op.args) > 1 else 0, x.dim())
+    s = op.schema_args()
+    d = _dim(s.get("dim", 0), x.dim())
+    n = x.shape[d]
+    if op.name == "aten.narrow":
+        start, step = int(s.get("start", 0)), 1
+    else:
+        start, step = s.get("start"), s.get("step", 1) or 1
+        start = 0 if start is None else int(start)
+    start = min(max(start + n if start < 0 else start, 0), n)
     for i in range(x.dim()):
-        if i == d and y.shape[d] != x.shape[d]:
-            c.freeze(c.ax(x, d), "slice takes part of an axis")
-            c.freeze(c.ax(y, d), "slice takes part of an axis")
+        if i != d or y.shape[d] == n:
+            c.link(c.ax(x, i), c.ax(y, i))
+    if y.shape[d] == n:
+        return
+    if step != 1 or y.shape[d] == 0:
+        c.freeze(c.ax(x, d), "slice takes part of an axis")
+        c.freeze(c.ax(y, d), "slice takes part of an axis")
+        return
+    c.piece(c.ax(x, d), start, y.shape[d], c.ax(y, d))
+
+
+@handles("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unsafe_split",
+         "aten.unsafe_split_with_sizes", "aten.split_with_sizes_copy")
+def split(c, op):
+    """The cut axis is the concatenation of the pieces' axes (a fused QKV projection's
+    output = [Q | K | V]): each piece may carry its own permutation, the parent axis gets
+    the blockwise composite."""
+    x = op.args[0]
+    s = op.schema_args()
+    d = _dim(s.get("dim", 0), x.dim())
+    outs = [y for y in op.outs if y.dim() == x.dim()]
+    for y in outs:
+        for i in range(x.dim()):
+            if i != d:
+                c.link(c.ax(x, i), c.ax(y, i))
+    if len(outs) == 1:
+        c.link(c.ax(x, d), c.ax(outs[0], d))
+    elif outs:
+        c.cat(c.ax(x, d), [c.ax(y, d) for y in outs])
+
+
+@handles("aten.unbind")
+def unbind(c, op):
+    x = op.args[0]
+    d = _dim(op.args[1] if len(op.args) > 1 else 0, x.dim())
+    c.freeze(c.ax(x, d), "unbind takes single entries of this axis")
+    others = [i for i in range(x.dim()) if i != d]
+    for y in op.outs:
+        for i, j in zip(others, range(y.dim())):
+            c.link(c.ax(x, i), c.ax(y, j))
+
+
+@handles("aten.constant_pad_nd", "aten.reflection_pad1d", "aten.reflection_pad2d", "aten.reflection_pad3d",
+         "aten.replication_pad1d", "aten.replication_pad2d", "aten.replication_pad3d")
+def pad(c, op):
+    """Padding changes (trailing) axes listed in ``pad``; the others pass through."""
+    x, y = op.args[0], op.outs[0]
+    widths = list(op.args[1])
+    n = x.dim()
+    padded = {n - 1 - k for k in range(len(widths) // 2) if widths[2 * k] or widths[2 * k + 1]}
+    for i in range(n):
+        if i in padded:
+            c.freeze(c.ax(x, i), f"{op.name} pads this axis")
+            c.freeze(c.ax(y, i), f"{op.name} pads this axis")
         else:
             c.link(c.ax(x, i), c.ax(y, i))
 
 
-@handles("aten.split", "aten.split_with_sizes", "aten.unbind", "aten.chunk", "aten.tensor_split",
-         "aten.unsafe_split")
-def split(c, op):
-    x = op.args[0]
-    d = _dim(op.args[2] if len(op.args) > 2 else op.kwargs.get("dim", 0), x.dim())
-    if op.name == "aten.unbind":
-        d = _dim(op.args[1] if len(op.args) > 1 else 0, x.dim())
-    for y in op.outs:
-        if y.dim() == x.dim() and y.shape[d] == x.shape[d]:
-            _same(c, x, y)
-            continue
-        c.freeze(c.ax(x, d), f"{op.name} cuts an axis")
-        others = [i for i in range(x.dim()) if i != d]
-        if y.dim() == x.dim():
-            c.freeze(c.ax(y, d), f"{op.name} cuts an axis")
-            for i in others:
-                c.link(c.ax(x, i), c.ax(y, i))
+@handles("aten.roll")
+def roll(c, op):
+    """A cyclic shift along ``dims`` (spatial axes in Swin): those stay in place, the others
+    pass through."""
+    x, y = op.args[0], op.outs[0]
+    s = op.schema_args()
+    dims = [_dim(d, x.dim()) for d in (s.get("dims") or [])]
+    for i in range(x.dim()):
+        if not dims or i in dims:
+            c.freeze(c.ax(x, i), "roll shifts entries along this axis")
+            c.freeze(c.ax(y, i), "roll shifts entries along this axis")
         else:
-            for i, j in zip(others, range(y.dim())):
+            c.link(c.ax(x, i), c.ax(y, i))
+
+
+@handles("aten.as_strided", "aten.as_strided_", "aten.as_strided_copy")
+def as_strided(c, op):
+    """A view with explicit sizes/strides: an output axis with the same (size, stride) as an
+    input axis (same storage offset) is that axis; others stay in place."""
+    x, y = op.args[0], op.outs[0]
+    if y.storage_offset() != x.storage_offset():
+        return
+    used = set()
+    for j in range(y.dim()):
+        if y.shape[j] == 1:
+            c.ok(c.ax(y, j))
+            continue
+        for i in range(x.dim()):
+            if i not in used and x.shape[i] == y.shape[j] and x.stride(i) == y.stride(j):
+                used.add(i)
                 c.link(c.ax(x, i), c.ax(y, j))
+                break
+    if x.numel() == y.numel():
+        for i in range(x.dim()):
+            if x.shape[i] == 1:
+                c.ok(c.ax(x, i))
 
 
+@handles("aten._weight_norm_interface", "aten._weight_norm")
+def weight_norm(c, op):
+    """w = v * g / ||v|| (norm over every axis but ``dim``): w's axes are v's; g (and the
+    returned norms) carry axis ``dim``; the axes the norm sums over may be permuted freely."""
+    v, g = op.args[0], op.args[1]
+    dim = _dim(op.args[2] if len(op.args) > 2 else op.kwargs.get("dim", 0), v.dim())
+    outs = op.outs
+    _same(c, v, outs[0])
+    for t in [g] + list(outs[1:]):
+        if t.dim() == v.dim():
+            for i in range(v.dim()):
+                if i == dim:
+                    c.link(c.ax(t, i), c.ax(v, i))
+                else:
+                    c.ok(c.ax(t, i))
+        elif t.dim() == 1 and t.shape[0] == v.shape[dim]:
+            c.link(c.ax(t, 0), c.ax(v, dim))
 @handles("aten.cat", "aten.concat", "aten.concatenate")
 def cat(c, op):
     ts = [t for t in op.args[0] if not (t.dim() == 1 and t.numel() == 0)]
@@ -471,9 +565,16 @@ def sdpa(c, op):
     if k.dim() != n or v.dim() != n or n < 3:
         return
     for i in range(n - 2):   # batch and head axes
-        c.link(c.ax(q, i), c.ax(k, i))
-        c.link(c.ax(q, i), c.ax(v, i))
         c.link(c.ax(q, i), c.ax(y, i))
+        c.link(c.ax(k, i), c.ax(v, i))
+        if q.shape[i] == k.shape[i]:
+            c.link(c.ax(q, i), c.ax(k, i))
+        elif i == n - 3 and k.shape[i] > 0 and q.shape[i] % k.shape[i] == 0:
+            # grouped-query attention (enable_gqa): query head h reads key/value head
+            # h // G, so the query head axis is (kv heads) x (G query heads per kv head)
+            c.prod(c.ax(q, i), [c.ax(k, i), c.virtual(q.shape[i] // k.shape[i])])
+        elif k.shape[i] == 1:
+            c.ok(c.ax(k, i))
     c.link(c.ax(q, n - 1), c.ax(k, n - 1))      # query/key dims are contracted together
     c.link(c.ax(k, n - 2), c.ax(v, n - 2))      # key/value sequence
     c.link(c.ax(q, n - 2), c.ax(y, n - 2))
@@ -548,11 +649,59 @@ def pinned_outputs(c, op):
             c.freeze(c.ax(t, i), f"{op.name} output depends on position")
 
 
-@handles("aten.index", "aten.index_select", "aten.gather", "aten.take", "aten.take_along_dim",
-         "aten.index_put", "aten.index_put_", "aten.scatter", "aten.scatter_add", "aten.masked_select",
-         "aten.nonzero", "aten.sort", "aten.topk", "aten.flip", "aten.roll")
+@handles("aten.index", "aten._unsafe_index")
+def index(c, op):
+    """``x[..., idx, ...]``: indexed axes are addressed by position (pinned, and so are the
+    index tensors' axes that form the result); the other axes pass through."""
+    x, y = op.args[0], op.outs[0]
+    idx = list(op.args[1])
+    pos = [i for i, t in enumerate(idx) if t is not None]
+    if not pos or any(t is not None and t.dtype == torch.bool for t in idx):
+        return _pinned(c, op)
+    ishape = torch.broadcast_shapes(*[idx[i].shape for i in pos])
+    k = len(ishape)
+    contiguous = pos == list(range(pos[0], pos[-1] + 1))
+    rest = [i for i in range(x.dim()) if i not in pos]
+    start = pos[0] if contiguous else 0
+    out_of = {}
+    for i in rest:
+        out_of[i] = i if (contiguous and i < start) else (i - len(pos) + k if contiguous else
+                                                          k + rest.index(i))
+    for i in range(x.dim()):
+        if i in pos:
+            c.freeze(c.ax(x, i), f"{op.name} addresses entries by position")
+        else:
+            c.link(c.ax(x, i), c.ax(y, out_of[i]))
+    for j in range(start, start + k):
+        c.freeze(c.ax(y, j), f"{op.name} result axis comes from the index")
+    for i in pos:
+        for a in range(idx[i].dim()):
+            c.freeze(c.ax(idx[i], a), f"{op.name} index")
+
+
+@handles("aten.index_select")
+def index_select(c, op):
+    x, y = op.args[0], op.outs[0]
+    d = _dim(op.args[1], x.dim())
+    for i in range(x.dim()):
+        if i == d:
+            c.freeze(c.ax(x, i), f"{op.name} addresses entries by position")
+            c.freeze(c.ax(y, i), f"{op.name} addresses entries by position")
+        else:
+            c.link(c.ax(x, i), c.ax(y, i))
+    for a in range(op.args[2].dim()):
+        c.freeze(c.ax(op.args[2], a), f"{op.name} index")
+
+
+@handles("aten.gather", "aten.take", "aten.take_along_dim", "aten.index_put", "aten.index_put_",
+         "aten.scatter", "aten.scatter_add", "aten.masked_select", "aten.nonzero", "aten.sort",
+         "aten.topk", "aten.flip")
 def indexing(c, op):
     """Ops that address entries by position: every axis they touch stays in place."""
+    _pinned(c, op)
+
+
+def _pinned(c, op):
     for t in op.in_tensors + op.outs:
         for i in range(t.dim()):
             c.freeze(c.ax(t, i), f"{op.name} addresses entries by position")

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import MergelabError
-from ..io.models import build_model, is_hf_folder, load_factory, load_weights  # noqa: F401  (re-exported)
-from .apply import PermutedCheckpoint, save_permutation
+from ..io.models import build_model, checkpoint_names, is_hf_folder, load_factory, load_weights  # noqa: F401
+from .apply import PermutedCheckpoint, rename_spec, save_permutation
 from .matching import activation_matching, weight_matching
 from .spec import Permutation, PermutationSpec, permutation_spec
 
@@ -39,12 +39,21 @@ def hf_example_inputs(model: nn.Module) -> Any:
         ids = torch.randint(1, min(vocab, 1000), (2, 8), generator=g)
         mask = torch.ones(2, 8, dtype=torch.int64)
         mask[1, 5:] = 0
-        return {"input_ids": ids, "attention_mask": mask}
+        x = {"input_ids": ids, "attention_mask": mask}
+        if "decoder_input_ids" in params and getattr(cfg, "is_encoder_decoder", False):
+            x["decoder_input_ids"] = torch.randint(1, min(vocab, 1000), (2, 5), generator=g)
+        return x
     if "pixel_values" in params:
         ch = int(getattr(cfg, "num_channels", 3) or 3)
         size = getattr(cfg, "image_size", 32) or 32
         size = size if isinstance(size, int) else int(size[0])
         return {"pixel_values": torch.randn(2, ch, size, size, generator=g)}
+    if "input_features" in params:          # speech encoders on log-mel frames (Whisper)
+        mels = int(getattr(cfg, "num_mel_bins", 80) or 80)
+        frames = 2 * int(getattr(cfg, "max_source_positions", 1500) or 1500)
+        return {"input_features": torch.randn(2, mels, frames, generator=g)}
+    if "input_values" in params:            # raw-waveform encoders (wav2vec2)
+        return {"input_values": torch.randn(2, 4000, generator=g)}
     raise MergelabError(f"{type(model).__name__}: cannot make example inputs for it; give --input-shape")
 
 
@@ -150,7 +159,9 @@ def align_checkpoints(reference, others: Sequence, *, model_code: str | None = N
         x = hf_example_inputs(model)
     else:
         raise MergelabError("align: cannot make example inputs for tracing; give --input-shape (e.g. 1,3,32,32)")
-    spec = permutation_spec(model, x, seed=seed)
+    model_spec = permutation_spec(model, x, seed=seed)
+    # the spec in the checkpoint's own tensor names (legacy names, tied tensors stored once)
+    spec = rename_spec(model_spec, checkpoint_names(model, ref_ck.keys()))
     perms = []
     if method == "weight":
         ref_state = spec_state(spec, ref_ck, _label(ref_ck))
@@ -160,7 +171,8 @@ def align_checkpoints(reference, others: Sequence, *, model_code: str | None = N
         ref_model = load_weights(model, ref_ck, _label(ref_ck))
         for ck in oth_ck:
             other = load_weights(build_model(ref_path, model_code), ck, _label(ck))
-            perms.append(activation_matching(spec, ref_model, other, batches, input_fn=_batch_input, seed=seed))
+            perms.append(activation_matching(model_spec, ref_model, other, batches, input_fn=_batch_input,
+                                             seed=seed))
     return AlignResult(spec, perms, [_label(c) for c in oth_ck])
 
 

@@ -89,9 +89,64 @@ def build_model(path: str | os.PathLike, model_code: str | None = None) -> nn.Mo
                         "to say which architecture it is")
 
 
+def _hf_renamed(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """``{model name: checkpoint name}`` by transformers' own load-time renaming of checkpoint
+    keys (transformers 5 renames modules, e.g. ViT's ``attention.attention.query`` is
+    ``attention.q_proj``, while ``save_pretrained`` writes the legacy names).  Keys that a
+    converter would combine or split (not a one-to-one rename) are not mapped."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:          # another transformers version: no conversion mapping
+        return {}
+    if not isinstance(model, PreTrainedModel):
+        return {}
+    conv = get_model_conversion_mapping(model) or []
+    ren = [c for c in conv if isinstance(c, WeightRenaming)]
+    cvt = [c for c in conv if isinstance(c, WeightConverter)]
+    if not ren and not cvt:
+        return {}
+    meta = model.state_dict()
+    out: dict[str, str] = {}
+    for k in keys:
+        mk, src = rename_source_key(k, ren, cvt, getattr(model, "base_model_prefix", None), meta)
+        if src is None and mk in meta and mk != k:
+            out.setdefault(mk, k)
+    return out
+
+
+def checkpoint_names(model: nn.Module, keys) -> dict[str, str]:
+    """``{model state name: checkpoint tensor name}`` for every model tensor the checkpoint
+    holds: the same name; else transformers' renaming of the checkpoint's (legacy) names;
+    else, for a tied tensor (the same parameter under two names, e.g. GPT-2's ``lm_head.weight``
+    and ``transformer.wte.weight``, written once), the name its twin has in the checkpoint."""
+    keys = list(keys)
+    present = set(keys)
+    state = model.state_dict(keep_vars=True)
+    names = {k: k for k in state if k in present}
+    if len(names) < len(state):
+        for mk, fk in _hf_renamed(model, [k for k in keys if k not in names.values()]).items():
+            names.setdefault(mk, fk)
+    twins: dict[int, list[str]] = {}
+    for k, t in state.items():
+        twins.setdefault(id(t), []).append(k)
+    for group in twins.values():
+        have = next((k for k in group if k in names), None)
+        if have is not None:
+            for k in group:
+                names.setdefault(k, names[have])
+    return names
+
+
 def load_weights(model: nn.Module, ckpt, label: str) -> nn.Module:
-    """Load every tensor of ``ckpt`` (a Checkpoint-like object) into ``model`` (strict)."""
-    state = {k: ckpt.get(k) for k in ckpt.keys()}
+    """Load every tensor of ``ckpt`` (a Checkpoint-like object) into ``model`` (strict, through
+    :func:`checkpoint_names`: renamed and tied tensors are found)."""
+    keys = list(ckpt.keys())
+    names = checkpoint_names(model, keys)
+    used = set(names.values())
+    state = {mk: ckpt.get(fk) for mk, fk in names.items()}
+    state.update({k: ckpt.get(k) for k in keys if k not in used})   # reported as unexpected
     try:
         r = model.load_state_dict(state, strict=False)
     except RuntimeError as e:

@@ -6,6 +6,7 @@ Rules (methods.md §6.5), exact in float arithmetic up to rounding:
   GroupNorm): ``γ' = a ⊙ γ``, ``β' = a ⊙ β + b``;
 * output of a Linear / Conv: ``W' = diag(a) W``, ``c' = a ⊙ c + b`` (a bias is created if the
   layer had none);
+* output of an ``nn.MultiheadAttention``: the output of its ``out_proj`` (the same rule);
 * input of a Linear (e.g. an attention output feeding the output projection, or the features
   feeding a per-task head): ``W' = W diag(a)``, ``c' = c + W b``;
 * input of an unpadded, ungrouped Conv: the same with ``W`` summed over the kernel for ``b``.
@@ -37,6 +38,8 @@ def why_not_foldable(model: nn.Module, site: Site) -> str | None:
     """None if the site's correction can be folded, else the reason."""
     m = model.get_submodule(site.module)
     if site.where == "output":
+        if isinstance(m, nn.MultiheadAttention):
+            return None
         if _affine_norm(m) or isinstance(m, (nn.Linear, CONV)):
             return None
         return f"output of a {type(m).__name__} (not a linear, conv or affine norm)"
@@ -68,6 +71,8 @@ def fold_correction(model: nn.Module, site: Site, a: Tensor, b: Tensor) -> None:
     if reason is not None:
         raise MergelabError(f"site '{site.name}': cannot fold the correction: {reason}")
     m = model.get_submodule(site.module)
+    if isinstance(m, nn.MultiheadAttention):
+        m = m.out_proj           # the attention's output is its out_proj's output
     w = m.weight
     a, b = a.to(w.dtype).to(w.device), b.to(w.dtype).to(w.device)
     if site.where == "output":

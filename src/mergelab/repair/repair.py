@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import MergelabError
 from ..stats.activations import _moments_pass
-from ..stats.sites import Site, find_head, resolve_sites
+from ..stats.sites import Site, find_head, probe_batch, resolve_sites
 from .correct import apply_hooks, estimate_corrections
 from .fold import can_fold, fold_correction
 
@@ -64,7 +64,8 @@ def repair(merged_model: nn.Module, experts: Sequence[nn.Module], data: Iterable
     if not experts:
         raise MergelabError("repair: expected at least one expert model, found none")
     head_name = find_head(merged_model, head)
-    site_list = resolve_sites(merged_model, sites, head_name)
+    probe = probe_batch(merged_model, data)[0] if sites is None else None
+    site_list = resolve_sites(merged_model, sites, head_name, probe)
     if sites is None:   # REPAIR corrects pre-activation sites only (not the post-ReLU head input)
         site_list = [s for s in site_list if not (s.module == head_name and s.where == "input")]
     stats = [_moments_pass(e, data, site_list, n_batches, shard, progress) for e in experts]

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..errors import MergelabError
 from ..stats import distributed
 from ..stats.activations import _moments_pass
-from ..stats.sites import Site, channel_dim, find_head, resolve_sites, _inside
+from ..stats.sites import Site, channel_dim, find_head, probe_batch, resolve_sites, _inside
 from .correct import Correction, affine, estimate_corrections
 from .fold import fold_correction, why_not_foldable
 
@@ -221,7 +221,8 @@ def tact(merged_model: nn.Module, experts: Mapping[str, nn.Module], data: Mappin
         raise MergelabError(f"tact: experts and data must name the same tasks, found "
                             f"{sorted(experts)} and {sorted(data)}")
     head_name = find_head(merged_model, head)
-    site_list = resolve_sites(merged_model, sites, head_name)
+    probe = probe_batch(merged_model, data[next(iter(data))])[0] if sites is None else None
+    site_list = resolve_sites(merged_model, sites, head_name, probe)
     for s in site_list:
         if _inside(s.module, head_name) and s.where == "output":
             raise MergelabError(f"site '{s.name}': is inside the head '{head_name}', heads are per task")

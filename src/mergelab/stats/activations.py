@@ -17,7 +17,7 @@ from ..errors import MergelabError
 from . import distributed
 from .batch import call_model, model_device, split_batch, to_device
 from .moments import Moments
-from .sites import Site, hooked, resolve_sites
+from .sites import Site, hooked, probe_batch, resolve_sites
 
 
 @contextlib.contextmanager
@@ -89,7 +89,10 @@ def activation_stats(model: nn.Module, data: Iterable[Any], sites: Sequence[str 
 
     ``sites`` default to :func:`~mergelab.stats.sites.discover_sites`; token tensors honour
     the batch's attention mask.  Under torchrun the sums are all-reduced over ranks."""
-    site_list = resolve_sites(model, sites, head)
+    probe = None
+    if sites is None:
+        probe, data = probe_batch(model, data)
+    site_list = resolve_sites(model, sites, head, probe)
     return _moments_pass(model, data, site_list, n_batches, shard, progress)
 
 

@@ -23,7 +23,8 @@ Two backends compute the per-example gradients, never with a Python loop over ex
   with autograd's (a parameter also used outside its module's forward would not); else vmap for
   the whole pass (with a warning).
 
-The model runs in eval mode.  Logits must be ``(batch, classes)``.  Sums are float64; the
+The model runs in eval mode.  Logits must be ``(batch, classes)``: sequence outputs (causal or
+seq2seq LMs, ``(batch, tokens, vocab)``) are refused on the first batch in one line.  Sums are float64; the
 result is float32.
 """
 from __future__ import annotations
@@ -161,6 +162,7 @@ def diagonal_fisher(model: nn.Module, data: Iterable[Any],
     seen = torch.zeros((), dtype=torch.float64)
     rank, world = distributed.rank_world() if shard else (0, 1)
     offset = 0
+    checked = False
     bar = tqdm(total=n_examples, desc=f"fisher ({mode})", unit="ex", leave=False,
                disable=not progress or not distributed.is_writer())
     with eval_no_grad(model), hooks.trainable():
@@ -174,6 +176,9 @@ def diagonal_fisher(model: nn.Module, data: Iterable[Any],
             if i % world != rank:
                 continue
             inputs = to_device(take(inputs, slice(0, keep)), device)
+            if not checked:                 # refuse outputs it cannot serve before any gradient work
+                _check_logits(logits_of(call_model(model, take(inputs, slice(0, 1)))))
+                checked = True
             if mode == "empirical":
                 if labels is None:
                     raise MergelabError("fisher mode 'empirical' needs labels in the batch, found none")
@@ -264,6 +269,14 @@ class _Hooks:
             sums[k] += v
         self.used.add("hooks")
         return True
+
+
+def _check_logits(logits: Tensor) -> None:
+    """One line refusing logits that are not one class distribution per example."""
+    if logits.ndim != 2:
+        kind = "one distribution per token (a sequence model)" if logits.ndim == 3 else f"{logits.ndim} axes"
+        raise MergelabError(f"fisher: model logits have shape {tuple(logits.shape)}, {kind}; "
+                            f"diagonal_fisher supports classifier logits of shape (batch, classes) only")
 
 
 def _log_probs(out: Any) -> Tensor:

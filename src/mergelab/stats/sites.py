@@ -13,7 +13,13 @@ Default sites (:func:`discover_sites`), in module order, never inside the head:
 * every Linear/Conv output not feeding only a norm (found by ``torch.fx`` tracing, or, for
   models that do not trace such as Hugging Face ones, by ``nn.Sequential`` order): MLP
   intermediates before the activation, attention projections, pooler dense;
-* the head's input, the final features (``"<head>:input"``).
+* the head's input, the final features (``"<head>:input"``);
+* an ``nn.MultiheadAttention``'s output (its ``out_proj``'s output: the module calls the
+  projection functionally, so ``out_proj`` itself never runs and is not a site).
+
+Sites are where data flows: given a ``probe`` (one forward pass, see :func:`probe_batch`),
+default sites whose module never runs (weights used functionally, e.g. a fused qkv projection
+called through ``F.linear``) are left out.
 
 Every default site can be folded into a layer (see ``mergelab.repair.fold``).
 """
@@ -66,6 +72,8 @@ def n_channels(module: nn.Module, where: str) -> int | None:
         return module.normalized_shape[-1]
     if isinstance(module, nn.GroupNorm):
         return module.num_channels
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim
     return None
 
 
@@ -139,18 +147,40 @@ def _feeds_norm_fx(model: nn.Module) -> set[str] | None:
     return out
 
 
-def discover_sites(model: nn.Module, head: str | None = "auto") -> list[Site]:
-    """Default sites of a model, in module-registration order (see the module docstring)."""
+def _called_modules(model: nn.Module, probe: Callable[[], Any]) -> set[str]:
+    """Names of the modules whose forward runs during ``probe()``."""
+    called: set[str] = set()
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: called.add(n))
+               for n, m in model.named_modules()]
+    try:
+        probe()
+    finally:
+        for h in handles:
+            h.remove()
+    return called
+
+
+def discover_sites(model: nn.Module, head: str | None = "auto",
+                   probe: Callable[[], Any] | None = None) -> list[Site]:
+    """Default sites of a model, in module-registration order (see the module docstring).
+
+    With ``probe`` (a function running one forward pass), only modules that actually run are
+    sites."""
     head = find_head(model, head)
     feeds_norm = _feeds_norm_fx(model)
+    called = _called_modules(model, probe) if probe is not None else None
     sites: list[Site] = []
     for parent_name, parent in model.named_modules():
+        if isinstance(parent, nn.MultiheadAttention):
+            continue                 # out_proj runs functionally inside: the MHA output is the site
         children = list(parent.named_children())
         for i, (cname, child) in enumerate(children):
             name = f"{parent_name}.{cname}" if parent_name else cname
-            if _inside(name, head):
+            if _inside(name, head) or (called is not None and name not in called):
                 continue
-            if isinstance(child, NORMS):
+            if isinstance(child, nn.MultiheadAttention):
+                sites.append(Site(name))
+            elif isinstance(child, NORMS):
                 sites.append(Site(name))
             elif isinstance(child, (nn.Linear, CONV)):
                 nxt = children[i + 1][1] if i + 1 < len(children) else None
@@ -165,11 +195,40 @@ def discover_sites(model: nn.Module, head: str | None = "auto") -> list[Site]:
     return sites
 
 
+def probe_batch(model: nn.Module, data: Iterable[Any]) -> tuple[Callable[[], Any] | None, Iterable[Any]]:
+    """``(probe, data)``: a function running the model on the first batch of ``data`` (None
+    if there is none), and ``data`` to iterate afterwards (the same object, or, for a one-shot
+    iterator, one that yields the peeked batch first)."""
+    import itertools
+
+    import torch
+
+    from .batch import call_model, model_device, split_batch, to_device
+    it = iter(data)
+    first = next(it, None)
+    if it is data:                       # a one-shot iterator: put the batch back in front
+        data = itertools.chain([] if first is None else [first], it)
+    if first is None:
+        return None, data
+    inputs = to_device(split_batch(first)[0], model_device(model))
+
+    def probe():
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                call_model(model, inputs)
+        finally:
+            model.train(was)
+    return probe, data
+
+
 def resolve_sites(model: nn.Module, sites: Iterable[str | Site] | None,
-                  head: str | None = "auto") -> list[Site]:
-    """Sites as :class:`Site` objects, checked against the model's modules."""
+                  head: str | None = "auto", probe: Callable[[], Any] | None = None) -> list[Site]:
+    """Sites as :class:`Site` objects, checked against the model's modules (default sites:
+    :func:`discover_sites`, with ``probe`` the ones that run)."""
     if sites is None:
-        out = discover_sites(model, head)
+        out = discover_sites(model, head, probe)
     else:
         out = [Site.parse(s) for s in sites]
     names = dict(model.named_modules())
