@@ -6,6 +6,7 @@ Every user error surfaces as a :class:`~mergelab.errors.MergelabError`, printed 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -170,7 +171,8 @@ def _stats_options(f):
     opts = [
         click.argument("model", type=click.Path()),
         click.option("--data", "data_path", required=True, type=click.Path(),
-                     help="Image folder (one sub-folder per class), .npz (x, y), or .csv/.jsonl text."),
+                     help="Image folder (one sub-folder per class), .npz (x, y), .csv/.jsonl text, "
+                          "or .txt (one text per line)."),
         click.option("-o", "--output", required=True, type=click.Path(), help="Output .safetensors file."),
         click.option("--model-code", default=None, metavar="MODULE:FACTORY",
                      help="For a checkpoint MODEL: a function that builds the nn.Module."),
@@ -179,7 +181,9 @@ def _stats_options(f):
         click.option("--image-size", default=None, type=int, help="Resize images to this square size."),
         click.option("--text-column", default=None, help="Text column of .csv/.jsonl (default: text)."),
         click.option("--label-column", default="label", show_default=True),
-        click.option("--max-length", default=128, show_default=True, type=int),
+        click.option("--max-length", default=None, type=int,
+                     help="Truncate texts to this many tokens (default: 128 for classifiers; for a "
+                          "causal LM no truncation, and a text longer than its positions is an error)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
     for o in reversed(opts):
@@ -193,12 +197,49 @@ def _stats_inputs(model, data_path, model_code, batch_size, limit, image_size, t
     from .io.models import load_model
     from .stats.data import load_data, model_label2id
 
+    from .stats import causal
+
     distributed.init()
     net, tok = load_model(model, model_code, progress=not quiet)
+    is_text = Path(data_path).suffix.lower() in (".csv", ".jsonl", ".txt")
+    if is_text and tok is None:
+        raise MergelabError(f"data '{data_path}': text data needs a tokenizer, model '{model}' has "
+                            f"none (expected tokenizer.json or tokenizer_config.json in the folder)")
+    lm = causal.is_causal_lm(net)
+    if lm and is_text:           # next-token targets come from the text itself: no label column
+        tok = causal.prepare_tokenizer(tok, f"model '{model}'")
+        label_column = None
+    elif max_length is None:
+        max_length = 128
     data = load_data(data_path, batch_size=batch_size, tokenizer=tok, text_column=text_column,
                      label_column=label_column, label2id=model_label2id(net), max_length=max_length,
+                     max_positions=causal.max_positions(net) if lm else None,
                      image_size=image_size, limit=limit)
     return net, data
+
+
+def _checkpoint_keyed(result, net, model, model_code):
+    """Key the statistics by the checkpoint's tensor names, so that a recipe on the same
+    checkpoint finds them: transformers' renamed legacy names, and a tied tensor's single stored
+    name (a tied LM head's Gram goes to the embedding matrix it shares, the tensor a merge sees)."""
+    from .io import open_checkpoint
+    from .io.models import checkpoint_names
+
+    if model_code is not None:
+        return result
+    names = checkpoint_names(net, open_checkpoint(model).keys())
+    counts = getattr(result, "counts", None)
+    for k in list(result):
+        nk = names.get(k, k)
+        if nk == k:
+            continue
+        if nk in result:
+            raise MergelabError(f"stats: '{k}' and '{nk}' are one tensor '{nk}' in checkpoint "
+                                f"'{model}'; both have statistics (expected one)")
+        result[nk] = result.pop(k)
+        if counts is not None and k in counts:
+            counts[nk] = counts.pop(k)
+    return result
 
 
 def _done(output, what):
@@ -226,8 +267,9 @@ def stats_fisher(model, data_path, output, model_code, batch_size, limit, image_
                               text_column, label_column, max_length, quiet)
     f = diagonal_fisher(net, data, mode=mode, n_examples=n_examples, seed=seed, backend=backend,
                         progress=not quiet)
-    f.save(output)
-    _done(output, f"the {mode} Fisher of {len(f)} tensors over {f.n_examples} examples ({f.backend})")
+    _checkpoint_keyed(f, net, model, model_code).save(output)
+    per = "" if f.n_tokens is None else f" ({f.n_tokens} tokens; summed over tokens, mean over sequences)"
+    _done(output, f"the {mode} Fisher of {len(f)} tensors over {f.n_examples} examples{per} ({f.backend})")
 
 
 @stats_group.command("activations")
@@ -261,7 +303,7 @@ def stats_gram(model, data_path, output, model_code, batch_size, limit, image_si
     net, data = _stats_inputs(model, data_path, model_code, batch_size, limit, image_size,
                               text_column, label_column, max_length, quiet)
     g = gram_matrices(net, data, list(layers) or None, progress=not quiet)
-    g.save(output)
+    _checkpoint_keyed(g, net, model, model_code).save(output)
     _done(output, f"{len(g)} Gram matrices")
 
 
