@@ -209,3 +209,57 @@ def test_cli_one_line_errors(two_llms, tmp_path):
     assert code == 2 and len(out.strip().splitlines()) == 1, out
     assert "not a causal LM" in out
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ---------------------------------------------------------------- layer by layer
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_layered_pass_equals_the_whole_model_pass(tmp_path, tie):
+    from mergelab.io.models import load_model
+    from mergelab.stats import activation_stats
+    from mergelab.stats.layered import layered_stats
+
+    folder = save_llm(tmp_path / "m", 4, tie=tie)
+    model, tok = load_model(folder, progress=False)
+    tok.padding_side = "left"
+    batches = [dict(tok(texts(3, seed=s), padding=True, return_tensors="pt")) for s in range(3)]
+    g, gl = gram_matrices(model, batches, progress=False), layered_stats(folder, batches, "gram")
+    assert list(g) == list(gl) and g.counts == gl.counts
+    for k in g:
+        torch.testing.assert_close(gl[k], g[k], rtol=1e-6, atol=1e-9)
+    a, al = activation_stats(model, batches, progress=False), layered_stats(folder, batches, "activations")
+    assert a.sites == al.sites and "lm_head:input" in a.sites
+    for s in a.sites:
+        torch.testing.assert_close(al.mean[s], a.mean[s], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(al.std[s], a.std[s], rtol=1e-5, atol=1e-6)
+        assert float(al.count[s]) == float(a.count[s])
+
+
+def test_layered_skeleton_holds_no_parameter_storage(tmp_path):
+    from mergelab.stats.layered import skeleton
+
+    m = skeleton(save_llm(tmp_path / "m", 0))
+    assert all(p.device.type == "meta" for p in m.parameters())
+    assert all(b.device.type == "cpu" for b in m.buffers())          # rotary frequencies stay real
+
+
+def test_cli_layered_gram_equals_whole_and_refuses_other_models(two_llms):
+    code, out = invoke(["stats", "gram", "a", "--data", "t.txt", "-o", "whole.safetensors",
+                        "--batch-size", "4", "--quiet"])
+    assert code == 0, out
+    code, out = invoke(["stats", "gram", "a", "--data", "t.txt", "-o", "lay.safetensors",
+                        "--batch-size", "4", "--layered", "--quiet"])
+    assert code == 0 and "layer by layer" in out, out
+    w, lay = load_file("whole.safetensors"), load_file("lay.safetensors")
+    assert set(w) == set(lay)
+    for k in w:
+        torch.testing.assert_close(lay[k], w[k], rtol=1e-6, atol=1e-9)
+    code, out = invoke(["stats", "activations", "a", "--data", "t.txt", "-o", "act.safetensors",
+                        "--layered", "--quiet"])
+    assert code == 0, out
+    from transformers import BertConfig, BertModel
+    BertModel(BertConfig(vocab_size=48, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained("enc")
+    word_tokenizer().save_pretrained("enc")
+    code, out = invoke(["stats", "gram", "enc", "--data", "t.txt", "-o", "x.safetensors", "--layered"])
+    assert code == 2 and "is not a decoder-only LM" in out and len(out.strip().splitlines()) == 1, out

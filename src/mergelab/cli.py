@@ -218,6 +218,31 @@ def _stats_inputs(model, data_path, model_code, batch_size, limit, image_size, t
     return net, data
 
 
+def _layered_inputs(model, data_path, model_code, batch_size, limit, text_column, max_length):
+    """Text batches for a layer-by-layer pass: the tokenizer and position limit from the folder,
+    never the weights."""
+    import transformers
+
+    from .io.models import is_hf_folder
+    from .stats import causal
+    from .stats.data import load_data
+
+    if model_code is not None or not is_hf_folder(model):
+        raise MergelabError(f"--layered: expected a Hugging Face model folder, found '{model}'")
+    p = Path(model)
+    tok = None
+    if any((p / n).exists() for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        tok = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    if tok is None:
+        raise MergelabError(f"data '{data_path}': text data needs a tokenizer, model '{model}' has "
+                            f"none (expected tokenizer.json or tokenizer_config.json in the folder)")
+    cfg = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+    limit_pos = causal.config_positions(cfg)
+    return load_data(data_path, batch_size=batch_size, tokenizer=causal.prepare_tokenizer(tok, f"model '{model}'"),
+                     text_column=text_column, label_column=None, max_length=max_length,
+                     max_positions=limit_pos, limit=limit)
+
+
 def _checkpoint_keyed(result, net, model, model_code):
     """Key the statistics by the checkpoint's tensor names, so that a recipe on the same
     checkpoint finds them: transformers' renamed legacy names, and a tied tensor's single stored
@@ -278,14 +303,25 @@ def stats_fisher(model, data_path, output, model_code, batch_size, limit, image_
               "Default: automatic sites.")
 @click.option("--head", default="auto", show_default=True,
               help="The head module (its input is the last site); 'none' for no head.")
+@click.option("--layered", is_flag=True, help="Decoder-only LM folder: load and run one decoder "
+              "layer at a time (for models larger than memory); same statistics.")
 def stats_activations(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
-                      label_column, max_length, quiet, sites, head):
+                      label_column, max_length, quiet, sites, head, layered):
     """Per-channel mean/std of activations at sites."""
     from .stats import activation_stats
+    from .stats.layered import layered_stats
 
+    head = None if head == "none" else head
+    if layered:
+        data = _layered_inputs(model, data_path, model_code, batch_size, limit, text_column, max_length)
+        st = layered_stats(model, data, "activations", sites=list(sites) or None, head=head,
+                           progress=not quiet)
+        st.save(output)
+        _done(output, f"statistics of {len(st.sites)} sites (layer by layer)")
+        return
     net, data = _stats_inputs(model, data_path, model_code, batch_size, limit, image_size,
                               text_column, label_column, max_length, quiet)
-    st = activation_stats(net, data, list(sites) or None, head=None if head == "none" else head,
+    st = activation_stats(net, data, list(sites) or None, head=head,
                           progress=not quiet)
     st.save(output)
     _done(output, f"statistics of {len(st.sites)} sites")
@@ -295,10 +331,20 @@ def stats_activations(model, data_path, output, model_code, batch_size, limit, i
 @_stats_options
 @click.option("--layer", "layers", multiple=True, help="A linear layer's module name; repeatable. "
               "Default: every nn.Linear.")
+@click.option("--layered", is_flag=True, help="Decoder-only LM folder: load and run one decoder "
+              "layer at a time (for models larger than memory); same statistics.")
 def stats_gram(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
-               label_column, max_length, quiet, layers):
+               label_column, max_length, quiet, layers, layered):
     """Gram matrices XᵀX of linear layers' inputs (for RegMean)."""
     from .stats import gram_matrices
+    from .stats.layered import layered_stats, skeleton
+
+    if layered:
+        data = _layered_inputs(model, data_path, model_code, batch_size, limit, text_column, max_length)
+        g = layered_stats(model, data, "gram", layers=list(layers) or None, progress=not quiet)
+        _checkpoint_keyed(g, skeleton(model), model, None).save(output)
+        _done(output, f"{len(g)} Gram matrices (layer by layer)")
+        return
 
     net, data = _stats_inputs(model, data_path, model_code, batch_size, limit, image_size,
                               text_column, label_column, max_length, quiet)

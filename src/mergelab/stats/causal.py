@@ -93,7 +93,11 @@ def check_expected(vocab: int) -> None:
 
 
 def max_positions(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
+    return config_positions(getattr(model, "config", None))
+
+
+def config_positions(cfg: Any) -> int | None:
+    """The position limit a config declares (None if it declares none)."""
     for k in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         v = getattr(cfg, k, None)
         if isinstance(v, int) and v > 0:
