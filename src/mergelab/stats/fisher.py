@@ -41,7 +41,7 @@ from typing import Any, Iterable, Literal, Sequence
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, jacrev, vjp, vmap
 from tqdm.auto import tqdm
 
 from ..errors import MergelabError
@@ -216,8 +216,11 @@ def diagonal_fisher(model: nn.Module, data: Iterable[Any],
             with torch.enable_grad():
                 if not hooks.run(sums, inputs, y, keep, chunk_size):
                     with _vmap_compatible(model):
-                        _accumulate(sums, logp_y, logp_aux, train, inputs, y, keep, chunk_size,
-                                    lambda x: call_model(model, take(x, slice(0, 1))), valid)
+                        if valid is not None:
+                            _expected_tokens(sums, logp, train, inputs, valid, keep, chunk_size)
+                        else:
+                            _accumulate(sums, logp_y, logp_aux, train, inputs, y, keep, chunk_size,
+                                        lambda x: call_model(model, take(x, slice(0, 1))))
                     hooks.used.add("vmap")
             seen += keep
             bar.update(keep)
@@ -353,6 +356,32 @@ def _hooks_chunk(h: _Hooks, sums: dict[str, Tensor], inputs: Any, y: Tensor | No
         seed[:, c] = root_p[:, c]
         grads = persample.seeded_backward(logp, seed, calls, retain=c + 1 < n_classes)
         h.acc.add_squares(sums, calls, grads, b)
+
+
+def _expected_tokens(sums, logp, train, inputs, valid, n, chunk_size):
+    """Causal LM, mode "expected": ``Σ_t Σ_v p_tv (∇ log p_tv)²`` per sequence, one gradient row
+    per (token, vocabulary entry).  Per sequence one forward (``torch.func.vjp``); the rows'
+    backward passes are batched by ``vmap`` over one-hot cotangents in chunks of ``chunk_size``
+    rows (memory: ``chunk_size`` gradients)."""
+    for i in range(n):
+        x = take(inputs, slice(i, i + 1))
+        x = {k: (val[0] if isinstance(val, Tensor) else val) for k, val in x.items()}
+        lp, vjp_fn = vjp(lambda p: logp(p, x), train)   # (T, V)
+        lp = lp.detach()
+        per_row = vmap(vjp_fn)
+        ts = valid[i].nonzero()[:, 0].to(lp.device)
+        vocab = lp.shape[-1]
+        tt = ts.repeat_interleave(vocab)
+        vv = torch.arange(vocab, device=lp.device).repeat(len(ts))
+        w = lp[tt, vv].exp()
+        for s in range(0, len(tt), chunk_size):
+            pick = torch.zeros((len(tt[s:s + chunk_size]),) + tuple(lp.shape), device=lp.device)
+            pick[torch.arange(len(pick), device=lp.device), tt[s:s + chunk_size], vv[s:s + chunk_size]] = 1.0
+            (g,) = per_row(pick)
+            ws = w[s:s + chunk_size]
+            for k, v in g.items():
+                sums[k] += (v.detach().square() * ws.view((-1,) + (1,) * (v.ndim - 1))).sum(
+                    0, dtype=torch.float64)
 
 
 def _accumulate(sums, logp_y, logp_aux, train, inputs, y, n, chunk_size, call_model_one, valid=None):
