@@ -69,14 +69,14 @@ def tokenizer(texts, folder: Path):
     return tok
 
 
-def model(vocab: int):
+def model(vocab: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
                       tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=1,
                       architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
 
 
@@ -141,24 +141,25 @@ def main():
     ap.add_argument("--pretrain-steps", type=int, default=400)
     ap.add_argument("--finetune-steps", type=int, default=200)
     ap.add_argument("--stats-texts", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0, help="corpus shuffle, initialisation, batch order")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     log = print
-    c = corpora()
+    c = corpora(a.seed)
     tok = tokenizer(c["pretrain"], out)
     for k, v in c.items():
         log(f"{k}: {len(v)} texts")
     log("pretraining")
-    base = train(model(len(tok)), tok, c["pretrain"], a.pretrain_steps, 3e-3, 1, log)
+    base = train(model(len(tok), a.seed), tok, c["pretrain"], a.pretrain_steps, 3e-3, 1 + 10 * a.seed, log)
     base.save_pretrained(out / "base")
     tok.save_pretrained(out / "base")
     for task in ("A", "B"):
         log(f"fine-tuning {task}")
         m = model(len(tok))
         m.load_state_dict(base.state_dict())
-        train(m, tok, c[f"{task}_train"], a.finetune_steps, 1e-3, 2 if task == "A" else 3, log)
+        train(m, tok, c[f"{task}_train"], a.finetune_steps, 1e-3, (2 if task == "A" else 3) + 10 * a.seed, log)
         m.save_pretrained(out / task)
         tok.save_pretrained(out / task)
         with open(out / f"{task}_stats.jsonl", "w") as f:   # statistics text: the task's training text

@@ -59,6 +59,16 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = old
 
 
+def _release() -> None:
+    """Hand freed heap memory back to the system (glibc keeps freed blocks of the tensors just
+    dropped; without this the resident memory would grow to the model's size across layers)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):           # not glibc: nothing to do
+        pass
+
+
 def skeleton(folder: str | Path) -> nn.Module:
     """The ``*ForCausalLM`` of a Hugging Face folder with every parameter on ``meta``."""
     import transformers
@@ -74,6 +84,7 @@ def skeleton(folder: str | Path) -> nn.Module:
                             f"(architectures: {arch})")
     with _parameters_on_meta():
         model = cls(cfg)
+    _release()
     return model.eval()
 
 
@@ -126,6 +137,8 @@ class _Loader:
                 mod = sub.get_submodule(mod_name) if mod_name else sub
                 p = mod._parameters[attr]
                 mod._parameters[attr] = nn.Parameter(p.to("meta"), requires_grad=False)
+            del p
+            _release()
 
 
 class _Recorder(nn.Module):
@@ -156,14 +169,15 @@ class _Stage(nn.Module):
     (the token mask, used for masking statistics) and ``idx`` (which recorded batch); the
     output hidden states are kept for the next stage."""
 
-    def __init__(self, run, n: int):
+    def __init__(self, run, n: int, keep: bool):
         super().__init__()
-        self._run, self.outputs = run, [None] * n
+        self._run, self.outputs, self.keep = run, [None] * n, keep
 
     def forward(self, idx: Tensor, attention_mask: Tensor | None = None):
         i = int(idx[0])
         out = self._run(i)
-        self.outputs[i] = out
+        if self.keep:                    # the head's logits are not kept
+            self.outputs[i] = out
         return out
 
 
@@ -280,7 +294,7 @@ def layered_stats(folder: str | Path, data: Iterable[Any], kind: str, *,
                     args, kw = layer_args[i][li]
                     out = layer(hidden[i], *args, **kw)
                     return out[0] if isinstance(out, (tuple, list)) else out
-            stage = _Stage(run, len(masks))
+            stage = _Stage(run, len(masks), keep=stage_name != "__final__")
             for s, sub in zip(subs, loaded):
                 _attach(stage, s, sub)
             try:
