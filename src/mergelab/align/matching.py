@@ -566,6 +566,6 @@ def merge_many(spec: PermutationSpec, states: Sequence, max_iter: int = 20, seed
     return perms
 
 
-__all__ = ["weight_matching", "activation_matching", "activation_sites", "align_to_reference",
+__all__ = ["weight_matching", "signature_match", "activation_matching", "activation_sites", "align_to_reference",
            "transfer_permutation", "merge_many"]
 

@@ -80,6 +80,15 @@ class _Recorder(TorchDispatchMode):
         self.counts: dict = {}
         self.names: list[str] = []
         self.depth = 0
+        self.param_storages: set = set()
+
+    def _of_param(self, t) -> bool:
+        if not self.param_storages:
+            return False
+        try:
+            return t.untyped_storage().data_ptr() in self.param_storages
+        except (RuntimeError, NotImplementedError):
+            return False
 
     def _add(self, name, func, args, kwargs, out, module=None):
         self.depth += 1   # the clones below must not be recorded
@@ -97,7 +106,10 @@ class _Recorder(TorchDispatchMode):
         # the same bookkeeping in every mode, so that every mode runs the same ops
         self.records.append(_Op(name, func, args, kwargs or {}, ins, outs, module))
         if self.keep == "values":
-            self.values.append([o.detach().clone() for o in outs])
+            # views of parameters (a weight's transpose) are not kept: they are the permuted
+            # parameter itself, and a large model's self-test would hold its weights twice more
+            # (None: not compared; the function check is the ops that consume them)
+            self.values.append([None if self._of_param(o) else o.detach().clone() for o in outs])
         elif self.want is not None:
             k = self.counts.get(name, 0)
             self.counts[name] = k + 1
@@ -143,6 +155,9 @@ class _Recorder(TorchDispatchMode):
 def run_recorded(model, inputs, keep="all", want=None):
     """Run ``model`` on ``inputs`` recording ops; returns (recorder, output)."""
     rec = _Recorder(keep, want)
+    if keep == "values":
+        rec.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()
+                              if p.device.type != "meta" and p.numel()}
     hooks = []
     for m in model.modules():
         if isinstance(m, LEAF_MODULES):
