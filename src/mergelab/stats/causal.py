@@ -34,12 +34,19 @@ IGNORE = -100
 EXPECTED_MAX_VOCAB = 1024
 
 
+def _causal_class_names() -> set[str]:
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return set()
+    return {v for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() if isinstance(v, str)}
+
+
 def is_causal_lm(model: nn.Module) -> bool:
-    """A Hugging Face ``*ForCausalLM`` model (by class name, or the config's architectures)."""
-    if type(model).__name__.endswith("ForCausalLM"):
-        return True
-    archs = getattr(getattr(model, "config", None), "architectures", None) or []
-    return any(str(a).endswith("ForCausalLM") for a in archs) and hasattr(model, "lm_head")
+    """A Hugging Face causal LM: a ``*ForCausalLM`` class, or a class transformers registers for
+    causal language modelling (``GPT2LMHeadModel``, ...)."""
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name in _causal_class_names()
 
 
 def next_token_targets(inputs: Any) -> Tensor:
