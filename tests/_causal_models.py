@@ -9,14 +9,15 @@ import torch
 WORDS = [f"w{i}" for i in range(40)]
 
 
-def tiny_llama(seed: int = 0, *, vocab: int = 48, tie: bool = True, positions: int = 32):
+def tiny_llama(seed: int = 0, *, vocab: int = 48, tie: bool = True, positions: int = 32,
+               mlp_bias: bool = False):
     """LlamaForCausalLM with GQA (4 query heads, 2 key/value heads), RMSNorm, rotary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
                       tie_word_embeddings=tie, pad_token_id=0, bos_token_id=2, eos_token_id=1,
-                      architectures=["LlamaForCausalLM"])
+                      mlp_bias=mlp_bias, architectures=["LlamaForCausalLM"])
     torch.manual_seed(seed)
     m = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():                      # non-trivial norm weights (not all ones)

@@ -263,3 +263,46 @@ def test_cli_layered_gram_equals_whole_and_refuses_other_models(two_llms):
     word_tokenizer().save_pretrained("enc")
     code, out = invoke(["stats", "gram", "enc", "--data", "t.txt", "-o", "x.safetensors", "--layered"])
     assert code == 2 and "is not a decoder-only LM" in out and len(out.strip().splitlines()) == 1, out
+
+
+# ---------------------------------------------------------------- REPAIR / TACT on causal LMs
+
+def _repair_recipe(folder, sites=None):
+    import yaml
+    r = {"merge_method": "linear", "dtype": "float32", "models": [{"model": "a"}, {"model": "b"}],
+         "repair": {"data": "t.txt", **({"sites": sites} if sites else {})}}
+    (folder / "r.yaml").write_text(yaml.safe_dump(r))
+
+
+def test_repair_on_mlp_outputs_of_a_causal_lm(tmp_path, monkeypatch):
+    """Sites = MLP outputs per token (padding masked); the folded shift needs the MLP bias."""
+    from transformers import LlamaForCausalLM
+
+    from mergelab.io.models import load_model
+    from mergelab.stats import activation_stats
+
+    monkeypatch.chdir(tmp_path)
+    for name, seed in (("a", 0), ("b", 1)):
+        save_llm(tmp_path / name, seed, mlp_bias=True)
+    (tmp_path / "t.txt").write_text("\n".join(texts(8, seed=6)) + "\n")
+    sites = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    _repair_recipe(tmp_path, sites)
+    code, out = invoke(["merge", "r.yaml", "-o", "out", "--quiet"])
+    assert code == 0, out
+    merged, info = LlamaForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    # REPAIR's target: the mean of the experts' per-channel mean/std at each site
+    tok = word_tokenizer()
+    batch = [dict(tok(texts(8, seed=6), padding=True, return_tensors="pt"))]
+    st = [activation_stats(load_model(tmp_path / n, progress=False)[0], batch, sites, progress=False)
+          for n in ("a", "b")]
+    got = activation_stats(merged.eval(), batch, sites, progress=False)
+    for s in sites:
+        torch.testing.assert_close(got.mean[s], (st[0].mean[s] + st[1].mean[s]) / 2, rtol=1e-3, atol=1e-4)
+
+
+def test_repair_refuses_a_bias_the_architecture_lacks(two_llms):
+    _repair_recipe(two_llms, ["model.layers.0.mlp.down_proj"])
+    code, out = invoke(["merge", "r.yaml", "-o", "out", "--quiet"])
+    assert code == 2 and len(out.strip().splitlines()) == 1, out
+    assert "needs tensor 'model.layers.0.mlp.down_proj.bias'" in out and "LlamaForCausalLM" in out
