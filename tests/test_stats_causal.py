@@ -306,3 +306,15 @@ def test_repair_refuses_a_bias_the_architecture_lacks(two_llms):
     code, out = invoke(["merge", "r.yaml", "-o", "out", "--quiet"])
     assert code == 2 and len(out.strip().splitlines()) == 1, out
     assert "needs tensor 'model.layers.0.mlp.down_proj.bias'" in out and "LlamaForCausalLM" in out
+
+
+def test_hooks_backend_on_a_causal_lm_equals_brute_force():
+    """Linear and embedding parameters: the closed-form per-sequence gradients (one backward
+    seeded with the next-token one-hots) agree with the autograd loop."""
+    m = tiny_llama(5, tie=False)
+    b = batch_of(texts(4, seed=8), "left")
+    names = [n for n, p in m.named_parameters() if not n.endswith("norm.weight")]
+    f = diagonal_fisher(m, [b], mode="empirical", params=names, backend="hooks", progress=False)
+    assert f.backend == "hooks"
+    want = brute_fisher(m, b, lambda i, x: x[0, 1:])
+    assert_close_dicts(f, {k: want[k] for k in names})
