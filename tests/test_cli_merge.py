@@ -179,7 +179,8 @@ def test_cli_error_method_and_parameters(tmp_path):
     _cli_error(tmp_path, _r(paths[1], paths[2], method="_core_ta", base=paths[0], parameters={"density": 1.01}),
                "must be in (0, 1]")
     _cli_error(tmp_path, {**_r(paths[1]), "slices": []}, "give either 'models' or 'slices', not both")
-    _cli_error(tmp_path, {**_r(paths[1]), "tokenizer_source": "base"}, "mergekit key 'tokenizer_source'")
+    _cli_error(tmp_path, {**_r(paths[1]), "modules": {}}, "mergekit key 'modules'")
+    _cli_error(tmp_path, {**_r(paths[1]), "tokenizer_source": "base"}, "has no tokenizer.json")
 
 
 def test_cli_error_nonfinite_and_allow(tmp_path):

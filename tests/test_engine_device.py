@@ -87,7 +87,7 @@ def test_methods_follow_their_inputs_not_the_default_device(method, params, with
 
 def test_device_is_validated_everywhere(tmp_path):
     base, states, _ = _states()
-    with pytest.raises(MergelabError, match="expected cpu or cuda"):
+    with pytest.raises(MergelabError, match="expected cpu, cuda"):
         ml.merge_states("linear", states, device="tpu")
     if not torch.cuda.is_available():
         with pytest.raises(MergelabError, match="CUDA is not available"):

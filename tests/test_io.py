@@ -160,5 +160,7 @@ def test_save_state_dtype_and_like(tmp_path):
 
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(123) == 123
-    with pytest.raises(MergelabError, match="shard size"):
+    with pytest.raises(MergelabError, match="--shard-size"):
         parse_size("lots")
+    with pytest.raises(MergelabError, match="^--block-size: must be positive"):  # the option it is about
+        parse_size("0", "--block-size")

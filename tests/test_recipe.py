@@ -28,7 +28,7 @@ def test_mergekit_example_parses():
     assert r.seed == 0
 
 
-@pytest.mark.parametrize("key", ["tokenizer_source", "tokenizer", "chat_template", "modules"])
+@pytest.mark.parametrize("key", ["modules", "merge_method_sequence"])
 def test_unsupported_mergekit_keys_named(key):
     with pytest.raises(MergelabError, match=f"mergekit key '{key}'"):
         Recipe.load({"models": [], "merge_method": "linear", key: "x"})

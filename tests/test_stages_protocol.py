@@ -5,6 +5,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 import mergelab.engine.planning as plan_mod
+import mergelab.engine.run as run_mod
 import mergelab.recipe as recipe_mod
 from core_helpers import nothing_written, save_hf
 from mergelab import merge
@@ -46,6 +47,7 @@ def test_a_new_stage_is_one_registration(tmp_path, monkeypatch):
     try:
         cls = recipe_mod.recipe_model()
         monkeypatch.setattr(plan_mod, "Recipe", cls)
+        monkeypatch.setattr(run_mod, "Recipe", cls)
         p = save_hf(tmp_path / "m", {"w": torch.ones(2, 2)})
         r = {"models": [{"model": str(p)}], "merge_method": "linear", "stamp": {"text": "hello"}}
         res = merge(r, tmp_path / "o", quiet=True)

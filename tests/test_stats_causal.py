@@ -193,7 +193,7 @@ def test_cli_one_line_errors(two_llms, tmp_path):
     code, out = invoke(["stats", "fisher", "a", "--data", "long.txt", "-o", "x.safetensors",
                         "--mode", "empirical", "--quiet"])
     assert code == 2 and len(out.strip().splitlines()) == 1, out
-    assert "text 2: 40 tokens, more than the model's 32 positions" in out
+    assert "40 tokens" in out and "32" in out and "long.txt" in out
     # a folder without a tokenizer
     tiny_llama(0).save_pretrained(tmp_path / "notok")
     code, out = invoke(["stats", "gram", "notok", "--data", "t.txt", "-o", "x.safetensors", "--quiet"])

@@ -1,3 +1,6 @@
-from .cli import main
+from ._startup import quiet_interrupt
 
-main()
+with quiet_interrupt():
+    from .cli import main
+
+main(prog_name="mergelab")

@@ -5,25 +5,98 @@ Every user error surfaces as a :class:`~mergelab.errors.MergelabError`, printed 
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
-import click
+from ._startup import quiet_interrupt
 
-from . import __version__
-from .errors import MergelabError
+with quiet_interrupt():
+    import click
+
+    from . import __version__
+    from .errors import MergelabError
+
+
+def _interrupted(e: BaseException) -> None:
+    """Ctrl-C, SIGTERM, SIGHUP: one line, exit 128 + the signal number (130 for Ctrl-C)."""
+    from .io.outputs import Interrupted
+
+    signum = e.signum if isinstance(e, Interrupted) else 2
+    name = {2: "Ctrl-C", 15: "SIGTERM", 1: "SIGHUP"}.get(signum, f"signal {signum}")
+    _fail(f"interrupted ({name}); temporary output removed", 128 + signum)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    _settle_signals()
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+_saved_handlers: dict = {}
+
+
+def _settle_signals() -> None:
+    """Once the command's work is over, a late signal must not turn a finished run into a
+    traceback or a kill during interpreter exit: the ``mergelab`` process ignores them; an
+    in-process caller (tests, scripts calling ``main``) gets its own handlers back."""
+    import signal
+
+    from ._startup import started_as_cli
+
+    for s, h in list(_saved_handlers.items()):
+        signal.signal(s, signal.SIG_IGN if started_as_cli() else h)
+    _saved_handlers.clear()
 
 
 class _Group(click.Group):
+    """Every way out is one ``error:`` line on stderr: user errors and click's usage errors
+    (exit 2), signals (exit 128 + signum)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        import signal
+
+        from .io.outputs import HANDLED_SIGNALS, install_signal_handlers
+
+        _saved_handlers.update({s: signal.getsignal(s) for s in HANDLED_SIGNALS})
+        install_signal_handlers()
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            _settle_signals()
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            msg = " ".join(e.format_message().split())
+            ctx = getattr(e, "ctx", None)
+            _fail(msg + (f" (see '{ctx.command_path} --help')" if ctx is not None else ""))
+        except click.exceptions.Abort as e:   # click turns KeyboardInterrupt into Abort
+            _interrupted(e.__context__ or e)
+        except KeyboardInterrupt as e:
+            _interrupted(e)
+        except MergelabError as e:
+            _fail(str(e))
+        finally:
+            _settle_signals()
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MergelabError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted; no output was written", err=True)
-            sys.exit(130)
+            _fail(str(e))
+        except KeyboardInterrupt as e:
+            _interrupted(e)
+        except Exception as e:  # a file-system error no layer below turned into a MergelabError
+            from .io.outputs import as_os_error
+
+            oe = as_os_error(e)
+            if oe is None:
+                raise
+            where = getattr(e, "filename", None) or getattr(oe, "filename", None)
+            _fail(f"{str(where) + ': ' if where else ''}{oe.strerror} ({type(e).__name__})")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,7 +117,7 @@ def _merge_options(f):
         click.option("--device", default=None,
                      help="Math device: cpu, cuda or cuda:N (default: the recipe's device:, else cpu); reading and writing stay streamed."),
         click.option("--cuda/--no-cuda", "cuda", default=None, help="mergekit's flag: --cuda = --device cuda."),
-        click.option("--threads", type=int, default=None, help="Worker threads (default: all cores, at most 4)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="Worker threads (default: all cores, at most 4)."),
         click.option("--allow-nonfinite", is_flag=True, default=None, help="Merge even when a tensor holds NaN or Inf."),
         click.option("--allow-crimes", is_flag=True, help="Merge checkpoints whose config.json name different architectures (mergekit's flag)."),
         click.option("--random-seed", "--seed", "random_seed", type=int, default=None, help="Seed of every random choice (overrides the recipe's seed:)."),
@@ -77,13 +150,15 @@ def _run_merge(recipe, out, force, dtype, shard_size, out_shard_size, device, cu
                 quiet=quiet, allow_nonfinite=allow_nonfinite, checksums=not no_checksums, block_size=block_size,
                 allow_crimes=allow_crimes, seed=random_seed, copy_tokenizer=copy_tokenizer,
                 model_card=write_model_card)
-    if not quiet:
+    if res.world > 1:          # under torchrun: each rank says what it did
+        click.echo(res.rank_line())
+    if not quiet and res.rank == 0:
         click.echo(res.summary())
 
 
 @main.command("merge")
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder (created atomically).")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output folder (created atomically).")
 @_merge_options
 def merge_cmd(recipe, out, **kw):
     """Merge the checkpoints of a YAML RECIPE into OUT."""
@@ -92,11 +167,33 @@ def merge_cmd(recipe, out, **kw):
 
 @main.command("mergekit-yaml")
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())
 @_merge_options
 def mergekit_yaml_cmd(recipe, out, **kw):
     """mergekit-yaml's command line: merge RECIPE into the folder OUT (same as merge -o OUT)."""
     _run_merge(recipe, out, **kw)
+
+
+@main.command("extract-lora")
+@click.argument("base", type=click.Path())
+@click.argument("tuned", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output adapter folder (PEFT format, created atomically).")
+@click.option("--rank", "-r", required=True, type=int, help="LoRA rank (layers smaller than it keep their full rank).")
+@click.option("--dtype", default=None, help="Stored dtype of the factors (default: the fine-tune's).")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No per-layer lines.")
+def extract_lora_cmd(base, tuned, out, rank, dtype, force, quiet):
+    """A PEFT LoRA adapter of rank RANK for TUNED − BASE (truncated SVD per linear weight).
+
+    Prints each layer's relative Frobenius error ||Δ − B·A|| / ||Δ|| (also in OUT/lora_report.json)."""
+    from .extract_lora import extract_lora
+
+    show = None if quiet else (lambda r: click.echo(f"{r.name}\trank {r.rank}/{r.full_rank}\trel. error {r.rel_error:.4g}"))
+    res = extract_lora(base, tuned, out, rank, force=force, dtype=dtype, progress=show)
+    if not quiet:
+        worst = max((x.rel_error for x in res.layers), default=0.0)
+        click.echo(f"extracted {len(res.layers)} LoRA layers (max rel. error {worst:.4g})"
+                   + (f", {len(res.full)} tensors stored whole" if res.full else "") + f" -> {res.out}")
 
 
 @main.command("inspect")
@@ -127,33 +224,35 @@ def _shape(ctx, param, value):
 @main.command("align")
 @click.argument("reference", type=click.Path())
 @click.argument("others", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--out", required=True, type=click.Path(),
               help="Output folder: one <name>.permutation.safetensors per OTHER (and checkpoints, see below).")
 @click.option("--model-code", default=None, metavar="MODULE:FACTORY",
               help="Function returning the architecture (not needed for Hugging Face folders with config.json).")
 @click.option("--method", type=click.Choice(["weight", "activation"]), default="weight", show_default=True)
 @click.option("--data", default=None, type=click.Path(),
               help="Activation matching data: image folder, .npz, .csv or .jsonl (read locally).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Batch size for --data.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Batch size for --data.")
 @click.option("--input-shape", default=None, callback=_shape, metavar="N,C,H,W",
               help="Example input shape for tracing (random floats); default: the first --data batch, or generated for HF models.")
 @click.option("--transfer-to", multiple=True, type=click.Path(),
               help="An expert fine-tuned from the (single) OTHER: write it permuted by OTHER's permutation (repeatable).")
 @click.option("--checkpoints", is_flag=True, help="Also write each OTHER permuted, as a checkpoint folder <name>/.")
-@click.option("--max-iter", type=int, default=100, show_default=True, help="Weight matching: most sweeps.")
+@click.option("--max-iter", type=click.IntRange(min=1), default=100, show_default=True, help="Weight matching: most sweeps.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shard-size", default="5GB", show_default=True, help="Shard size of written checkpoints.")
 @click.option("--force", is_flag=True, help="Replace existing outputs.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where cost matrices / activations are computed: cpu, cuda or cuda:N.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def align_cmd(reference, others, out, model_code, method, data, batch_size, input_shape, transfer_to, checkpoints,
-              max_iter, seed, shard_size, force, quiet):
+              max_iter, seed, shard_size, force, device, quiet):
     """Permute each OTHER checkpoint's hidden units to match REFERENCE (weight or activation matching)."""
     from .align.pipeline import run_align
 
     res, written = run_align(reference, list(others), out, model_code=model_code, method=method, data=data,
                              input_shape=input_shape, batch_size=batch_size, max_iter=max_iter, seed=seed,
                              transfer_to=list(transfer_to), checkpoints=checkpoints, force=force,
-                             shard_size=shard_size)
+                             shard_size=shard_size, device=device)
     if not quiet:
         click.echo(res.summary())
         for w in written:
@@ -176,46 +275,68 @@ def _stats_options(f):
         click.option("-o", "--output", required=True, type=click.Path(), help="Output .safetensors file."),
         click.option("--model-code", default=None, metavar="MODULE:FACTORY",
                      help="For a checkpoint MODEL: a function that builds the nn.Module."),
-        click.option("--batch-size", default=32, show_default=True, type=int),
-        click.option("--limit", default=None, type=int, help="Use at most this many examples of the data."),
-        click.option("--image-size", default=None, type=int, help="Resize images to this square size."),
+        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
+        click.option("--limit", default=None, type=click.IntRange(min=1), help="Use at most this many examples of the data."),
+        click.option("--image-size", default=None, type=click.IntRange(min=1), help="Resize images to this square size."),
         click.option("--text-column", default=None, help="Text column of .csv/.jsonl (default: text)."),
         click.option("--label-column", default="label", show_default=True),
-        click.option("--max-length", default=None, type=int,
+        click.option("--max-length", default=None, type=click.IntRange(min=1),
                      help="Truncate texts to this many tokens (default: 128 for classifiers; for a "
                           "causal LM no truncation, and a text longer than its positions is an error)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--device", default="cpu", show_default=True,
+                     help="Where the pass runs: cpu, cuda or cuda:N (under torchrun, cuda is each "
+                          "process's own GPU)."),
     ]
     for o in reversed(opts):
         f = o(f)
     return f
 
 
-def _stats_inputs(model, data_path, model_code, batch_size, limit, image_size, text_column,
-                  label_column, max_length, quiet):
-    from .stats import distributed
+@contextlib.contextmanager
+def _stats_run(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
+               label_column, max_length, quiet, device):
+    """``(net, data)`` with the output file checked (not an input, parent writable) and locked
+    before the model and data are read; the lock is held until the file is written."""
+    from .device import resolve_device
     from .io.models import load_model
+    from .io.outputs import Output, model_code_path
+    from .stats import distributed
     from .stats.data import load_data, model_label2id
 
     from .stats import causal
 
+    resolve_device(device, "--device")             # a machine without the device: nothing is loaded
     distributed.init()
-    net, tok = load_model(model, model_code, progress=not quiet)
-    is_text = Path(data_path).suffix.lower() in (".csv", ".jsonl", ".txt")
-    if is_text and tok is None:
-        raise MergelabError(f"data '{data_path}': text data needs a tokenizer, model '{model}' has "
-                            f"none (expected tokenizer.json or tokenizer_config.json in the folder)")
-    lm = causal.is_causal_lm(net)
-    if lm and is_text:           # next-token targets come from the text itself: no label column
-        tok = causal.prepare_tokenizer(tok, f"model '{model}'")
-        label_column = None
-    elif max_length is None:
-        max_length = 128
-    data = load_data(data_path, batch_size=batch_size, tokenizer=tok, text_column=text_column,
-                     label_column=label_column, label2id=model_label2id(net), max_length=max_length,
-                     max_positions=causal.max_positions(net) if lm else None,
-                     image_size=image_size, limit=limit)
-    return net, data
+    out = Output(output, kind="file", option="-o",
+                 inputs=[("MODEL", model), ("--data", data_path), ("--model-code", model_code_path(model_code))])
+    with out if distributed.is_writer() else contextlib.nullcontext():
+        net, tok = load_model(model, model_code, progress=not quiet)
+        is_text = Path(data_path).suffix.lower() in (".csv", ".jsonl", ".txt")
+        if is_text and tok is None:
+            raise MergelabError(f"data '{data_path}': text data needs a tokenizer, model '{model}' has "
+                                f"none (expected tokenizer.json or tokenizer_config.json in the folder)")
+        lm = causal.is_causal_lm(net)
+        if lm and is_text:       # next-token targets come from the text itself: no label column
+            tok = causal.prepare_tokenizer(tok, f"model '{model}'")
+            label_column = None
+        elif max_length is None:
+            max_length = 128
+        data = load_data(data_path, batch_size=batch_size, tokenizer=tok, text_column=text_column,
+                         label_column=label_column, label2id=model_label2id(net), max_length=max_length,
+                         max_positions=causal.max_positions(net) if lm else None,
+                         image_size=image_size, limit=limit)
+        yield net, data
+
+
+@contextlib.contextmanager
+def _layered_run(model, data_path, output, model_code, batch_size, limit, text_column, max_length):
+    """Text batches for a layer-by-layer pass, with the output checked and locked as above."""
+    from .io.outputs import Output
+
+    out = Output(output, kind="file", option="-o", inputs=[("MODEL", model), ("--data", data_path)])
+    with out:
+        yield _layered_inputs(model, data_path, model_code, batch_size, limit, text_column, max_length)
 
 
 def _layered_inputs(model, data_path, model_code, batch_size, limit, text_column, max_length):
@@ -278,21 +399,21 @@ def _done(output, what):
 @_stats_options
 @click.option("--mode", type=click.Choice(["expected", "sampled", "empirical"]), default="expected",
               show_default=True)
-@click.option("--n-examples", default=None, type=int, help="At most this many examples (default all).")
+@click.option("--n-examples", default=None, type=click.IntRange(min=1), help="At most this many examples (default all).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--backend", type=click.Choice(["auto", "hooks", "vmap"]), default="auto", show_default=True,
               help="Per-example gradients: closed-form from layer hooks, torch.func vmap, or hooks "
                    "where every parameter's layer is supported (checked), else vmap.")
 def stats_fisher(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
-                 label_column, max_length, quiet, mode, n_examples, seed, backend):
+                 label_column, max_length, quiet, device, mode, n_examples, seed, backend):
     """Diagonal Fisher of MODEL's parameters (mean of squared per-example gradients)."""
     from .stats import diagonal_fisher
 
-    net, data = _stats_inputs(model, data_path, model_code, batch_size, limit, image_size,
-                              text_column, label_column, max_length, quiet)
-    f = diagonal_fisher(net, data, mode=mode, n_examples=n_examples, seed=seed, backend=backend,
-                        progress=not quiet)
-    _checkpoint_keyed(f, net, model, model_code).save(output)
+    with _stats_run(model, data_path, output, model_code, batch_size, limit, image_size,
+                    text_column, label_column, max_length, quiet, device) as (net, data):
+        f = diagonal_fisher(net, data, mode=mode, n_examples=n_examples, seed=seed, backend=backend,
+                            progress=not quiet, device=device)
+        _checkpoint_keyed(f, net, model, model_code).save(output)
     per = "" if f.n_tokens is None else f" ({f.n_tokens} tokens; summed over tokens, mean over sequences)"
     _done(output, f"the {mode} Fisher of {len(f)} tensors over {f.n_examples} examples{per} ({f.backend})")
 
@@ -306,24 +427,25 @@ def stats_fisher(model, data_path, output, model_code, batch_size, limit, image_
 @click.option("--layered", is_flag=True, help="Decoder-only LM folder: load and run one decoder "
               "layer at a time (for models larger than memory); same statistics.")
 def stats_activations(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
-                      label_column, max_length, quiet, sites, head, layered):
+                      label_column, max_length, quiet, device, sites, head, layered):
     """Per-channel mean/std of activations at sites."""
     from .stats import activation_stats
     from .stats.layered import layered_stats
 
     head = None if head == "none" else head
     if layered:
-        data = _layered_inputs(model, data_path, model_code, batch_size, limit, text_column, max_length)
-        st = layered_stats(model, data, "activations", sites=list(sites) or None, head=head,
-                           progress=not quiet)
-        st.save(output)
+        with _layered_run(model, data_path, output, model_code, batch_size, limit, text_column,
+                          max_length) as data:
+            st = layered_stats(model, data, "activations", sites=list(sites) or None, head=head,
+                               progress=not quiet)
+            st.save(output)
         _done(output, f"statistics of {len(st.sites)} sites (layer by layer)")
         return
-    net, data = _stats_inputs(model, data_path, model_code, batch_size, limit, image_size,
-                              text_column, label_column, max_length, quiet)
-    st = activation_stats(net, data, list(sites) or None, head=head,
-                          progress=not quiet)
-    st.save(output)
+    with _stats_run(model, data_path, output, model_code, batch_size, limit, image_size,
+                    text_column, label_column, max_length, quiet, device) as (net, data):
+        st = activation_stats(net, data, list(sites) or None, head=head,
+                              progress=not quiet, device=device)
+        st.save(output)
     _done(output, f"statistics of {len(st.sites)} sites")
 
 
@@ -334,22 +456,23 @@ def stats_activations(model, data_path, output, model_code, batch_size, limit, i
 @click.option("--layered", is_flag=True, help="Decoder-only LM folder: load and run one decoder "
               "layer at a time (for models larger than memory); same statistics.")
 def stats_gram(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
-               label_column, max_length, quiet, layers, layered):
+               label_column, max_length, quiet, device, layers, layered):
     """Gram matrices XᵀX of linear layers' inputs (for RegMean)."""
     from .stats import gram_matrices
     from .stats.layered import layered_stats, skeleton
 
     if layered:
-        data = _layered_inputs(model, data_path, model_code, batch_size, limit, text_column, max_length)
-        g = layered_stats(model, data, "gram", layers=list(layers) or None, progress=not quiet)
-        _checkpoint_keyed(g, skeleton(model), model, None).save(output)
+        with _layered_run(model, data_path, output, model_code, batch_size, limit, text_column,
+                          max_length) as data:
+            g = layered_stats(model, data, "gram", layers=list(layers) or None, progress=not quiet)
+            _checkpoint_keyed(g, skeleton(model), model, None).save(output)
         _done(output, f"{len(g)} Gram matrices (layer by layer)")
         return
 
-    net, data = _stats_inputs(model, data_path, model_code, batch_size, limit, image_size,
-                              text_column, label_column, max_length, quiet)
-    g = gram_matrices(net, data, list(layers) or None, progress=not quiet)
-    _checkpoint_keyed(g, net, model, model_code).save(output)
+    with _stats_run(model, data_path, output, model_code, batch_size, limit, image_size,
+                    text_column, label_column, max_length, quiet, device) as (net, data):
+        g = gram_matrices(net, data, list(layers) or None, progress=not quiet, device=device)
+        _checkpoint_keyed(g, net, model, model_code).save(output)
     _done(output, f"{len(g)} Gram matrices")
 
 
@@ -375,14 +498,20 @@ def data_install(only: tuple[str, ...], quiet: bool) -> None:
 @main.command("reproduce")
 @click.argument("suite")
 @click.option("--profile", type=click.Choice(["smoke", "quick", "full"]), default="smoke", show_default=True)
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="output folder (default runs/SUITE)")
+@click.option("--out", type=click.Path(), default=None, help="output folder (default runs/SUITE)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 def reproduce(suite: str, profile: str, out: str | None, quiet: bool) -> None:
     """Run a reproduction suite (nonlocal-vision, local-text, fisher) and write its report."""
     from .experiments.report import headline
     from .experiments.suites import run_suite
 
-    res = run_suite(suite, profile, out, quiet=quiet)
+    from .experiments.data import cache_dir
+    from .io.outputs import Output
+
+    out = out if out is not None else str(Path("runs") / suite)
+    with Output(out, kind="folder", option="--out", inputs=[("the data and model cache", cache_dir())],
+                replaces=False, parents=True):
+        res = run_suite(suite, profile, out, quiet=quiet)
     click.echo(headline(res))
     for n in res.get("notes", []):
         click.echo(f"note: {n}")

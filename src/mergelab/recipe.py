@@ -46,9 +46,7 @@ from .repair.pipeline import RepairSection, TactSection, TactTask  # noqa: F401 
 
 # mergekit keys we know and do not support: named in the error message
 MERGEKIT_UNSUPPORTED = {
-    "modules": "multi-module models", "tokenizer": "tokenizer merging",
-    "tokenizer_source": "tokenizer merging", "chat_template": "chat templates", "lora": "LoRA inputs",
-    "merge_method_sequence": "method sequences",
+    "modules": "multi-module models", "merge_method_sequence": "method sequences",
 }
 
 Scalar = Union[bool, int, float, str]
@@ -99,6 +97,37 @@ class SliceDef(BaseModel):
         return {} if v is None else v
 
 
+class TokenSourceSpec(BaseModel):
+    """Where one token's embedding comes from: ``{kind: zero}`` or
+    ``{kind: model_token, model: PATH, token: STR | token_id: INT}``."""
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    kind: str
+    model: Any = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+class TokenSpec(BaseModel):
+    """``tokenizer.tokens.<token>``: its embedding's source (a model path or a
+    :class:`TokenSourceSpec`); ``force`` uses it for every model, not only those lacking it."""
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    source: Union[str, TokenSourceSpec, None] = None
+    force: bool = False
+
+
+class TokenizerSection(BaseModel):
+    """mergekit's ``tokenizer:`` (see vocab/ and docs/llm.md)."""
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    source: str = "base"                     # base | union | model path (``model:PATH`` too)
+    tokens: dict[str, TokenSpec] = Field(default_factory=dict)
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        return {} if v is None else {k: ({} if x is None else x) for k, x in v.items()}
+
+
 class _RecipeCore(BaseModel):
     """A merge recipe (pydantic, unknown keys are errors); the stage sections (``align:``,
     ``repair:``, ``tact:``, ...) are added from the stage registry (:mod:`mergelab.stages`)."""
@@ -117,6 +146,10 @@ class _RecipeCore(BaseModel):
     allow_nonfinite: bool = False
     name: str | None = None           # a label for the model card
     device: str | None = None         # math device (cpu, cuda, cuda:1); --device / device= win
+    # mergekit's tokenizer keys (vocab/): the output vocabulary and the rows of embeddings/LM head
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerSection | None = None
+    chat_template: str | None = None
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -128,9 +161,13 @@ class _RecipeCore(BaseModel):
     def load(cls, src: "str | os.PathLike | dict | Recipe") -> "Recipe":  # noqa: F821
         """From a YAML path, a YAML string, a dict or a Recipe; relative model paths are
         resolved against the recipe file's folder when they do not exist from the cwd."""
-        if isinstance(src, Recipe):
+        if isinstance(src, _RecipeCore):
             return src
-        base_dir = None
+        base_dir = source = None
+        if not isinstance(src, (str, os.PathLike, dict)):
+            from .errors import RecipeError
+            raise RecipeError(f"recipe: expected a YAML path, YAML text, a dict or a Recipe, found "
+                                f"{type(src).__name__}")
         if isinstance(src, dict):
             data = src
         else:
@@ -141,6 +178,7 @@ class _RecipeCore(BaseModel):
                     raise MergelabError(f"{p}: recipe file not found")
                 text = p.read_text()
                 base_dir = p.resolve().parent
+                source = p
             else:
                 text = src
             try:
@@ -161,19 +199,98 @@ class _RecipeCore(BaseModel):
         except ValidationError as e:
             raise MergelabError(f"{where}: {_one_line(e)}") from None
         r._base_dir = base_dir
+        r._source = source
         return r
 
     def resolve_path(self, p: Any) -> Any:
         """A model reference as given, or a path made absolute (cwd first, then the recipe's folder)."""
         if not isinstance(p, (str, os.PathLike)):
             return p
+        from .io.reader import checkpoint_exists  # path@key selects a sub-dict: see io/reader.py
+
         path = Path(p).expanduser()
-        if path.exists() or path.is_absolute():
+        if checkpoint_exists(path) or path.is_absolute():
             return path
         bd = getattr(self, "_base_dir", None)
-        if bd is not None and (bd / path).exists():
+        if bd is not None and checkpoint_exists(bd / path):
             return bd / path
         return path
+
+    def input_paths(self, inputs: dict | None = None) -> list[tuple[str, Any]]:
+        """``(label, path)`` of every file or folder the recipe reads: the recipe file, models,
+        statistics files and other path-valued parameters, and the align/repair/tact inputs
+        (data, model code).  Objects given in ``inputs`` count by their ``path``."""
+        from .io.outputs import model_code_path
+
+        out: list[tuple[str, Any]] = []
+        bd = getattr(self, "_base_dir", None)
+        src = getattr(self, "_source", None)
+        if src is not None:
+            out.append(("the recipe", src))
+
+        def ref(label: str, v: Any, must_exist: bool = False) -> None:
+            if isinstance(v, str) and inputs and v in inputs:
+                v = inputs[v]
+            if not isinstance(v, (str, os.PathLike)):
+                v = getattr(v, "path", None)
+                if v is None:
+                    return
+            p = self.resolve_path(v)
+            if must_exist and not Path(p).exists():
+                return
+            if isinstance(v, str) and not Path(p).exists():
+                from .io.lora import split_lora_ref
+                parts = split_lora_ref(v)
+                if parts is not None:  # `base+adapter`: both are read
+                    out.extend((f"{label} ({what})", self.resolve_path(x)) for what, x in zip(("base", "adapter"), parts))
+                    return
+            out.append((label, p))
+
+        def params(prefix: str, ps: dict) -> None:
+            for k, v in ps.items():
+                vals = v if isinstance(v, list) else [v]
+                for x in vals:
+                    x = getattr(x, "value", x)
+                    if isinstance(x, str):  # a statistics file, or any value naming an existing path
+                        ref(f"{prefix}.{k}", x, must_exist=True)
+
+        def code(label: str, mc: str | None) -> None:
+            p = model_code_path(mc)
+            if p is None and mc and bd is not None:
+                p = model_code_path(str(bd / mc)) if ":" in mc else None
+            if p is not None:
+                out.append((label, p))
+
+        if self.base_model is not None:
+            ref("base_model", self.base_model)
+        for i, m in enumerate(self.models):
+            ref(f"models[{i}].model", m.model)
+            params(f"models[{i}].parameters", m.parameters)
+        params("parameters", self.parameters)
+        for sl_i, sl in enumerate(self.slices or []):
+            for j, src in enumerate(sl.sources):
+                ref(f"slices[{sl_i}].sources[{j}].model", src.model)
+                params(f"slices[{sl_i}].sources[{j}].parameters", src.parameters)
+            params(f"slices[{sl_i}].parameters", sl.parameters)
+        tok = self.tokenizer
+        src = self.tokenizer_source if self.tokenizer_source is not None else (tok.source if tok else None)
+        if src not in (None, "base", "union"):
+            ref("tokenizer.source", src[len("model:"):] if src.startswith("model:") else src, must_exist=True)
+        for t, spec in (tok.tokens.items() if tok else ()):
+            s = spec.source
+            ref(f"tokenizer.tokens.{t}.source", s if isinstance(s, str) else getattr(s, "model", None), must_exist=True)
+        for st in _stages():  # each stage names what its section reads
+            section = getattr(self, st.key, None)
+            if section is None:
+                continue
+            for label, v in st.inputs(section):
+                if v is None:
+                    continue
+                if label.endswith("model_code"):
+                    code(f"{st.key}.{label}", v)
+                else:
+                    ref(f"{st.key}.{label}", v)
+        return out
 
     def to_yaml(self) -> str:
         d = self.model_dump(exclude_none=True, exclude_defaults=False, mode="python")

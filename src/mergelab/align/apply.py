@@ -5,7 +5,6 @@ old index ``v[i]``) and metadata ``{"mergelab_kind": "permutation"}``.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping
 
@@ -42,6 +41,9 @@ def permute_tensor(spec: PermutationSpec, name: str, t: torch.Tensor, perm: Mapp
 
 def permute(spec: PermutationSpec, state: Mapping[str, torch.Tensor], permutation: Mapping[str, torch.Tensor]) -> dict:
     """A new state with every tensor permuted (function-preserving); the input is not modified."""
+    from ..io.validate import check_state
+
+    check_state(state, "permute")
     perm = spec.check(permutation)
     missing = [n for n in spec.axes if n not in state]
     if missing:
@@ -160,15 +162,12 @@ class PermutedCheckpoint:
 
 def save_permutation(permutation: Mapping[str, torch.Tensor], path, spec: PermutationSpec | None = None) -> Path:
     """Write ``{group: int64 vector}`` as safetensors (atomically)."""
-    from safetensors.torch import save_file
+    from ..io.outputs import save_safetensors
     perm = spec.check(permutation) if spec is not None else permutation
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: torch.as_tensor(v).to(torch.int64).contiguous() for k, v in perm.items()}, str(tmp),
-              metadata={"mergelab_kind": "permutation"})
-    os.replace(tmp, path)
-    return path
+    return save_safetensors({k: torch.as_tensor(v).to(torch.int64).contiguous() for k, v in perm.items()}, path,
+                            {"mergelab_kind": "permutation"})
 
 
 def load_permutation(path, spec: PermutationSpec | None = None) -> Permutation:

@@ -25,6 +25,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from ..device import module_device, placed, resolve_device, to_device
 from ..errors import MergelabError
 from .apply import permute
 from .spec import Permutation, PermutationSpec, compose_heads, expr_size, run_recorded
@@ -93,7 +94,8 @@ def _pieces(t: torch.Tensor, rules, sizes) -> list:
     return [(x, [v[1] if v is not None else None for v in ax]) for x, ax in done]
 
 
-def _state_pieces(spec: PermutationSpec, state: Mapping[str, torch.Tensor], what: str) -> list:
+def _state_pieces(spec: PermutationSpec, state: Mapping[str, torch.Tensor], what: str,
+                  device: torch.device | None = None) -> list:
     sizes = {n: g.size for n, g in spec.groups.items()}
     res = []
     for name in spec.axes:
@@ -101,15 +103,22 @@ def _state_pieces(spec: PermutationSpec, state: Mapping[str, torch.Tensor], what
             raise MergelabError(f"{what}: state has no tensor {name!r} that the spec permutes")
         t = state[name]
         if not torch.is_tensor(t):
-            t = torch.as_tensor(t)
-        res.extend(_pieces(t.detach().float(), spec.axes[name], sizes))
+            try:
+                t = torch.as_tensor(t)
+            except (TypeError, ValueError, RuntimeError):
+                raise MergelabError(f"{what}: {name!r} is a {type(t).__name__}, expected a tensor") from None
+        try:
+            res.extend(_pieces(t.detach().to(device=device, dtype=torch.float32), spec.axes[name], sizes))
+        except (IndexError, RuntimeError):  # fewer dims or smaller axes than the traced model's
+            raise MergelabError(f"{what}: tensor {name!r} of shape {tuple(t.shape)} does not fit the spec "
+                                "(traced on another architecture or size?)") from None
     return res
 
 
 def _permute_piece(x, ax, perm, skip=None):
     for k, g in enumerate(ax):
         if g is not None and k != skip:
-            x = x.index_select(k, perm[g])
+            x = x.index_select(k, perm[g].to(x.device))
     return x
 
 
@@ -217,8 +226,8 @@ class _Entry:
         if key != self.key:
             b = self.b
             for pos, g in self.others:
-                b = b.index_select(pos, perm[g])
-            self.value = (self.a @ b.reshape(b.shape[0], -1).T).numpy().astype(np.float64)
+                b = b.index_select(pos, perm[g].to(b.device))
+            self.value = (self.a @ b.reshape(b.shape[0], -1).T).cpu().numpy().astype(np.float64)
             self.key = key
         return self.value
 
@@ -288,7 +297,8 @@ def _piece_objective(xa, xb, ax, perm) -> float:
 def weight_matching(spec: PermutationSpec, reference_state: Mapping[str, torch.Tensor],
                     other_state: Mapping[str, torch.Tensor], max_iter: int = 100, seed: int = 0,
                     init: "Mapping[str, torch.Tensor] | str" = "signature", verbose: bool = False,
-                    groups: Sequence[str] | None = None) -> Permutation:
+                    groups: Sequence[str] | None = None,
+                    device: str | torch.device | None = None) -> Permutation:
     """Permutation of ``other_state`` that best matches ``reference_state`` (Git Re-Basin).
 
     Starts from ``init``: ``"signature"`` (default: :func:`signature_match`, a one-shot match
@@ -307,13 +317,20 @@ def weight_matching(spec: PermutationSpec, reference_state: Mapping[str, torch.T
     are all unchanged since it was last solved is skipped (its LAP would return the same
     answer).  The gain of a step is <C, P_new> - <C, P_old> from the same float64 C, so
     float noise cannot produce spurious improvements.
+
+    ``device``: where the cost matrices are computed (default: the reference tensors'
+    device); the linear assignments run on the CPU (scipy) on float64 copies.
     """
+    dev = resolve_device(device, "weight_matching device")
     if isinstance(reference_state, nn.Module):
         reference_state = reference_state.state_dict()
     if isinstance(other_state, nn.Module):
         other_state = other_state.state_dict()
-    pa = _state_pieces(spec, reference_state, "weight_matching (reference)")
-    pb = _state_pieces(spec, other_state, "weight_matching (other)")
+    if dev is None:
+        first = next((reference_state[n] for n in spec.axes if n in reference_state), None)
+        dev = first.device if torch.is_tensor(first) else None
+    pa = _state_pieces(spec, reference_state, "weight_matching (reference)", dev)
+    pb = _state_pieces(spec, other_state, "weight_matching (other)", dev)
     for (xa, _), (xb, _) in zip(pa, pb):
         if xa.shape != xb.shape:
             raise MergelabError(f"weight_matching: reference and other differ in shape: {tuple(xa.shape)} "
@@ -431,7 +448,7 @@ def activation_sites(spec: PermutationSpec) -> dict[str, list[tuple]]:
 
 def activation_matching(spec: PermutationSpec, reference_model: nn.Module, other_model: nn.Module,
                         data: Iterable, input_fn: Callable | None = None, max_batches: int | None = None,
-                        seed: int = 0) -> Permutation:
+                        seed: int = 0, device: str | torch.device | None = None) -> Permutation:
     """Permutation of ``other_model`` matching ``reference_model`` by activation correlation.
 
     Runs both models on each batch of ``data`` (``input_fn(batch)`` gives the model input;
@@ -441,7 +458,16 @@ def activation_matching(spec: PermutationSpec, reference_model: nn.Module, other
     channels (zero variance) give NaN, set to 0.  One LAP per group (joint for attention
     heads).  Groups with no traced activation (e.g. inside nn.MultiheadAttention, which is
     traced as one step) are then weight-matched with all other groups held fixed.
+    ``device``: where both models run and the correlations accumulate (each model moves
+    there for the pass and back after; default: where the models are).
     """
+    dev = resolve_device(device, "activation_matching device")
+    with placed(reference_model, dev), placed(other_model, dev):
+        return _activation_matching(spec, reference_model, other_model, data, input_fn, max_batches,
+                                    seed)
+
+
+def _activation_matching(spec, reference_model, other_model, data, input_fn, max_batches, seed):
     sites = activation_sites(spec)
     want: dict[int, list[int]] = {}
     for lst in sites.values():
@@ -458,9 +484,16 @@ def activation_matching(spec: PermutationSpec, reference_model: nn.Module, other
         if max_batches is not None and nb >= max_batches:
             break
         nb += 1
-        x = input_fn(batch)
-        ra, _ = run_recorded(ref, x, keep="want", want=want)
-        rb, _ = run_recorded(oth, x, keep="want", want=want)
+        x = to_device(input_fn(batch), module_device(ref))
+        try:
+            ra, _ = run_recorded(ref, x, keep="want", want=want)
+            rb, _ = run_recorded(oth, x, keep="want", want=want)
+        except MergelabError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the models raise on inputs they cannot take
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise MergelabError(f"activation_matching: the models cannot run on batch {nb - 1}:"
+                                f" {type(e).__name__}: {first}") from None
         va = {i: dict(zip(want[i], v)) for i, v in ra.values}
         vb = {i: dict(zip(want[i], v)) for i, v in rb.values}
         if len(va) != len(want) or len(vb) != len(want):
@@ -473,9 +506,7 @@ def activation_matching(spec: PermutationSpec, reference_model: nn.Module, other
                 s = stats.get((i, j, a))
                 if s is None:
                     n = xa.shape[1]
-                    s = stats[(i, j, a)] = [0, torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
-                                            torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
-                                            torch.zeros(n, n, dtype=torch.float64)]
+                    s = stats[(i, j, a)] = [0, *(xa.new_zeros(n) for _ in range(4)), xa.new_zeros(n, n)]
                 s[0] += xa.shape[0]
                 s[1] += xa.sum(0); s[2] += xb.sum(0)
                 s[3] += (xa * xa).sum(0); s[4] += (xb * xb).sum(0)
@@ -491,7 +522,7 @@ def activation_matching(spec: PermutationSpec, reference_model: nn.Module, other
             sda = (saa / n - ma * ma).clamp_min(0).sqrt()
             sdb = (sbb / n - mb * mb).clamp_min(0).sqrt()
             c = cov / (sda[:, None] * sdb[None, :])
-            c = torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0).numpy()
+            c = torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0).cpu().numpy()
             corr[g] = corr[g] + c if g in corr else c
     perm = dict(spec.identity())
     units = _Units(spec)

@@ -13,6 +13,7 @@ as a whole.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -20,8 +21,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..device import resolve_device
 from ..errors import MergelabError
-from ..io.models import build_model, checkpoint_names, is_hf_folder, load_factory, load_weights  # noqa: F401
+from ..io.models import build_model, check_fit, checkpoint_names, is_hf_folder, load_factory, load_weights  # noqa: F401  (re-exported)
+from ..io.outputs import Output, check_not_input, model_code_path
 from .apply import PermutedCheckpoint, rename_spec, save_permutation
 from .matching import activation_matching, weight_matching
 from .spec import Permutation, PermutationSpec, permutation_spec
@@ -91,11 +94,10 @@ def load_align_data(path, reference: Path, batch_size: int = 32, limit: int | No
 def _open(ref) -> Any:
     if not isinstance(ref, (str, os.PathLike)):
         return ref
-    from ..io import open_checkpoint
-    p = Path(ref)
-    if not p.exists():
-        raise MergelabError(f"{p}: no such file or folder")
-    return open_checkpoint(p)
+    from ..io.reader import checkpoint_exists, open_checkpoint
+    if not checkpoint_exists(ref):
+        raise MergelabError(f"{ref}: no such file or folder")
+    return open_checkpoint(ref)
 
 
 def _label(ckpt) -> str:
@@ -129,13 +131,16 @@ class AlignResult:
 
 def align_checkpoints(reference, others: Sequence, *, model_code: str | None = None, method: str = "weight",
                       data=None, input_shape: Sequence[int] | None = None, batch_size: int = 32,
-                      max_iter: int = 100, seed: int = 0) -> AlignResult:
+                      max_iter: int = 100, seed: int = 0, device: str | None = None) -> AlignResult:
     """Permutations aligning each of ``others`` (paths or Checkpoint-like) to ``reference``.
 
     ``data`` (activation matching): a path for :func:`load_align_data` or an iterable of
     batches.  Example inputs for tracing: ``input_shape`` (float ``randn``), else the first
-    data batch, else (Hugging Face) generated token ids / pixels.
+    data batch, else (Hugging Face) generated token ids / pixels.  ``device``: where the cost
+    matrices (weight matching) or both models' passes (activation matching) run; tracing
+    stays on the CPU.
     """
+    dev = resolve_device(device, "align device")
     if method not in ("weight", "activation"):
         raise MergelabError(f"--method: expected 'weight' or 'activation', found {method!r}")
     if not others:
@@ -144,11 +149,15 @@ def align_checkpoints(reference, others: Sequence, *, model_code: str | None = N
     oth_ck = [_open(o) for o in others]
     ref_path = Path(getattr(ref_ck, "path", "") or "")
     model = build_model(ref_path, model_code)
+    for ck in [ref_ck, *oth_ck]:  # a permutation of a model that is not this one means nothing
+        check_fit(model, ck, _label(ck))
     batches = None
     if method == "activation":
         if data is None:
             raise MergelabError("--method activation needs --data")
         batches = load_align_data(data, ref_path, batch_size) if isinstance(data, (str, os.PathLike)) else data
+        from ..stats.data import check_data
+        check_data(model, batches, None, f"the model of {ref_path}")
     if input_shape is not None:
         if not all(isinstance(s, int) and s > 0 for s in input_shape):
             raise MergelabError(f"--input-shape: expected positive integers, found {list(input_shape)}")
@@ -166,13 +175,15 @@ def align_checkpoints(reference, others: Sequence, *, model_code: str | None = N
     if method == "weight":
         ref_state = spec_state(spec, ref_ck, _label(ref_ck))
         for ck in oth_ck:
-            perms.append(weight_matching(spec, ref_state, spec_state(spec, ck, _label(ck)), max_iter=max_iter, seed=seed))
+            perms.append(weight_matching(spec, ref_state, spec_state(spec, ck, _label(ck)), max_iter=max_iter,
+                                         seed=seed, device=dev))
     else:
         ref_model = load_weights(model, ref_ck, _label(ref_ck))
         for ck in oth_ck:
             other = load_weights(build_model(ref_path, model_code), ck, _label(ck))
             perms.append(activation_matching(model_spec, ref_model, other, batches, input_fn=_batch_input,
-                                             seed=seed))
+                                             seed=seed,
+                                             device=dev))
     return AlignResult(spec, perms, [_label(c) for c in oth_ck])
 
 
@@ -189,7 +200,7 @@ def _unique_stems(paths: Sequence) -> list[str]:
 def run_align(reference, others: Sequence, out, *, model_code: str | None = None, method: str = "weight",
               data=None, input_shape: Sequence[int] | None = None, batch_size: int = 32, max_iter: int = 100,
               seed: int = 0, transfer_to: Sequence = (), checkpoints: bool = False, force: bool = False,
-              shard_size: str = "5GB") -> tuple[AlignResult, list[Path]]:
+              shard_size: str = "5GB", device: str | None = None) -> tuple[AlignResult, list[Path]]:
     """Align ``others`` to ``reference`` and write into the folder ``out``:
 
     * ``<name>.permutation.safetensors`` per other model (``name``: its file stem / folder name);
@@ -202,31 +213,47 @@ def run_align(reference, others: Sequence, out, *, model_code: str | None = None
     if transfer_to and len(others) != 1:
         raise MergelabError(f"--transfer-to: needs exactly one OTHER (the foundation model the experts were "
                             f"fine-tuned from), found {len(others)}")
+    from ..io.reader import checkpoint_exists
     for p in [reference, *others, *transfer_to]:
-        if isinstance(p, (str, os.PathLike)) and not Path(p).exists():
+        if isinstance(p, (str, os.PathLike)) and not checkpoint_exists(p):
             raise MergelabError(f"{p}: no such file or folder")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MergelabError(f"-o {out}: exists and is not a folder")
+    from ..io.writer import parse_size
+    parse_size(shard_size, "--shard-size")  # before any work
+    inputs = [("REFERENCE", reference), *((f"OTHER {o}", o) for o in others),
+              *((f"--transfer-to {t}", t) for t in transfer_to), ("--data", data),
+              ("--model-code", model_code_path(model_code))]
+    claim = Output(out, kind="folder", option="-o", force=force, inputs=inputs, replaces=False)
+    out = claim.path
     names = _unique_stems([*others, *transfer_to])
     targets = [out / f"{n}.permutation.safetensors" for n in names[:len(others)]]
     if checkpoints:
         targets += [out / n for n in names[:len(others)]]
     targets += [out / n for n in names[len(others):]]
+    for t in targets:  # each file or folder written: never an input, nor a folder holding one
+        check_not_input("-o", t, inputs)
     if not force:
         for t in targets:
             if t.exists():
                 raise MergelabError(f"{t}: already exists (use --force to replace it)")
-    res = align_checkpoints(reference, others, model_code=model_code, method=method, data=data,
-                            input_shape=input_shape, batch_size=batch_size, max_iter=max_iter, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for n, o, perm in zip(names, others, res.permutations):
-        written.append(save_permutation(perm, out / f"{n}.permutation.safetensors", res.spec))
-        if checkpoints:
-            written.append(_write_permuted(o, res.spec, perm, out / n, force, shard_size, save_state))
-    for n, e in zip(names[len(others):], transfer_to):
-        written.append(_write_permuted(e, res.spec, res.permutations[0], out / n, force, shard_size, save_state))
+    with claim:
+        res = align_checkpoints(reference, others, model_code=model_code, method=method, data=data,
+                                input_shape=input_shape, batch_size=batch_size, max_iter=max_iter, seed=seed,
+                                device=device)
+        created = not out.exists()
+        try:
+            out.mkdir(exist_ok=True)
+            written = []
+            for n, o, perm in zip(names, others, res.permutations):
+                written.append(save_permutation(perm, out / f"{n}.permutation.safetensors", res.spec))
+                if checkpoints:
+                    written.append(_write_permuted(o, res.spec, perm, out / n, force, shard_size, save_state))
+            for n, e in zip(names[len(others):], transfer_to):
+                written.append(_write_permuted(e, res.spec, res.permutations[0], out / n, force, shard_size,
+                                               save_state))
+        except BaseException:
+            if created:  # a folder this run made holds nothing of value: all or nothing
+                shutil.rmtree(out, ignore_errors=True)
+            raise
     return res, written
 
 
@@ -265,7 +292,7 @@ def recipe_inputs(recipe, inputs: Mapping | None = None) -> dict:
         recipe.base_model if recipe.base_model is not None else recipe.models[0].model)
     data = path_of(a.data) if isinstance(a.data, str) else a.data
     kw = dict(model_code=a.model_code, method=a.method, data=data, input_shape=a.input_shape,
-              batch_size=a.batch_size, max_iter=a.max_iter, seed=recipe.seed)
+              batch_size=a.batch_size, max_iter=a.max_iter, seed=recipe.seed, device=a.device)
     out = {}
     if a.transfer is not None:
         t = a.transfer

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..device import resolve_device
 from ..errors import MergelabError
 from ..io.finite import check_stored, nonfinite
 from ..methods.registry import TensorContext
@@ -39,19 +40,9 @@ def numel(shape) -> int:
 
 
 def math_device(device: Any) -> torch.device:
-    """A validated math device (``cpu``, ``cuda``, ``cuda:N``)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise MergelabError(f"--device: expected cpu or cuda, found {device!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise MergelabError(f"--device: expected cpu or cuda, found {device!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MergelabError(f"--device {device}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise MergelabError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
+    """A validated math device (``cpu``, ``cuda``, ``cuda:N``; under torchrun a plain ``cuda``
+    is this process's GPU): :func:`mergelab.device.resolve_device`."""
+    return resolve_device("cpu" if device is None else device, "--device")
 
 
 class Driver:

@@ -7,19 +7,32 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
+from ..errors import MergelabError
 from ..methods.registry import MethodSpec
 from ..recipe import is_static, layer_index, layer_t, tensor_params
 
 
 def num_layers(ckpt: Any) -> int | None:
-    """Layer count of a checkpoint: its config's, else one more than the largest layer index."""
+    """The depth for layer gradients: config.json's layer count, checked against the layer
+    indices the weights hold (a count that contradicts them is an error naming the config);
+    without a count in the config, one more than the largest layer index."""
+    label = str(getattr(ckpt, "path", None) or "model")
     cfg = getattr(ckpt, "config", None) or {}
-    for k in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(cfg.get(k), int):
-            return cfg[k]
     idx = [layer_index(n) for n in ckpt.keys()]
     idx = [i for i in idx if i is not None]
-    return max(idx) + 1 if idx else None
+    found = max(idx) + 1 if idx else None
+    if not isinstance(cfg, dict):
+        raise MergelabError(f"{label}: config.json: expected a JSON object, found {type(cfg).__name__}")
+    for k in ("num_hidden_layers", "n_layer", "num_layers"):
+        if k in cfg:
+            L = cfg[k]
+            if type(L) is not int or L < 1:
+                raise MergelabError(f"{label}/config.json: '{k}' is {L!r}, expected a positive integer")
+            if found is not None and found > L:
+                raise MergelabError(f"{label}/config.json: '{k}' is {L}, but the weights have layers up to"
+                                    f" index {found - 1}; a depth gradient needs the true layer count")
+            return L
+    return found
 
 
 def resolve_kwargs(method: MethodSpec, glob: dict, model_params: Sequence[dict], names: Iterable[str],

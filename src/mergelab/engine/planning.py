@@ -155,6 +155,27 @@ def _expand_slices(r: Recipe, inputs: Mapping | None, allow_crimes: bool) -> tup
     return r2, inputs
 
 
+def section_given(r: Recipe) -> bool:
+    return r.tokenizer is not None or r.tokenizer_source is not None
+
+
+def _expand_vocab(r: Recipe, inputs: Mapping | None) -> tuple[Recipe, Mapping | None]:
+    """mergekit's tokenizer keys: every model read through a vocabulary view (see vocab/)."""
+    from ..vocab import expand, resolve_chat_template, section
+    from .sources import folder_of
+    cache: dict[str, Input] = {}
+
+    def opener(ref, where):
+        return open_input(ref, r.resolve_path, where, inputs, cache)
+
+    if section(r) is not None:
+        r, inputs = expand(r, inputs, opener, folder_of)
+    if r.chat_template is not None:   # checked now: a bad value writes nothing
+        folders = [folder_of(opener(m.model, f"models[{i}].model")) for i, m in enumerate(r.models)]
+        r._chat_template = resolve_chat_template(r.chat_template, [f for f in folders if f is not None])
+    return r, inputs
+
+
 def plan(recipe: Any, *, dtype: str | None = None, inputs: Mapping | None = None,
          names: Sequence[str] | None = None, allow_crimes: bool = False) -> Plan:
     """Validate a recipe against its checkpoints and resolve every tensor's parameters.
@@ -165,6 +186,8 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: Mapping | None = None
     method = get_method(r.merge_method)
     if r.slices is not None:
         r, inputs = _expand_slices(r, inputs, allow_crimes)
+    if section_given(r) or r.chat_template is not None:
+        r, inputs = _expand_vocab(r, inputs)
     inputs = stages.before_merge(r, inputs)   # align: the models it moves are read through permuted views
     if not r.models:
         raise MergelabError("recipe: 'models' is empty")

@@ -5,6 +5,7 @@ removes the temporary output folder (nothing is written before every check passe
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,12 +17,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import MergelabError
-from ..io.writer import DEFAULT_SHARD_SIZE, AtomicFolder, TensorSpec, check_shard_size, parse_size, sha256_file
+from ..io.outputs import Output
+from ..io.writer import DEFAULT_SHARD_SIZE, TensorSpec, check_shard_size, parse_size, sha256_file
+from ..recipe import Recipe
 from . import stages
-from .driver import DEFAULT_BLOCK_SIZE, Driver
+from .driver import DEFAULT_BLOCK_SIZE, Driver, numel
 from .jobs import make_jobs, run_jobs
 from .output import Outputs
 from .planning import Plan, plan
+from .ranks import Team, partition
 
 
 @dataclass
@@ -33,6 +37,14 @@ class MergeResult:
     seconds: float = 0.0
     method: str = ""
     variants: list[str] = field(default_factory=list)
+    rank: int = 0                        # under torchrun: this process's rank, the world size,
+    world: int = 1                       # the tensors it merged and the bytes it wrote
+    rank_tensors: int = 0
+    rank_bytes: int = 0
+
+    def rank_line(self) -> str:
+        return (f"rank {self.rank}/{self.world}: merged {self.rank_tensors} of {self.tensors} tensors "
+                f"({self.rank_bytes} bytes)")
 
     def summary(self) -> str:
         gb = (self.bytes_read + self.bytes_written) / 1e9
@@ -114,39 +126,87 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     ``architectures``/``model_type``); ``seed`` overrides the recipe's ``seed``;
     ``copy_tokenizer=False`` copies the config files but no tokenizer files;
     ``model_card=False`` writes no README.md.
+
+    Under ``torchrun`` every process calls this with the same arguments; the tensors are split
+    across the processes and the output is the same bytes (:mod:`mergelab.engine.ranks`).
     """
+    r = Recipe.load(recipe)
+    parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE, "--shard-size")  # option values
+    parse_size(block_size if block_size is not None else DEFAULT_BLOCK_SIZE, "--block-size")  # before any work
+    team = Team()
+    # the output is checked against every input and locked (by rank 0) before any work, for the whole run
+    claim, err = contextlib.nullcontext(), None
+    if team.lead:
+        try:
+            claim = Output(out, kind="folder", option="-o", force=force, inputs=r.input_paths(inputs))
+        except MergelabError as e:
+            err = str(e)
+    err = team.share(err)
+    if err is not None:
+        raise MergelabError(err)
+    with claim:
+        return _merge(r, out, team, force=force, dtype=dtype, shard_size=shard_size, device=device,
+                      threads=threads, quiet=quiet, allow_nonfinite=allow_nonfinite, inputs=inputs,
+                      checksums=checksums, block_size=block_size, allow_crimes=allow_crimes, seed=seed,
+                      copy_tokenizer=copy_tokenizer, model_card=model_card)
+
+
+def _merge(recipe: Any, out: str | os.PathLike, team: Team, *, force: bool, dtype: str | None,
+           shard_size: int | str | None, device: str | None, threads: int | None, quiet: bool,
+           allow_nonfinite: bool | None, inputs: dict | None, checksums: bool, block_size: int | str | None,
+           allow_crimes: bool, seed: int | None, copy_tokenizer: bool, model_card: bool) -> MergeResult:
     t0 = time.perf_counter()
     p = plan(recipe, dtype=dtype, inputs=inputs, allow_crimes=allow_crimes)
     r = p.recipe
     if seed is not None and int(seed) != r.seed:  # --random-seed: recorded in the model card too
-        extra = {k: getattr(r, k) for k in ("_base_dir", "_card_yaml", "_layer_count") if hasattr(r, k)}
+        extra = {k: getattr(r, k) for k in ("_base_dir", "_card_yaml", "_layer_count", "_vocab", "_chat_template") if hasattr(r, k)}
         r = p.recipe = r.model_copy(update={"seed": int(seed)})
         for k, v in extra.items():
             setattr(r, k, v)
     allow = r.allow_nonfinite if allow_nonfinite is None else allow_nonfinite
-    size = parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE)
-    check_shard_size([TensorSpec(n, p.shape(n), p.out_dtype[n]) for n in p.names], size)
+    size = parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE, "--shard-size")
+    specs = [TensorSpec(n, p.shape(n), p.out_dtype[n]) for n in p.names]
+    check_shard_size(specs, size)
     nthreads = _threads(threads)
-    block_bytes = parse_size(block_size if block_size is not None else DEFAULT_BLOCK_SIZE)
-    d = Driver(p, device=device or r.device or "cpu", storage="cpu", seed=r.seed, allow_nonfinite=allow,
+    block_bytes = parse_size(block_size if block_size is not None else DEFAULT_BLOCK_SIZE, "--block-size")
+    d = Driver(p, device=device if device is not None else (r.device or "cpu"), storage="cpu", seed=r.seed, allow_nonfinite=allow,
                block_bytes=block_bytes)
-    atomic = AtomicFolder(out, force)  # refuses an existing output before any work
+    folder = team.folder(out, force)  # refuses an existing output before any work
+    if team.lead:
+        folder.atomic.check_space(sum(t.nbytes for t in specs))  # one variant's weights: a lower bound
     if d.blockable:
         tune_malloc()
     jobs = make_jobs(d)
-    sums = _Checksums(p, checksums)
+    mine = None                       # the tensors this rank writes (None: all)
+    if team.world > 1:
+        nbytes = {n: numel(p.shape(n)) * p.out_dtype[n].itemsize for n in p.names}
+        mine = set(partition(p.names, nbytes, team.world)[team.rank])
+        jobs = [j for j in jobs if j.name in mine]
+    sums = _Checksums(p, checksums and team.lead)
     old_threads = torch.get_num_threads()
     # blocks are small: the worker threads use the cores, one intra-op thread each
     torch.set_num_threads(1 if d.blockable else max(1, min(nthreads, os.cpu_count() or 1)))
-    bar = tqdm(total=len(jobs) + len(p.names) - len(p.merged), disable=quiet, unit="job",
+    unmerged = [n for n in p.names if n not in p.merged and (mine is None or n in mine)]
+    bar = tqdm(total=len(jobs) + len(unmerged), disable=quiet or not team.lead, unit="job",
                desc=f"merge {p.method.name}", leave=False)
     outs = None
     try:
-        with atomic as tmp:
-            outs = Outputs(p, tmp, size, copy_tokenizer=copy_tokenizer, model_card=model_card)
-            run_jobs(d, jobs, d.prepass(), outs.put, nthreads, lambda: bar.update(1))
-            outs.finish(sums.result(), lambda: bar.update(1))
-            stages.after_merge(p, tmp, shard_size=size, quiet=quiet)
+        with folder as tmp:
+            prepass = d.prepass()
+            variants = _variants(d, prepass) if team.world > 1 and p.method.multi_output else None
+            if team.lead:             # rank 0 lays the shards out, the others open them
+                outs = Outputs(p, tmp, size, only=mine, variants=variants,
+                               copy_tokenizer=copy_tokenizer, model_card=model_card)
+            team.barrier()
+            if not team.lead:
+                outs = Outputs(p, tmp, size, only=mine, create=False, variants=variants)
+            run_jobs(d, jobs, prepass, outs.put, nthreads, lambda: bar.update(1))
+            outs.close(lambda: bar.update(1))
+            team.barrier()            # every rank's tensors are written
+            if team.lead:
+                outs.describe(sums.result())
+            team.barrier()            # the merged folder is complete: the stages read it
+            stages.after_merge(p, tmp, shard_size=size, quiet=quiet or not team.lead)
     finally:
         if outs is not None:
             outs.abort()
@@ -156,4 +216,14 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     outp = Path(out).expanduser().absolute()
     return MergeResult(outputs=[outp / v if v else outp for v in outs.variants], tensors=len(p.names),
                        bytes_read=d.bytes_read, bytes_written=outs.written,
-                       seconds=time.perf_counter() - t0, method=p.method.name, variants=[v for v in outs.variants if v])
+                       seconds=time.perf_counter() - t0, method=p.method.name, variants=[v for v in outs.variants if v],
+                       rank=team.rank, world=team.world, rank_tensors=len(p.names) if mine is None else len(mine),
+                       rank_bytes=outs.written)
+
+
+def _variants(d: Driver, prepass: Any) -> list[str]:
+    """A multi-output method's variant names, from its smallest tensor (every rank must lay out
+    every variant's folder before any rank writes)."""
+    p = d.p
+    probe = min(p.merged, key=lambda n: (numel(p.shape(n)), p.names.index(n)))
+    return sorted(d.compute(probe, prepass))

@@ -15,7 +15,8 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import MergelabError
-from ..io.reader import open_checkpoint
+from ..io.lora import open_with_lora, split_lora_ref
+from ..io.reader import checkpoint_exists, open_checkpoint
 
 
 @dataclass
@@ -75,10 +76,17 @@ def open_input(ref: Any, resolve, where: str, inputs: Mapping | None, cache: dic
                 raise MergelabError(f"{where}: expected a checkpoint path, found {type(ref).__name__}")
         label = getattr(ref, "label", None) or getattr(ref, "path", None) or where
         return Input(str(label), ref)
+    lora = split_lora_ref(str(ref))
+    if lora is not None:  # mergekit's `base+adapter`: the PEFT adapter applied while reading
+        base, adapter = (resolve(x) for x in lora)
+        key = f"{Path(base).absolute()}+{Path(adapter).absolute()}"
+        if key not in cache:
+            cache[key] = Input(f"{base}+{adapter}", open_with_lora(base, adapter))
+        return cache[key]
     path = resolve(ref)
     key = str(Path(path).absolute())
     if key not in cache:
-        if not Path(path).exists():
+        if not checkpoint_exists(path):
             raise MergelabError(f"{where}: {path}: no such file or folder")
         cache[key] = Input(str(path), open_checkpoint(path))
     return cache[key]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..stages import StageContext, stages
+from ..stats import distributed
 
 
 def _sections(recipe, phase: str | None = None):
@@ -33,3 +34,4 @@ def after_merge(plan: Any, folder: Path, *, shard_size: Any, quiet: bool) -> Non
     log = (lambda s: None) if quiet else print
     for s, sec in _sections(plan.recipe, "after"):
         s.run(sec, StageContext(plan.recipe, plan=plan, folder=folder, shard_size=shard_size, quiet=quiet, log=log))
+        distributed.barrier()   # under torchrun: rank 0 wrote this stage's files before the next reads

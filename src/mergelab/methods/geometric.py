@@ -48,7 +48,7 @@ class GramSum:
                     self.parts.setdefault((i, j), []).extend((ds[i] * ds[j]).sum(dim=1).tolist())
 
     def result(self) -> Tensor:
-        G = torch.zeros(self.k, self.k, dtype=torch.float64)
+        G = torch.zeros(self.k, self.k, dtype=torch.float64, device="cpu")
         for (i, j), v in self.parts.items():
             G[i, j] = G[j, i] = math.fsum(v)
         return G
@@ -89,14 +89,19 @@ def _combine(xs: list[Tensor], coef: list[float]) -> Tensor:
 
 # ------------------------------------------------------------------ nuslerp
 
+def _f64(x) -> Tensor:
+    """A float64 tensor of ``x`` on its own device (python numbers: on the CPU)."""
+    return x.double() if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.float64, device="cpu")
+
+
 def slerp_coefficients(t: float, g00, g11, g01, eps: float = 1e-8):
     """mergekit's nuslerp weights (c0, c1) of ``c0 v0 + c1 v1`` from ‖v0‖², ‖v1‖², ⟨v0, v1⟩
     (tensors of any shape, float64): the angle between the vectors normalised with norms
     clamped below at 1e-7; ``sin((1−t)θ)/sin θ`` and ``sin(tθ)/sin θ``, or ``1 − t`` and ``t``
     where ``|sin θ| < eps`` (nearly colinear)."""
-    n0 = torch.sqrt(torch.as_tensor(g00, dtype=torch.float64).clamp(min=0)).clamp(min=1e-7)
-    n1 = torch.sqrt(torch.as_tensor(g11, dtype=torch.float64).clamp(min=0)).clamp(min=1e-7)
-    cos = (torch.as_tensor(g01, dtype=torch.float64) / (n0 * n1)).clamp(-1, 1)
+    n0 = torch.sqrt(_f64(g00).clamp(min=0)).clamp(min=1e-7)
+    n1 = torch.sqrt(_f64(g11).clamp(min=0)).clamp(min=1e-7)
+    cos = (_f64(g01) / (n0 * n1)).clamp(-1, 1)
     theta = torch.acos(cos)
     s = torch.sin(theta)
     colinear = s.abs() < eps
@@ -191,14 +196,14 @@ def multislerp_coefficients(G: Tensor, w: list[float], eps: float) -> list[float
     method); None when the weighted mean of the unit vectors vanishes."""
     k = G.shape[0]
     norms = [math.sqrt(max(float(G[i, i]), 0.0)) for i in range(k)]
-    a = torch.tensor([w[i] / (norms[i] + eps) for i in range(k)], dtype=torch.float64)  # m = Σ a_i x_i
+    a = torch.tensor([w[i] / (norms[i] + eps) for i in range(k)], dtype=torch.float64, device="cpu")  # m = Σ a_i x_i
     mnorm = math.sqrt(max(float(a @ G @ a), 0.0))
     if mnorm < eps:
         return None
     mhat = a / mnorm
     Gm = G @ mhat
     dots = [float(Gm[i]) / (norms[i] + eps) for i in range(k)]          # ⟨u_i, m̂⟩
-    v = torch.tensor([w[i] / (norms[i] + eps) for i in range(k)], dtype=torch.float64)
+    v = torch.tensor([w[i] / (norms[i] + eps) for i in range(k)], dtype=torch.float64, device="cpu")
     v = v - sum(w[i] * dots[i] for i in range(k)) * mhat               # Σ w_i (u_i − ⟨u_i,m̂⟩ m̂)
     vnorm = math.sqrt(max(float(v @ G @ v), 0.0)) + eps
     scale = sum(n * wi for n, wi in zip(norms, w))
@@ -245,25 +250,25 @@ def karcher_coefficients(G: Tensor, alphas: list[float], max_iter: int, tol: flo
     norms = [math.sqrt(max(float(G[i, i]), 0.0)) for i in range(k)]
     valid = [i for i in range(k) if norms[i] > tol]
     if not valid:
-        return torch.zeros(0, dtype=torch.float64), []
-    U = torch.tensor([[float(G[i, j]) / (norms[i] * norms[j]) for j in valid] for i in valid], dtype=torch.float64)
+        return torch.zeros(0, dtype=torch.float64, device="cpu"), []
+    U = torch.tensor([[float(G[i, j]) / (norms[i] * norms[j]) for j in valid] for i in valid], dtype=torch.float64, device="cpu")
     asum = math.fsum(alphas[i] for i in valid)
     al = [alphas[i] / asum for i in valid]
     m = len(valid)
-    c = torch.tensor(al, dtype=torch.float64)
+    c = torch.tensor(al, dtype=torch.float64, device="cpu")
 
     def norm(x):
         return math.sqrt(max(float(x @ U @ x), 0.0))
 
     n0 = norm(c)
     if n0 < tol:
-        c = torch.zeros(m, dtype=torch.float64)
+        c = torch.zeros(m, dtype=torch.float64, device="cpu")
         c[0] = 1.0
     else:
         c = c / n0
     for _ in range(max_iter):
         Uc = U @ c
-        T = torch.zeros(m, dtype=torch.float64)
+        T = torch.zeros(m, dtype=torch.float64, device="cpu")
         for j in range(m):
             dot = max(-1.0, min(1.0, float(Uc[j])))
             theta = math.acos(dot)

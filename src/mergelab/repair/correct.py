@@ -22,10 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MergelabError
-from ..stats import distributed
 from ..stats.activations import data_pass, eval_no_grad
 from ..stats.batch import call_model, model_device, split_batch, to_device
-from ..stats.moments import Moments, centred_sums, masks_tokens
+from ..stats.moments import Moments, centred_sums, masks_tokens, reduce_moments
 from ..stats.sites import Site, StopForward, forward_order, hooked
 
 Correction = tuple[Tensor, Tensor]   # (a, b), float32 (C,)
@@ -106,10 +105,10 @@ def _joint(model, order, target_mean, target_std, data, n_batches, eps, shard, p
         for inputs, mask in data_pass(model, data, n_batches, shard, progress, "correction (joint)"):
             mask_box[0] = mask
             call_model(model, inputs)
+    reduce_moments([moments[s.name] for s in order], device)
     for s in order:
         if moments[s.name].sum is None:
             raise MergelabError(f"site '{s.name}' saw no data (never reached, or an empty loader)")
-    distributed.all_reduce_sum([t for s in order for t in moments[s.name].tensors()])
     return {s.name: correction_from(moments[s.name].mean, moments[s.name].var,
                                     *targets[s.name], eps) for s in order}
 
@@ -181,9 +180,9 @@ def _sequential(model, order, target_mean, target_std, data, n_batches, eps, sha
                     call_model(model, inputs)
                 except StopForward:
                     pass
+        reduce_moments([mom], device)
         if mom.sum is None:
             raise MergelabError(f"site '{site.name}' saw no data")
-        distributed.all_reduce_sum(mom.tensors())
         done[site.name] = correction_from(mom.mean, mom.var, mu_t, std_t, eps)
     return done
 

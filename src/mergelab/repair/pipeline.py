@@ -24,6 +24,7 @@ from ..io.models import build_model, is_hf_folder, load_weights
 from ..io.reader import open_checkpoint
 from ..io.finite import check_stored
 from ..io.writer import save_state
+from ..stats import distributed
 
 
 class DataSpec(BaseModel):
@@ -37,6 +38,7 @@ class DataSpec(BaseModel):
     label_column: str = "label"
     max_length: int = 128
     image_size: int | None = None
+    device: str | None = None             # cpu, cuda or cuda:N: where the passes run (default: cpu)
 
 
 class RepairSection(DataSpec):
@@ -150,12 +152,15 @@ def run_repair(section: RepairSection, folder: Path, experts: Sequence[tuple[str
     models = [_model(folder, section.model_code, ck, f"repair: expert '{name}'") for name, ck in experts]
     arch_keys = set(merged.state_dict())
     fixed = repair(merged, models, data, section.weights, sites=section.sites, head=section.head,
-                   n_batches=section.n_batches, mode=section.mode, fold=True, progress=not quiet)
+                   n_batches=section.n_batches, mode=section.mode, fold=True, progress=not quiet,
+                   device=section.device)
     unfolded = getattr(fixed, "mergelab_unfolded", [])
     if unfolded:
         raise MergelabError(f"repair: the correction at site(s) {', '.join(map(str, unfolded))} cannot be "
                             "folded into a layer; list foldable sites under repair.sites")
     check_new_tensors(arch_keys, fixed.state_dict(), merged, "repair")
+    if not distributed.is_writer():     # under torchrun every rank calibrates, rank 0 writes
+        return
     _rewrite_weights(folder, fixed.state_dict(), shard_size, allow_nonfinite)
     log(f"repair: folded REPAIR corrections at {len(_sites_of(fixed, merged, section))} sites "
         f"into the merged weights ({section.mode}, {len(models)} experts)")
@@ -188,9 +193,11 @@ def run_tact(section: TactSection, folder: Path, experts: Mapping[str, Any], *,
     merged = _model(folder, section.model_code, open_checkpoint(folder), "merged model")
     arch_keys = set(merged.state_dict())
     tcm = tact(merged, models, data, section.n_batches, sites=section.sites, head=section.head,
-               mode=section.mode, progress=not quiet)
+               mode=section.mode, progress=not quiet, device=section.device)
     for task in tcm.tasks:
         check_new_tensors(arch_keys, tcm.folded_state_dict(task), merged, f"tact task '{task}'")
+    if not distributed.is_writer():     # under torchrun every rank calibrates, rank 0 writes
+        return
     out = folder / "tact"
     out.mkdir()
     tcm.save_corrections(out / "corrections.safetensors")

@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+import torch
 from torch import Tensor, nn
 
+from ..device import module_device, placed, resolve_device
 from ..errors import MergelabError
+from ..io.writer import save_tensors
 from ..stats import distributed
 from ..stats.activations import _moments_pass
 from ..stats.sites import Site, channel_dim, find_head, probe_batch, resolve_sites, _inside
@@ -142,8 +145,8 @@ class TaskConditionedModel(nn.Module):
         for t in self.tasks:
             for s in self.sites:
                 a, b = self.corrections[t][s.name]
-                out[f"{t}/{s.name}.scale"] = a.float().contiguous()
-                out[f"{t}/{s.name}.shift"] = b.float().contiguous()
+                out[f"{t}/{s.name}.scale"] = a.float().cpu().contiguous()
+                out[f"{t}/{s.name}.shift"] = b.float().cpu().contiguous()
         return out
 
     def save_corrections(self, path: str | Path) -> None:
@@ -153,7 +156,7 @@ class TaskConditionedModel(nn.Module):
         meta = {"mergelab_kind": "tact_corrections", "tasks": json.dumps(self.tasks),
                 "sites": json.dumps([s.name for s in self.sites]), "eps": repr(self.eps),
                 "head": self.head or ""}
-        save_file(self.corrections_state(), str(path), metadata=meta)
+        save_tensors(self.corrections_state(), path, metadata=meta)
 
     def folded_model(self, task: str) -> nn.Module:
         """A plain model for ``task``: its head, every correction folded into a layer."""
@@ -185,7 +188,7 @@ class TaskConditionedModel(nn.Module):
         for t in self.tasks:
             (out / t).mkdir(exist_ok=True)
             sd = {k: v.contiguous() for k, v in self.folded_state_dict(t).items()}
-            save_file(sd, str(out / t / "model.safetensors"), metadata={"mergelab_kind": "tact_folded",
+            save_tensors(sd, str(out / t / "model.safetensors"), metadata={"mergelab_kind": "tact_folded",
                                                                          "task": t})
 
 
@@ -206,7 +209,8 @@ def load_corrections(path: str | Path) -> tuple[dict[str, dict[str, Correction]]
 def tact(merged_model: nn.Module, experts: Mapping[str, nn.Module], data: Mapping[str, Iterable[Any]],
          n_batches: int | None = None, *, sites: Sequence[str | Site] | None = None,
          head: str | None = "auto", mode: Literal["joint", "sequential"] = "joint", eps: float = 1e-5,
-         shard: bool = True, progress: bool = True) -> TaskConditionedModel:
+         shard: bool = True, progress: bool = True,
+         device: str | torch.device | None = None) -> TaskConditionedModel:
     """Per-task rescale-and-shift of ``merged_model`` towards each expert's statistics.
 
     ``experts`` and ``data`` are keyed by task; ``data[t]`` is task t's calibration loader
@@ -214,7 +218,9 @@ def tact(merged_model: nn.Module, experts: Mapping[str, nn.Module], data: Mappin
     module (``"auto"``: the last nn.Linear; ``None``: no per-task head); sites default to
     :func:`mergelab.stats.discover_sites` (the head's input included, outside the head).
     ``mode`` is ``"joint"`` (one pass, the reference procedure) or ``"sequential"`` (exact,
-    one pass per site); see :mod:`mergelab.repair.correct`.  ``merged_model`` is not modified."""
+    one pass per site); see :mod:`mergelab.repair.correct`.  ``merged_model`` is not modified.
+    ``device``: where the passes run (each model moves there for its pass and back after;
+    default: where ``merged_model`` is); the result is on ``merged_model``'s device."""
     if not experts:
         raise MergelabError("tact: expected at least one expert, found none")
     if set(experts) != set(data):
@@ -226,13 +232,18 @@ def tact(merged_model: nn.Module, experts: Mapping[str, nn.Module], data: Mappin
     for s in site_list:
         if _inside(s.module, head_name) and s.where == "output":
             raise MergelabError(f"site '{s.name}': is inside the head '{head_name}', heads are per task")
+    dev = resolve_device(device, "tact device")
+    home = module_device(merged_model)
     base = copy.deepcopy(merged_model)
     corrections: dict[str, dict[str, Correction]] = {}
-    for task, expert in experts.items():
-        st = _moments_pass(expert, data[task], site_list, n_batches, shard, progress)
-        corrections[task] = estimate_corrections(base, site_list, st.mean, st.std, data[task],
-                                                 n_batches=n_batches, mode=mode, eps=eps, shard=shard,
-                                                 progress=progress)
+    with placed(base, home if dev is None else dev):
+        for task, expert in experts.items():
+            with placed(expert, dev):
+                st = _moments_pass(expert, data[task], site_list, n_batches, shard, progress)
+            corr = estimate_corrections(base, site_list, st.mean, st.std, data[task],
+                                        n_batches=n_batches, mode=mode, eps=eps, shard=shard,
+                                        progress=progress)
+            corrections[task] = {k: (a.to(home), b.to(home)) for k, (a, b) in corr.items()}
     heads = None
     if head_name is not None:
         heads = {}

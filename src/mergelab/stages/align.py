@@ -27,10 +27,11 @@ class AlignSection(BaseModel):
     batch_size: int = Field(32, gt=0)
     max_iter: int = Field(100, gt=0)
     transfer: AlignTransfer | None = None
+    device: str | None = None           # cpu, cuda or cuda:N (default: cpu)
 
 
 def _check(section: AlignSection, ctx: StageContext) -> None:
-    pass  # everything is checked while it runs, before the merge writes anything
+    pass  # everything (the device too) is checked while it runs, before the merge writes anything
 
 
 def _run(section: AlignSection, ctx: StageContext) -> dict:
@@ -40,4 +41,12 @@ def _run(section: AlignSection, ctx: StageContext) -> dict:
     return recipe_inputs(ctx.recipe, ctx.inputs)
 
 
-STAGE = register(Stage("align", AlignSection, "before", _check, _run))
+def _inputs(a: AlignSection) -> list[tuple[str, object]]:
+    out = [(k, getattr(a, k)) for k in ("reference", "data", "model_code") if getattr(a, k) is not None]
+    if a.transfer is not None:
+        out.append(("transfer.foundation_b", a.transfer.foundation_b))
+        out += [(f"transfer.experts[{j}]", e) for j, e in enumerate(a.transfer.experts)]
+    return out
+
+
+STAGE = register(Stage("align", AlignSection, "before", _check, _run, inputs=_inputs))

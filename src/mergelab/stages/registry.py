@@ -10,7 +10,9 @@ A stage is one module of this package that registers one :class:`Stage`:
   merge's atomic output folder, so a failing stage leaves nothing behind); ``order`` sorts
   stages of one phase;
 * ``check(section, ctx)``: what can be checked before any work (raises ``MergelabError``);
-* ``run(section, ctx)``: the work.
+* ``run(section, ctx)``: the work;
+* ``inputs(section)``: ``(label, value)`` of every file or folder the section reads (models,
+  data, ``model_code``), so that no output can be one of them (:meth:`Recipe.input_paths`).
 
 Adding a stage is adding one file here (every module of the package is imported).
 """
@@ -44,6 +46,7 @@ class Stage:
     check: Callable[[Any, StageContext], None]
     run: Callable[[Any, StageContext], Any]
     order: int = 0
+    inputs: Callable[[Any], list[tuple[str, Any]]] = lambda section: []
 
 
 STAGES: dict[str, Stage] = {}

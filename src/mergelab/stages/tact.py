@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from ..errors import MergelabError
 from ..repair.pipeline import TactSection, check_data, check_single_output, resolved, run_tact
+from ..device import resolve_device
 from .registry import Stage, StageContext, register
 
 
 def _check(section: TactSection, ctx: StageContext) -> None:
     check_single_output("tact", ctx.recipe, ctx.plan.method.multi_output)
     check_data("tact", ctx.recipe, [t.data for t in section.tasks.values()])
+    resolve_device(section.device, "recipe: tact: device")
     if not section.tasks:
         raise MergelabError("recipe: tact: 'tasks' is empty")
     models = ctx.plan.models
@@ -24,4 +26,11 @@ def _run(section: TactSection, ctx: StageContext) -> None:
              allow_nonfinite=ctx.recipe.allow_nonfinite)
 
 
-STAGE = register(Stage("tact", TactSection, "after", _check, _run, order=20))
+def _inputs(section: TactSection) -> list[tuple[str, object]]:
+    out = []
+    for t, task in section.tasks.items():
+        out += [(f"tasks.{t}.data", task.data), (f"tasks.{t}.model", task.model)]
+    return out + [("model_code", section.model_code)]
+
+
+STAGE = register(Stage("tact", TactSection, "after", _check, _run, order=20, inputs=_inputs))

@@ -8,15 +8,17 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from safetensors import safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..device import placed, resolve_device
 from ..errors import MergelabError
+from ..io.outputs import save_safetensors
 from . import distributed
 from .batch import call_model, model_device, split_batch, to_device
-from .moments import Moments
+from .moments import Moments, reduce_moments
 from .sites import Site, hooked, probe_batch, resolve_sites
 
 
@@ -62,11 +64,11 @@ class Stats:
             return
         tensors = {}
         for s in self.sites:
-            tensors[f"{s}.mean"] = self.mean[s].float().contiguous()
-            tensors[f"{s}.std"] = self.std[s].float().contiguous()
-            tensors[f"{s}.count"] = self.count.get(s, torch.tensor(float("nan"))).double().reshape(())
-        save_file(tensors, str(path), metadata={"mergelab_kind": "activation_stats",
-                                                "sites": json.dumps(self.sites)})
+            tensors[f"{s}.mean"] = self.mean[s].float().cpu().contiguous()
+            tensors[f"{s}.std"] = self.std[s].float().cpu().contiguous()
+            tensors[f"{s}.count"] = self.count.get(s, torch.tensor(float("nan"))).double().cpu().reshape(())
+        save_safetensors(tensors, path, metadata={"mergelab_kind": "activation_stats",
+                                                       "sites": json.dumps(self.sites)})
 
     @classmethod
     def load(cls, path: str | Path) -> "Stats":
@@ -84,16 +86,22 @@ class Stats:
 
 def activation_stats(model: nn.Module, data: Iterable[Any], sites: Sequence[str | Site] | None = None,
                      *, head: str | None = "auto", n_batches: int | None = None, shard: bool = True,
-                     progress: bool = True) -> Stats:
+                     progress: bool = True, device: str | torch.device | None = None) -> Stats:
     """Per-channel mean and std at each site over the data (exact float64 averages).
 
     ``sites`` default to :func:`~mergelab.stats.sites.discover_sites`; token tensors honour
-    the batch's attention mask.  Under torchrun the sums are all-reduced over ranks."""
+    the batch's attention mask.  Under torchrun the sums are all-reduced over ranks.
+    ``device``: where the pass runs (the model moves there for the pass and back after;
+    default: where the model is); the statistics stay on that device."""
+    dev = resolve_device(device, "activation_stats device")
+    from .data import check_data
+    check_data(model, data)  # one DataError line before the pass, not a traceback in it
     probe = None
     if sites is None:
         probe, data = probe_batch(model, data)
     site_list = resolve_sites(model, sites, head, probe)
-    return _moments_pass(model, data, site_list, n_batches, shard, progress)
+    with placed(model, dev):
+        return _moments_pass(model, data, site_list, n_batches, shard, progress)
 
 
 def _moments_pass(model, data, site_list: list[Site], n_batches, shard, progress) -> Stats:
@@ -110,15 +118,19 @@ def _moments_pass(model, data, site_list: list[Site], n_batches, shard, progress
         for inputs, mask in data_pass(model, data, n_batches, shard, progress, "activation stats"):
             mask_box[0] = mask
             call_model(model, inputs)
-    return finish_moments(moments, site_list, order)
+    return finish_moments(moments, site_list, order, model_device(model))
 
 
-def finish_moments(moments: dict[str, Moments], site_list: list[Site], order: list[str]) -> Stats:
-    """All-reduce the sums over ranks and turn them into a :class:`Stats`."""
+def finish_moments(moments: dict[str, Moments], site_list: list[Site], order: list[str],
+                   device: torch.device | str = "cpu") -> Stats:
+    """All-reduce the sums over ranks and turn them into a :class:`Stats`.
+
+    Site order: the forward order this rank saw, then sites it did not see (a rank without
+    batches); :func:`Stats.save` on rank 0 (which owns batch 0) writes rank 0's order."""
+    reduce_moments([moments[s.name] for s in site_list], device)
     for s in site_list:
         if moments[s.name].sum is None:
-            raise MergelabError(f"site '{s.name}' saw no data (empty loader, or a rank without batches)")
-    distributed.all_reduce_sum([t for s in site_list for t in moments[s.name].tensors()])
+            raise MergelabError(f"site '{s.name}' saw no data (never reached, or an empty loader)")
     names = order + [s.name for s in site_list if s.name not in order]
     return Stats(names, {n: moments[n].mean.float() for n in names},
                  {n: moments[n].std.float() for n in names},

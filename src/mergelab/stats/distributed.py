@@ -10,17 +10,28 @@ the same script runs on one process or many::
 * Sharding is by batch index: rank ``r`` of ``W`` processes batches ``r, r + W, r + 2W, ...``
   of the loader, so every rank must iterate the SAME loader (same order, same batches).
   Pass ``shard=False`` to a pass when your loader already yields each rank its own data.
-* Sums (and counts) are all-reduced; every rank ends with the full result; only rank 0
-  writes files (:func:`is_writer`).  The result equals the single-process result to float
-  tolerance (the order of float64 additions differs).
+  A batch index is owned by exactly one rank, so whatever the world size (and whether or not
+  it divides the number of batches) no example is counted twice or dropped; a rank may own
+  no batch at all (more processes than batches) and still takes part in the reductions.
+* Sums (and counts) are float64 and all-reduced (:func:`all_reduce_sum`, one flat buffer per
+  dtype and device); a rank that saw no data contributes zeros of the shape another rank
+  reports (:func:`reduce_partial`).  Every rank ends with the full result; only rank 0
+  writes files (:func:`is_writer`).  The result equals the single-process result to float64
+  round-off (only the order of the additions differs).
+* The process group times out after ``MERGELAB_DIST_TIMEOUT`` seconds (default 1800) in any
+  collective, so a rank that died or hangs fails the run instead of blocking the others.
 """
 from __future__ import annotations
 
+import datetime
 import os
-from typing import Any, Iterable, Iterator
+import threading
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+
+from ..errors import MergelabError
 
 
 def init(backend: str | None = None) -> bool:
@@ -33,8 +44,13 @@ def init(backend: str | None = None) -> bool:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s()))
     return True
+
+
+def timeout_s() -> float:
+    """Seconds a collective (a reduction, a barrier) waits for the other ranks."""
+    return float(os.environ.get("MERGELAB_DIST_TIMEOUT", "1800"))
 
 
 def rank_world() -> tuple[int, int]:
@@ -59,16 +75,79 @@ def shard(data: Iterable[Any], n_batches: int | None = None, enabled: bool = Tru
             yield i, batch
 
 
-def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
-    """Sum each tensor over all ranks, in place (no-op on one process)."""
+def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum each tensor over all ranks, in place (no-op on one process).
+
+    Tensors are packed into one flat buffer per (dtype, device), so a pass with hundreds of
+    small sums costs one collective per dtype, not one per tensor."""
+    _, world = rank_world()
+    if world == 1 or not tensors:
+        return
+    nccl = dist.get_backend() == "nccl"
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for (dtype, device), ts in groups.items():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        if nccl and flat.device.type != "cuda":
+            flat = flat.cuda()
+        dist.all_reduce(flat)
+        flat = flat.to(device)
+        pos = 0
+        for t in ts:
+            n = t.numel()
+            t.copy_(flat[pos: pos + n].view_as(t))
+            pos += n
+
+
+def reduce_partial(tensors: Sequence[torch.Tensor | None], device: torch.device | str = "cpu"
+                   ) -> list[torch.Tensor | None]:
+    """All-reduce partial sums of which this rank may lack some (``None``: it saw no data there).
+
+    A missing sum becomes zeros of the shape and dtype another rank reports, on ``device``;
+    one that no rank has stays ``None`` (on every rank, so callers raise the same error
+    everywhere).  The present tensors are reduced in place; returns the completed list."""
+    out = list(tensors)
+    _, world = rank_world()
+    if world == 1:
+        return out
+    meta = [None if t is None else (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in out]
+    gathered: list[Any] = [None] * world            # every rank joins, missing sums or not
+    dist.all_gather_object(gathered, meta)
+    for i, t in enumerate(out):
+        if t is None:
+            known = next((g[i] for g in gathered if g[i] is not None), None)
+            if known is not None:
+                out[i] = torch.zeros(known[0], dtype=getattr(torch, known[1]), device=device)
+    all_reduce_sum([t for t in out if t is not None])
+    return out
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op on one process); times out after :func:`timeout_s`.
+
+    The wait runs on a helper thread while the main thread polls it, so a signal (SIGTERM
+    from torchrun when another rank failed) is handled at once, not after the timeout.  A
+    timeout or a lost peer is a :class:`~mergelab.errors.MergelabError` naming this rank."""
     rank, world = rank_world()
     if world == 1:
         return
-    backend = dist.get_backend()
-    for t in tensors:
-        if backend == "nccl" and t.device.type != "cuda":
-            tmp = t.cuda()
-            dist.all_reduce(tmp)
-            t.copy_(tmp.cpu())
-        else:
-            dist.all_reduce(t)
+    box: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+            else:
+                dist.barrier()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            box.append(e)
+
+    th = threading.Thread(target=wait, name="mergelab-barrier", daemon=True)
+    th.start()
+    while th.is_alive():
+        th.join(0.1)
+    if box:
+        first = (str(box[0]).strip().splitlines() or [type(box[0]).__name__])[0]
+        raise MergelabError(f"rank {rank}/{world}: waiting for the other ranks failed (a rank died, "
+                            f"or none came within {timeout_s():g} s; MERGELAB_DIST_TIMEOUT): {first[:200]}")

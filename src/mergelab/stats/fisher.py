@@ -39,12 +39,13 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vjp, vmap
 from tqdm.auto import tqdm
 
+from ..device import placed, resolve_device
 from ..errors import MergelabError
+from ..io.outputs import save_safetensors
 from . import causal, distributed, persample
 from .activations import eval_no_grad
 from .batch import batch_len, call_model, logits_of, model_device, split_batch, take, to_device
@@ -66,12 +67,12 @@ class Fisher(dict):
     def save(self, path: str | Path) -> None:
         if not distributed.is_writer():
             return
-        save_file({k: v.contiguous() for k, v in self.items()}, str(path),
-                  metadata={"mergelab_kind": "fisher", "mode": self.mode,
-                            "n_examples": str(self.n_examples),
-                            **({} if self.n_tokens is None else
-                               {"n_tokens": str(self.n_tokens),
-                                "normalisation": "sum over tokens, mean over sequences"})})
+        save_safetensors({k: v.cpu().contiguous() for k, v in self.items()}, path,
+                         metadata={"mergelab_kind": "fisher", "mode": self.mode,
+                                   "n_examples": str(self.n_examples),
+                                   **({} if self.n_tokens is None else
+                                      {"n_tokens": str(self.n_tokens),
+                                       "normalisation": "sum over tokens, mean over sequences"})})
 
 
 def sample_labels(logits: Tensor, seed: int, batch_index: int) -> Tensor:
@@ -125,15 +126,29 @@ def diagonal_fisher(model: nn.Module, data: Iterable[Any],
                     n_examples: int | None = None, seed: int = 0, *,
                     params: Sequence[str] | None = None, chunk_size: int = 64,
                     shard: bool = True, progress: bool = True,
-                    backend: Literal["auto", "hooks", "vmap"] = "auto") -> Fisher:
+                    backend: Literal["auto", "hooks", "vmap"] = "auto",
+                    device: str | torch.device | None = None) -> Fisher:
     """Diagonal Fisher of every trainable parameter (or of ``params``), over at most
-    ``n_examples`` examples of ``data`` (all by default).  See the module docstring."""
+    ``n_examples`` examples of ``data`` (all by default).  See the module docstring.
+    ``device``: where the pass runs (the model moves there for the pass and back after;
+    default: where the model is); the result stays on that device.  Sampled labels come from
+    a CPU generator, so they are the same on every device."""
+    dev = resolve_device(device, "diagonal_fisher device")
+    with placed(model, dev):
+        return _fisher_pass(model, data, mode, n_examples, seed, params, chunk_size, shard,
+                            progress, backend)
+
+
+def _fisher_pass(model, data, mode, n_examples, seed, params, chunk_size, shard, progress,
+                 backend) -> Fisher:
     if mode not in MODES:
         raise MergelabError(f"fisher mode: expected one of {', '.join(MODES)}, found '{mode}'")
     if backend not in BACKENDS:
         raise MergelabError(f"fisher backend: expected one of {', '.join(BACKENDS)}, found '{backend}'")
     if n_examples is not None and n_examples <= 0:
         raise MergelabError(f"fisher n_examples: expected a positive number, found {n_examples}")
+    from .data import check_data
+    check_data(model, data)  # one DataError line before the pass, not a traceback in it
     all_params = dict(model.named_parameters())
     if params is None:
         names = [n for n, p in all_params.items() if p.requires_grad]

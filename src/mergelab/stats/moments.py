@@ -12,9 +12,12 @@ exact two-pass (centred) computation in float32 with float64 accumulation
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from . import distributed
 
 
 def masks_tokens(x: Tensor, dim: int, mask: Tensor | None) -> bool:
@@ -117,6 +120,13 @@ class Moments:
     def std(self) -> Tensor:
         return self.var.sqrt()
 
-    def tensors(self) -> list[Tensor]:
-        """The raw sums, for an all-reduce."""
-        return [self.sum, self.sumsq, self.count]
+
+def reduce_moments(moments: Sequence[Moments], device: torch.device | str = "cpu") -> None:
+    """Sum the moments over the ranks of a torchrun pass, in place (no-op on one process).
+
+    A rank that saw no rows at a site (it owned no batch) contributes zeros; a site that no
+    rank saw keeps ``sum is None`` on every rank."""
+    sums = distributed.reduce_partial([t for m in moments for t in (m.sum, m.sumsq)], device)
+    for k, m in enumerate(moments):
+        m.sum, m.sumsq = sums[2 * k], sums[2 * k + 1]
+    distributed.all_reduce_sum([m.count for m in moments])

@@ -1,0 +1,117 @@
+"""A Checkpoint-like view whose vocabulary tensors (embeddings, LM head) have their rows
+remapped to the output vocabulary; every other tensor is read unchanged.
+
+Output row ``o`` of a vocabulary tensor is ``Σ_j w_j · ckpt_j[name][src_j]`` over a short list
+of terms (held as flat sorted tensors): one term (weight 1) when the model has the token (an exact copy), the default
+row(s) when it lacks it (the base model's row, the only model that has it, or the mean of
+those that have it), none (zeros) for padding.  Rows are read in contiguous runs with
+``get_rows``, so a row block costs only its rows.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+
+class VocabView:
+    def __init__(self, ckpt: Any, vocab_names: Sequence[str], out_rows: int, ckpts: list,
+                 out: torch.Tensor, cid: torch.Tensor, src: torch.Tensor, w: torch.Tensor,
+                 config: dict | None, label: str):
+        """Output row ``out[i]`` receives ``w[i] · ckpts[cid[i]][name][src[i]]`` (``out`` sorted)."""
+        self.ckpt = ckpt
+        self.vocab_names = set(vocab_names)
+        self.out_rows = out_rows
+        self.path = getattr(ckpt, "path", None)
+        self.config = config
+        self.label = label
+        self._ckpts = list(ckpts)
+        self._out, self._cid, self._src = out.long(), cid.long(), src.long()
+        self._w = w.float()
+
+    @classmethod
+    def from_terms(cls, ckpt: Any, vocab_names: Sequence[str], out_rows: int,
+                   terms: list[list[tuple[Any, int, float]]], config: dict | None, label: str) -> "VocabView":
+        """``terms[o]``: the (checkpoint, source row, weight) terms of output row ``o``."""
+        ckpts: list = []
+        idx: dict[int, int] = {}
+        out, src, cid, w = [], [], [], []
+        for o, ts in enumerate(terms):
+            for c, r, wt in ts:
+                if id(c) not in idx:
+                    idx[id(c)] = len(ckpts)
+                    ckpts.append(c)
+                out.append(o)
+                src.append(r)
+                cid.append(idx[id(c)])
+                w.append(wt)
+        t = torch.tensor
+        return cls(ckpt, vocab_names, out_rows, ckpts, t(out, dtype=torch.long), t(cid, dtype=torch.long),
+                   t(src, dtype=torch.long), t(w, dtype=torch.float32), config, label)
+
+    # -- the Checkpoint interface -------------------------------------------------------
+    def keys(self) -> list[str]:
+        return self.ckpt.keys()
+
+    def __contains__(self, name) -> bool:
+        return name in self.ckpt
+
+    def __len__(self) -> int:
+        return len(self.ckpt)
+
+    def shape(self, name: str):
+        s = tuple(self.ckpt.shape(name))
+        return (self.out_rows,) + s[1:] if name in self.vocab_names else s
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.ckpt.dtype(name)
+
+    @property
+    def files(self) -> list[Path]:
+        return list(getattr(self.ckpt, "files", []) or [])
+
+    @property
+    def metadata(self) -> dict:
+        return dict(getattr(self.ckpt, "metadata", {}) or {})
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.vocab_names:
+            return self.ckpt.get(name)
+        return self._rows(name, 0, self.out_rows)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if name not in self.vocab_names:
+            if hasattr(self.ckpt, "get_rows"):
+                return self.ckpt.get_rows(name, start, stop)
+            return self.ckpt.get(name)[start:stop]
+        start, stop, _ = slice(start, stop).indices(self.out_rows)
+        return self._rows(name, start, max(start, stop))
+
+    def _rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        tail = tuple(self.ckpt.shape(name))[1:]
+        dt = self.ckpt.dtype(name)
+        acc = torch.zeros((stop - start,) + tail, dtype=torch.float32)
+        lo = int(torch.searchsorted(self._out, torch.tensor(start)))
+        hi = int(torch.searchsorted(self._out, torch.tensor(stop)))
+        out, src, cid, w = self._out[lo:hi] - start, self._src[lo:hi], self._cid[lo:hi], self._w[lo:hi]
+        for c in cid.unique().tolist():
+            sel = cid == c
+            o, s, wt = out[sel], src[sel], w[sel]
+            rows = torch.unique(s)   # sorted; read in contiguous runs
+            breaks = (torch.nonzero(rows[1:] - rows[:-1] != 1).flatten() + 1).tolist()
+            ck = self._ckpts[c]
+            parts = []
+            for a, b in zip([0] + breaks, breaks + [rows.numel()]):
+                r0, r1 = int(rows[a]), int(rows[b - 1]) + 1
+                parts.append(ck.get_rows(name, r0, r1) if hasattr(ck, "get_rows") else ck.get(name)[r0:r1])
+            block = torch.cat(parts).float()
+            pos = torch.searchsorted(rows, s)
+            vals = block[pos]
+            if bool((wt != 1).any()):
+                vals = vals * wt.view((-1,) + (1,) * len(tail))
+            acc.index_add_(0, o, vals)
+        return acc.to(dt)
+
+    def __repr__(self) -> str:
+        return f"VocabView({self.label!r}, {self.out_rows} rows)"
