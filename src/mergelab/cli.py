@@ -313,11 +313,8 @@ def _stats_run(model, data_path, output, model_code, batch_size, limit, image_si
     with out if distributed.is_writer() else contextlib.nullcontext():
         net, tok = load_model(model, model_code, progress=not quiet)
         is_text = Path(data_path).suffix.lower() in (".csv", ".jsonl", ".txt")
-        if is_text and tok is None:
-            raise MergelabError(f"data '{data_path}': text data needs a tokenizer, model '{model}' has "
-                                f"none (expected tokenizer.json or tokenizer_config.json in the folder)")
         lm = causal.is_causal_lm(net)
-        if lm and is_text:       # next-token targets come from the text itself: no label column
+        if lm and is_text and tok is not None:   # next-token targets come from the text itself
             tok = causal.prepare_tokenizer(tok, f"model '{model}'")
             label_column = None
         elif max_length is None:
