@@ -32,9 +32,11 @@ pytest.importorskip("transformers")
 GROUPS = {"llama": 9, "mistral": 9, "qwen2": 9, "gpt2": 9, "t5": 19, "bert": 10, "roberta": 10,
           "distilbert": 10, "vit": 9, "clip_vision": 8, "swin": 10, "convnext": 4, "mobilenet_v2": 25,
           "efficientnet": 22, "regnet": 11, "resnet": 4, "whisper_encoder": 11, "wav2vec2": 13}
-# output logits of one distribution per token: diagonal_fisher refuses them; CLIP's vision
-# tower returns embeddings, no logits
-FISHER_REFUSES = {"llama", "mistral", "qwen2", "gpt2", "t5", "clip_vision"}
+# output logits of one distribution per token from a model that is not a causal LM:
+# diagonal_fisher refuses them; CLIP's vision tower returns embeddings, no logits
+FISHER_REFUSES = {"t5", "clip_vision"}
+# causal LMs: the next-token Fisher (mode "sampled" here: "expected" costs T·V gradient rows)
+FISHER_CAUSAL = {"llama", "mistral", "qwen2", "gpt2"}
 CLI_FAST = ("vit",)                       # the rest: -m slow
 NAMES = list(ZOO)
 # matching and statistics of every architecture take minutes on 2 busy cores: a representative
@@ -260,7 +262,9 @@ def test_fisher_works_or_refuses_in_one_line(name):
         msg = str(e.value)
         assert "\n" not in msg and ("shape" in msg or "logits" in msg)
         return
-    f = ml.diagonal_fisher(m, [x], progress=False)
+    mode = "sampled" if name in FISHER_CAUSAL else "expected"
+    f = ml.diagonal_fisher(m, [x], mode=mode, progress=False)
+    assert (f.n_tokens is not None) == (name in FISHER_CAUSAL)
     names = {n for n, p in m.named_parameters() if p.requires_grad}
     assert set(f) == names
     assert all(torch.isfinite(v).all() and (v >= 0).all() for v in f.values())

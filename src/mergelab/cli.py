@@ -270,7 +270,8 @@ def _stats_options(f):
     opts = [
         click.argument("model", type=click.Path()),
         click.option("--data", "data_path", required=True, type=click.Path(),
-                     help="Image folder (one sub-folder per class), .npz (x, y), or .csv/.jsonl text."),
+                     help="Image folder (one sub-folder per class), .npz (x, y), .csv/.jsonl text, "
+                          "or .txt (one text per line)."),
         click.option("-o", "--output", required=True, type=click.Path(), help="Output .safetensors file."),
         click.option("--model-code", default=None, metavar="MODULE:FACTORY",
                      help="For a checkpoint MODEL: a function that builds the nn.Module."),
@@ -279,7 +280,9 @@ def _stats_options(f):
         click.option("--image-size", default=None, type=click.IntRange(min=1), help="Resize images to this square size."),
         click.option("--text-column", default=None, help="Text column of .csv/.jsonl (default: text)."),
         click.option("--label-column", default="label", show_default=True),
-        click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=1)),
+        click.option("--max-length", default=None, type=click.IntRange(min=1),
+                     help="Truncate texts to this many tokens (default: 128 for classifiers; for a "
+                          "causal LM no truncation, and a text longer than its positions is an error)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
         click.option("--device", default="cpu", show_default=True,
                      help="Where the pass runs: cpu, cuda or cuda:N (under torchrun, cuda is each "
@@ -301,16 +304,85 @@ def _stats_run(model, data_path, output, model_code, batch_size, limit, image_si
     from .stats import distributed
     from .stats.data import load_data, model_label2id
 
+    from .stats import causal
+
     resolve_device(device, "--device")             # a machine without the device: nothing is loaded
     distributed.init()
     out = Output(output, kind="file", option="-o",
                  inputs=[("MODEL", model), ("--data", data_path), ("--model-code", model_code_path(model_code))])
     with out if distributed.is_writer() else contextlib.nullcontext():
         net, tok = load_model(model, model_code, progress=not quiet)
+        is_text = Path(data_path).suffix.lower() in (".csv", ".jsonl", ".txt")
+        lm = causal.is_causal_lm(net)
+        if lm and is_text and tok is not None:   # next-token targets come from the text itself
+            tok = causal.prepare_tokenizer(tok, f"model '{model}'")
+            label_column = None
+        elif max_length is None:
+            max_length = 128
         data = load_data(data_path, batch_size=batch_size, tokenizer=tok, text_column=text_column,
                          label_column=label_column, label2id=model_label2id(net), max_length=max_length,
+                         max_positions=causal.max_positions(net) if lm else None,
                          image_size=image_size, limit=limit)
         yield net, data
+
+
+@contextlib.contextmanager
+def _layered_run(model, data_path, output, model_code, batch_size, limit, text_column, max_length):
+    """Text batches for a layer-by-layer pass, with the output checked and locked as above."""
+    from .io.outputs import Output
+
+    out = Output(output, kind="file", option="-o", inputs=[("MODEL", model), ("--data", data_path)])
+    with out:
+        yield _layered_inputs(model, data_path, model_code, batch_size, limit, text_column, max_length)
+
+
+def _layered_inputs(model, data_path, model_code, batch_size, limit, text_column, max_length):
+    """Text batches for a layer-by-layer pass: the tokenizer and position limit from the folder,
+    never the weights."""
+    import transformers
+
+    from .io.models import is_hf_folder
+    from .stats import causal
+    from .stats.data import load_data
+
+    if model_code is not None or not is_hf_folder(model):
+        raise MergelabError(f"--layered: expected a Hugging Face model folder, found '{model}'")
+    p = Path(model)
+    tok = None
+    if any((p / n).exists() for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        tok = transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    if tok is None:
+        raise MergelabError(f"data '{data_path}': text data needs a tokenizer, model '{model}' has "
+                            f"none (expected tokenizer.json or tokenizer_config.json in the folder)")
+    cfg = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+    limit_pos = causal.config_positions(cfg)
+    return load_data(data_path, batch_size=batch_size, tokenizer=causal.prepare_tokenizer(tok, f"model '{model}'"),
+                     text_column=text_column, label_column=None, max_length=max_length,
+                     max_positions=limit_pos, limit=limit)
+
+
+def _checkpoint_keyed(result, net, model, model_code):
+    """Key the statistics by the checkpoint's tensor names, so that a recipe on the same
+    checkpoint finds them: transformers' renamed legacy names, and a tied tensor's single stored
+    name (a tied LM head's Gram goes to the embedding matrix it shares, the tensor a merge sees)."""
+    from .io import open_checkpoint
+    from .io.models import checkpoint_names
+
+    if model_code is not None:
+        return result
+    names = checkpoint_names(net, open_checkpoint(model).keys())
+    counts = getattr(result, "counts", None)
+    for k in list(result):
+        nk = names.get(k, k)
+        if nk == k:
+            continue
+        if nk in result:
+            raise MergelabError(f"stats: '{k}' and '{nk}' are one tensor '{nk}' in checkpoint "
+                                f"'{model}'; both have statistics (expected one)")
+        result[nk] = result.pop(k)
+        if counts is not None and k in counts:
+            counts[nk] = counts.pop(k)
+    return result
 
 
 def _done(output, what):
@@ -338,8 +410,9 @@ def stats_fisher(model, data_path, output, model_code, batch_size, limit, image_
                     text_column, label_column, max_length, quiet, device) as (net, data):
         f = diagonal_fisher(net, data, mode=mode, n_examples=n_examples, seed=seed, backend=backend,
                             progress=not quiet, device=device)
-        f.save(output)
-    _done(output, f"the {mode} Fisher of {len(f)} tensors over {f.n_examples} examples ({f.backend})")
+        _checkpoint_keyed(f, net, model, model_code).save(output)
+    per = "" if f.n_tokens is None else f" ({f.n_tokens} tokens; summed over tokens, mean over sequences)"
+    _done(output, f"the {mode} Fisher of {len(f)} tensors over {f.n_examples} examples{per} ({f.backend})")
 
 
 @stats_group.command("activations")
@@ -348,14 +421,26 @@ def stats_fisher(model, data_path, output, model_code, batch_size, limit, image_
               "Default: automatic sites.")
 @click.option("--head", default="auto", show_default=True,
               help="The head module (its input is the last site); 'none' for no head.")
+@click.option("--layered", is_flag=True, help="Decoder-only LM folder: load and run one decoder "
+              "layer at a time (for models larger than memory); same statistics.")
 def stats_activations(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
-                      label_column, max_length, quiet, device, sites, head):
+                      label_column, max_length, quiet, device, sites, head, layered):
     """Per-channel mean/std of activations at sites."""
     from .stats import activation_stats
+    from .stats.layered import layered_stats
 
+    head = None if head == "none" else head
+    if layered:
+        with _layered_run(model, data_path, output, model_code, batch_size, limit, text_column,
+                          max_length) as data:
+            st = layered_stats(model, data, "activations", sites=list(sites) or None, head=head,
+                               progress=not quiet)
+            st.save(output)
+        _done(output, f"statistics of {len(st.sites)} sites (layer by layer)")
+        return
     with _stats_run(model, data_path, output, model_code, batch_size, limit, image_size,
                     text_column, label_column, max_length, quiet, device) as (net, data):
-        st = activation_stats(net, data, list(sites) or None, head=None if head == "none" else head,
+        st = activation_stats(net, data, list(sites) or None, head=head,
                               progress=not quiet, device=device)
         st.save(output)
     _done(output, f"statistics of {len(st.sites)} sites")
@@ -365,15 +450,26 @@ def stats_activations(model, data_path, output, model_code, batch_size, limit, i
 @_stats_options
 @click.option("--layer", "layers", multiple=True, help="A linear layer's module name; repeatable. "
               "Default: every nn.Linear.")
+@click.option("--layered", is_flag=True, help="Decoder-only LM folder: load and run one decoder "
+              "layer at a time (for models larger than memory); same statistics.")
 def stats_gram(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
-               label_column, max_length, quiet, device, layers):
+               label_column, max_length, quiet, device, layers, layered):
     """Gram matrices XᵀX of linear layers' inputs (for RegMean)."""
     from .stats import gram_matrices
+    from .stats.layered import layered_stats, skeleton
+
+    if layered:
+        with _layered_run(model, data_path, output, model_code, batch_size, limit, text_column,
+                          max_length) as data:
+            g = layered_stats(model, data, "gram", layers=list(layers) or None, progress=not quiet)
+            _checkpoint_keyed(g, skeleton(model), model, None).save(output)
+        _done(output, f"{len(g)} Gram matrices (layer by layer)")
+        return
 
     with _stats_run(model, data_path, output, model_code, batch_size, limit, image_size,
                     text_column, label_column, max_length, quiet, device) as (net, data):
         g = gram_matrices(net, data, list(layers) or None, progress=not quiet, device=device)
-        g.save(output)
+        _checkpoint_keyed(g, net, model, model_code).save(output)
     _done(output, f"{len(g)} Gram matrices")
 
 

@@ -109,6 +109,20 @@ def _like(ck, state: Mapping[str, Any], who: str = "", allow_nonfinite: bool = T
     return out
 
 
+def check_new_tensors(arch_keys: set[str], state: Mapping[str, Any], model: Any, who: str) -> None:
+    """Refuse, in one line, a folded state with tensors the architecture has no place for: a
+    shift folded into a linear without bias creates a bias that a model built from the folder's
+    config (e.g. Llama, ``attention_bias: false``) would drop on loading, losing the correction."""
+    extra = [k for k in state if k not in arch_keys]
+    if extra:
+        arch = type(model).__name__
+        raise MergelabError(f"{who}: the correction needs tensor '{extra[0]}'"
+                            f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}, which "
+                            f"{arch} as configured does not have (a bias on a layer without one); "
+                            f"it would be dropped on loading. List sites whose layers have a bias "
+                            f"under sites:, or use an architecture configured with biases")
+
+
 def _rewrite_weights(folder: Path, state: Mapping[str, Any], shard_size: str, allow_nonfinite: bool = True) -> None:
     """Replace the weight files of ``folder`` by ``state`` (same names, shapes and dtypes)."""
     old = open_checkpoint(folder)
@@ -136,6 +150,7 @@ def run_repair(section: RepairSection, folder: Path, experts: Sequence[tuple[str
     data = _loader(section.data, section, tok)
     merged = _model(folder, section.model_code, open_checkpoint(folder), "merged model")
     models = [_model(folder, section.model_code, ck, f"repair: expert '{name}'") for name, ck in experts]
+    arch_keys = set(merged.state_dict())
     fixed = repair(merged, models, data, section.weights, sites=section.sites, head=section.head,
                    n_batches=section.n_batches, mode=section.mode, fold=True, progress=not quiet,
                    device=section.device)
@@ -143,6 +158,7 @@ def run_repair(section: RepairSection, folder: Path, experts: Sequence[tuple[str
     if unfolded:
         raise MergelabError(f"repair: the correction at site(s) {', '.join(map(str, unfolded))} cannot be "
                             "folded into a layer; list foldable sites under repair.sites")
+    check_new_tensors(arch_keys, fixed.state_dict(), merged, "repair")
     if not distributed.is_writer():     # under torchrun every rank calibrates, rank 0 writes
         return
     _rewrite_weights(folder, fixed.state_dict(), shard_size, allow_nonfinite)
@@ -175,8 +191,11 @@ def run_tact(section: TactSection, folder: Path, experts: Mapping[str, Any], *,
         models[task] = _model(folder, section.model_code, experts[t.model], f"tact: expert '{t.model}'")
         data[task] = _loader(t.data, section, tok)
     merged = _model(folder, section.model_code, open_checkpoint(folder), "merged model")
+    arch_keys = set(merged.state_dict())
     tcm = tact(merged, models, data, section.n_batches, sites=section.sites, head=section.head,
                mode=section.mode, progress=not quiet, device=section.device)
+    for task in tcm.tasks:
+        check_new_tensors(arch_keys, tcm.folded_state_dict(task), merged, f"tact task '{task}'")
     if not distributed.is_writer():     # under torchrun every rank calibrates, rank 0 writes
         return
     out = folder / "tact"

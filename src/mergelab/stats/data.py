@@ -11,7 +11,10 @@ Data (:func:`load_data`), by what ``path`` is:
   ``sentence``, ``content``) and an optional label column (``label``); tokenised per batch with
   the model's tokenizer (padding, truncation to ``max_length``); batches are dicts with
   ``input_ids``, ``attention_mask`` (...) and ``labels``.  String labels are mapped through the
-  model's ``config.label2id`` when it has them, else in sorted order.
+  model's ``config.label2id`` when it has them, else in sorted order.  With ``max_length=None``
+  texts are not truncated, and a text longer than ``max_positions`` tokens (the model's
+  position limit) is an error naming its row;
+* ``.txt``: one text per non-empty line (no labels).
 
 Models: :func:`mergelab.io.models.load_model` (re-exported here).
 """
@@ -51,22 +54,42 @@ class TensorBatches:
 class TextBatches:
     """Re-iterable tokenised batches (dicts) over a list of texts and labels."""
 
-    def __init__(self, texts: list[str], labels: Tensor | None, tokenizer, batch_size: int, max_length: int,
-                 source: str | None = None):
+    def __init__(self, texts: list[str], labels: Tensor | None, tokenizer, batch_size: int,
+                 max_length: int | None, source: str | None = None, max_positions: int | None = None):
         self.texts, self.labels, self.tok = texts, labels, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
         self.source = source  # the file, for messages
+        self.max_positions = max_positions
 
     def __len__(self) -> int:
         return (len(self.texts) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[dict]:
         for s in range(0, len(self.texts), self.batch_size):
-            enc = dict(self.tok(self.texts[s: s + self.batch_size], padding=True, truncation=True,
-                                max_length=self.max_length, return_tensors="pt"))
+            if self.max_length is None:
+                enc = dict(self.tok(self.texts[s: s + self.batch_size], padding=True,
+                                    return_tensors="pt"))
+                self._check_length(enc, s)
+            else:
+                enc = dict(self.tok(self.texts[s: s + self.batch_size], padding=True, truncation=True,
+                                    max_length=self.max_length, return_tensors="pt"))
             if self.labels is not None:
                 enc["labels"] = self.labels[s: s + self.batch_size]
             yield enc
+
+
+    def _check_length(self, enc: dict, start: int) -> None:
+        if self.max_positions is None:
+            return
+        mask = enc.get("attention_mask")
+        lengths = mask.sum(1) if mask is not None else torch.full((len(enc["input_ids"]),),
+                                                                  enc["input_ids"].shape[1])
+        over = (lengths > self.max_positions).nonzero()
+        if len(over):
+            i = int(over[0, 0])
+            raise DataError(f"data '{self.source}' text {start + i + 1}: {int(lengths[i])} tokens, more "
+                                f"than the model's {self.max_positions} positions; shorten it or "
+                                f"pass a max length to truncate")
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -76,7 +99,8 @@ def _check_batch_size(batch_size: int) -> None:
 
 def load_data(path: str | Path, *, batch_size: int = 32, tokenizer: Any = None,
               text_column: str | None = None, label_column: str = "label",
-              label2id: dict[str, int] | None = None, max_length: int = 128,
+              label2id: dict[str, int] | None = None, max_length: int | None = 128,
+              max_positions: int | None = None,
               image_size: int | None = None, mean: Sequence[float] | None = None,
               std: Sequence[float] | None = None, limit: int | None = None):
     """Batches from a local file or folder (see the module docstring)."""
@@ -96,8 +120,11 @@ def load_data(path: str | Path, *, batch_size: int = 32, tokenizer: Any = None,
     suffix = p.suffix.lower()
     if suffix == ".npz":
         return _npz(p, batch_size, limit)
-    if suffix in (".csv", ".jsonl"):
-        rows = _read_rows(p, suffix)[:limit]
+    if suffix == ".txt":
+        rows = [{"text": t} for t in _read_lines(p)][:limit]
+        text_column = text_column or "text"
+    if suffix in (".csv", ".jsonl", ".txt"):
+        rows = rows if suffix == ".txt" else _read_rows(p, suffix)[:limit]
         if not rows:
             raise DataError(f"data '{p}': no rows")
         cols = list(rows[0])
@@ -110,8 +137,16 @@ def load_data(path: str | Path, *, batch_size: int = 32, tokenizer: Any = None,
         labels = None
         if label_column in cols:
             labels = _labels([r[label_column] for r in rows], label2id, p)
-        return TextBatches([str(r[col]) for r in rows], labels, tokenizer, batch_size, max_length, str(p))
-    raise DataError(f"data '{p}': expected an image folder, .npz, .csv or .jsonl, found '{suffix}'")
+        return TextBatches([str(r[col]) for r in rows], labels, tokenizer, batch_size, max_length, str(p),
+                           max_positions)
+    raise DataError(f"data '{p}': expected an image folder, .npz, .csv, .jsonl or .txt, found '{suffix}'")
+
+
+def _read_lines(p: Path) -> list[str]:
+    try:
+        return [ln.rstrip("\r\n") for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError:
+        raise DataError(f"data '{p}': not UTF-8 text") from None
 
 
 def _regular(p: Path) -> None:
@@ -292,8 +327,10 @@ def check_data(model: nn.Module, data: Any, data_label: str | None = None, model
             vocab = emb.num_embeddings
         maxpos = getattr(cfg, "max_position_embeddings", None)
         every = data.x if isinstance(data, TensorBatches) else ids
-        if isinstance(data, TextBatches) and isinstance(maxpos, int) and data.max_length > maxpos:
-            lens = data.tok(data.texts, truncation=True, max_length=data.max_length)["input_ids"]
+        if isinstance(data, TextBatches) and isinstance(maxpos, int) and (
+                data.max_length is None or data.max_length > maxpos):   # None: not truncated
+            trunc = {} if data.max_length is None else {"truncation": True, "max_length": data.max_length}
+            lens = data.tok(data.texts, **trunc)["input_ids"]
             long = next((i for i, t in enumerate(lens) if len(t) > maxpos), None)
             if long is not None:
                 raise DataError(f"{data_label}: example {long} is {len(lens[long])} tokens long, more than the"

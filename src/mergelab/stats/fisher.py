@@ -23,9 +23,12 @@ Two backends compute the per-example gradients, never with a Python loop over ex
   with autograd's (a parameter also used outside its module's forward would not); else vmap for
   the whole pass (with a warning).
 
-The model runs in eval mode.  Logits must be ``(batch, classes)``: sequence outputs (causal or
-seq2seq LMs, ``(batch, tokens, vocab)``) are refused on the first batch in one line.  Sums are float64; the
-result is float32.
+The model runs in eval mode.  Logits are ``(batch, classes)``, or, for a causal LM
+(``*ForCausalLM``, see :mod:`mergelab.stats.causal`), ``(batch, tokens, vocab)``: the objective
+of one sequence is its next-token log-likelihood summed over its real tokens, so the Fisher is
+**summed over tokens and averaged over sequences** (``n_examples`` counts sequences,
+``n_tokens`` the predicted tokens).  Other sequence outputs (masked or seq2seq LMs) are refused
+on the first batch in one line.  Sums are float64; the result is float32.
 """
 from __future__ import annotations
 
@@ -37,13 +40,14 @@ from typing import Any, Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, jacrev, vjp, vmap
+
 from ..progress import progress as progress_bar
 
 from ..device import placed, resolve_device
 from ..errors import MergelabError
 from ..io.outputs import save_safetensors
-from . import distributed, persample
+from . import causal, distributed, persample
 from .activations import eval_no_grad
 from .batch import batch_len, call_model, logits_of, model_device, split_batch, take, to_device
 
@@ -56,16 +60,20 @@ class Fisher(dict):
     and ``.backend`` (the backend that computed it: "hooks", "vmap", or "hooks+vmap")."""
 
     def __init__(self, tensors: dict[str, Tensor], mode: str, n_examples: int,
-                 backend: str | None = None):
+                 backend: str | None = None, n_tokens: int | None = None):
         super().__init__(tensors)
         self.mode, self.n_examples, self.backend = mode, n_examples, backend
+        self.n_tokens = n_tokens          # causal LMs: predicted tokens (the Fisher sums over them)
 
     def save(self, path: str | Path) -> None:
         if not distributed.is_writer():
             return
         save_safetensors({k: v.cpu().contiguous() for k, v in self.items()}, path,
                          metadata={"mergelab_kind": "fisher", "mode": self.mode,
-                                   "n_examples": str(self.n_examples)})
+                                   "n_examples": str(self.n_examples),
+                                   **({} if self.n_tokens is None else
+                                      {"n_tokens": str(self.n_tokens),
+                                       "normalisation": "sum over tokens, mean over sequences"})})
 
 
 def sample_labels(logits: Tensor, seed: int, batch_index: int) -> Tensor:
@@ -166,14 +174,23 @@ def _fisher_pass(model, data, mode, n_examples, seed, params, chunk_size, shard,
         return torch.log_softmax(logits_of(out)[0].float(), -1)
 
     def logp_y(p, inputs, y):
-        return logp(p, inputs).gather(0, y.reshape(1))[0]
+        return causal.gather_logp(logp(p, inputs), y)
 
     def logp_aux(p, inputs):
         lp = logp(p, inputs)
         return lp, lp.detach()
 
     sums = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in train.items()}
+    seq = causal.is_causal_lm(model)
+    if seq and mode == "expected":
+        # per-token expected Fisher: the hooks' one-backward-per-class trick would square sums
+        # over tokens (cross terms), so it needs per-token Jacobians (vmap)
+        if backend == "hooks":
+            raise MergelabError("fisher backend 'hooks': mode 'expected' on a causal LM needs "
+                                "per-token gradients; use backend='vmap' or 'auto'")
+        backend = "vmap"
     hooks = _Hooks(model, names, backend)
+    tokens = 0
     seen = torch.zeros((), dtype=torch.float64)
     rank, world = distributed.rank_world() if shard else (0, 1)
     offset = 0
@@ -192,9 +209,20 @@ def _fisher_pass(model, data, mode, n_examples, seed, params, chunk_size, shard,
                 continue
             inputs = to_device(take(inputs, slice(0, keep)), device)
             if not checked:                 # refuse outputs it cannot serve before any gradient work
-                _check_logits(logits_of(call_model(model, take(inputs, slice(0, 1)))))
+                _check_logits(logits_of(call_model(model, take(inputs, slice(0, 1)))), seq, mode)
                 checked = True
-            if mode == "empirical":
+            valid = None
+            if seq:
+                _check_positions(model, inputs)
+                tgt = causal.next_token_targets(inputs)
+                tokens += int((tgt != causal.IGNORE).sum())
+                if mode == "empirical":
+                    y = tgt
+                elif mode == "sampled":
+                    y = causal.sample_targets(logits_of(call_model(model, inputs)), tgt, seed, i)
+                else:
+                    valid = tgt != causal.IGNORE
+            elif mode == "empirical":
                 if labels is None:
                     raise MergelabError("fisher mode 'empirical' needs labels in the batch, found none")
                 y = labels[:keep].to(device).long()
@@ -204,8 +232,11 @@ def _fisher_pass(model, data, mode, n_examples, seed, params, chunk_size, shard,
             with torch.enable_grad():
                 if not hooks.run(sums, inputs, y, keep, chunk_size):
                     with _vmap_compatible(model):
-                        _accumulate(sums, logp_y, logp_aux, train, inputs, y, keep, chunk_size,
-                                    lambda x: call_model(model, take(x, slice(0, 1))))
+                        if valid is not None:
+                            _expected_tokens(sums, logp, train, inputs, valid, keep, chunk_size)
+                        else:
+                            _accumulate(sums, logp_y, logp_aux, train, inputs, y, keep, chunk_size,
+                                        lambda x: call_model(model, take(x, slice(0, 1))))
                     hooks.used.add("vmap")
             seen += keep
             bar.update(keep)
@@ -214,7 +245,21 @@ def _fisher_pass(model, data, mode, n_examples, seed, params, chunk_size, shard,
     if seen.item() == 0:
         raise MergelabError("fisher: the data yielded no example")
     return Fisher({n: (s / seen).float() for n, s in sums.items()}, mode, int(seen.item()),
-                  "+".join(sorted(hooks.used, reverse=False)) or None)
+                  "+".join(sorted(hooks.used, reverse=False)) or None,
+                  _total_tokens(tokens) if seq else None)
+
+
+def _total_tokens(tokens: int) -> int:
+    t = torch.tensor(float(tokens), dtype=torch.float64)
+    distributed.all_reduce_sum([t])
+    return int(t.item())
+
+
+def _check_positions(model: nn.Module, inputs: Any) -> None:
+    n, limit = inputs["input_ids"].shape[1], causal.max_positions(model)
+    if limit is not None and n > limit:
+        raise MergelabError(f"fisher: a batch of {n} tokens is longer than the model's {limit} "
+                            f"positions (max_position_embeddings); truncate the text (max_length)")
 
 
 class _Hooks:
@@ -286,19 +331,26 @@ class _Hooks:
         return True
 
 
-def _check_logits(logits: Tensor) -> None:
-    """One line refusing logits that are not one class distribution per example."""
+def _check_logits(logits: Tensor, seq: bool = False, mode: str = "empirical") -> None:
+    """One line refusing logits that are not one class distribution per example (or, for a
+    causal LM, one next-token distribution per token)."""
+    if seq and logits.ndim == 3:
+        if mode == "expected":
+            causal.check_expected(logits.shape[-1])
+        return
     if logits.ndim != 2:
-        kind = "one distribution per token (a sequence model)" if logits.ndim == 3 else f"{logits.ndim} axes"
+        kind = ("one distribution per token from a model that is not a causal LM (*ForCausalLM)"
+                if logits.ndim == 3 else f"{logits.ndim} axes")
         raise MergelabError(f"fisher: model logits have shape {tuple(logits.shape)}, {kind}; "
-                            f"diagonal_fisher supports classifier logits of shape (batch, classes) only")
+                            f"diagonal_fisher supports classifier logits (batch, classes) and "
+                            f"causal LM logits (batch, tokens, vocab)")
 
 
 def _log_probs(out: Any) -> Tensor:
     logits = logits_of(out)
-    if logits.ndim != 2:
-        raise MergelabError(f"fisher: expected logits of shape (batch, classes), found "
-                            f"{tuple(logits.shape)}")
+    if logits.ndim not in (2, 3):
+        raise MergelabError(f"fisher: expected logits of shape (batch, classes) or (batch, tokens, "
+                            f"vocab), found {tuple(logits.shape)}")
     return torch.log_softmax(logits.float(), -1)
 
 
@@ -309,7 +361,7 @@ def _hooks_chunk(h: _Hooks, sums: dict[str, Tensor], inputs: Any, y: Tensor | No
         logp = _log_probs(call_model(h.model, inputs))
     calls = rec.calls
     if y is not None:
-        seed = torch.zeros_like(logp).scatter_(1, y.view(-1, 1), 1.0)
+        seed = causal.target_seed(logp, y)
         grads = persample.seeded_backward(logp, seed, calls, retain=False)
         h.acc.add_squares(sums, calls, grads, b)
         return
@@ -322,7 +374,33 @@ def _hooks_chunk(h: _Hooks, sums: dict[str, Tensor], inputs: Any, y: Tensor | No
         h.acc.add_squares(sums, calls, grads, b)
 
 
-def _accumulate(sums, logp_y, logp_aux, train, inputs, y, n, chunk_size, call_model_one):
+def _expected_tokens(sums, logp, train, inputs, valid, n, chunk_size):
+    """Causal LM, mode "expected": ``Σ_t Σ_v p_tv (∇ log p_tv)²`` per sequence, one gradient row
+    per (token, vocabulary entry).  Per sequence one forward (``torch.func.vjp``); the rows'
+    backward passes are batched by ``vmap`` over one-hot cotangents in chunks of ``chunk_size``
+    rows (memory: ``chunk_size`` gradients)."""
+    for i in range(n):
+        x = take(inputs, slice(i, i + 1))
+        x = {k: (val[0] if isinstance(val, Tensor) else val) for k, val in x.items()}
+        lp, vjp_fn = vjp(lambda p: logp(p, x), train)   # (T, V)
+        lp = lp.detach()
+        per_row = vmap(vjp_fn)
+        ts = valid[i].nonzero()[:, 0].to(lp.device)
+        vocab = lp.shape[-1]
+        tt = ts.repeat_interleave(vocab)
+        vv = torch.arange(vocab, device=lp.device).repeat(len(ts))
+        w = lp[tt, vv].exp()
+        for s in range(0, len(tt), chunk_size):
+            pick = torch.zeros((len(tt[s:s + chunk_size]),) + tuple(lp.shape), device=lp.device)
+            pick[torch.arange(len(pick), device=lp.device), tt[s:s + chunk_size], vv[s:s + chunk_size]] = 1.0
+            (g,) = per_row(pick)
+            ws = w[s:s + chunk_size]
+            for k, v in g.items():
+                sums[k] += (v.detach().square() * ws.view((-1,) + (1,) * (v.ndim - 1))).sum(
+                    0, dtype=torch.float64)
+
+
+def _accumulate(sums, logp_y, logp_aux, train, inputs, y, n, chunk_size, call_model_one, valid=None):
     if y is not None:
         per_grad = vmap(grad(logp_y), in_dims=(None, 0, 0))
         for s in range(0, n, chunk_size):
@@ -333,15 +411,18 @@ def _accumulate(sums, logp_y, logp_aux, train, inputs, y, n, chunk_size, call_mo
         return
     per_jac = vmap(jacrev(logp_aux, has_aux=True), in_dims=(None, 0))
     with torch.no_grad():
-        n_classes = logits_of(call_model_one(inputs)).shape[-1]
-    step = max(1, chunk_size // n_classes)              # gradient rows per chunk: B*C <= chunk_size
+        rows = logits_of(call_model_one(inputs)).shape[1:].numel()   # C, or T·V for a causal LM
+    step = max(1, chunk_size // rows)                   # gradient rows per chunk: B*C <= chunk_size
     for s in range(0, n, step):
         sl = slice(s, min(n, s + step))
         jac, lp = per_jac(train, take(inputs, sl))
-        if lp.ndim != 2:
+        if lp.ndim != (2 if valid is None else 3):
             raise MergelabError(f"fisher: expected logits of shape (batch, classes), found "
                                 f"{tuple(lp.shape)[1:]} per example")
-        p = lp.exp()                                    # (B, C)
-        for k, v in jac.items():                        # v: (B, C, *shape)
-            w = p.view(p.shape + (1,) * (v.ndim - 2))
-            sums[k] += (v.detach().square() * w).sum((0, 1), dtype=torch.float64)
+        p = lp.exp()                                    # (B, C) or (B, T, V)
+        if valid is not None:                           # per-token sums over real next tokens only
+            p = p * valid[sl].unsqueeze(-1).to(p.dtype)
+        axes = tuple(range(p.ndim))
+        for k, v in jac.items():                        # v: (B, C, *shape) or (B, T, V, *shape)
+            w = p.view(p.shape + (1,) * (v.ndim - p.ndim))
+            sums[k] += (v.detach().square() * w).sum(axes, dtype=torch.float64)
