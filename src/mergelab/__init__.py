@@ -1,22 +1,32 @@
 """mergelab: merge neural networks.
 
-The public API is re-exported here; the README documents each name.
+The public API is re-exported here; the README documents each name. The names are
+resolved lazily (PEP 562): ``import mergelab`` costs milliseconds, and torch is imported
+the first time a name that needs it is used (``mergelab.merge``, ``from mergelab import
+repair``, ...). ``mergelab --help`` therefore never loads torch.
 """
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
 __version__ = "0.1.0"
 
-from ._startup import quiet_interrupt  # noqa: E402
-
-with quiet_interrupt():  # the mergelab command: Ctrl-C while torch loads exits quietly
-    from .errors import CheckpointError, DataError, DeviceError, MergelabError, RecipeError  # noqa: E402
-    from .merge import merge  # noqa: E402  (the shim module first: `mergelab.merge` stays the function)
-    from .engine import merge_states  # noqa: E402
-    from .engine.states import fisher_merge, regmean_merge  # noqa: E402  (in-memory Fisher / RegMean on the driver)
-    from .io import load_state, open_checkpoint, save_state  # noqa: E402
-    from .align import (Permutation, PermutationSpec, activation_matching, load_permutation,  # noqa: E402
-                        permutation_spec, permute, save_permutation, weight_matching)
-    from .stats import activation_stats, diagonal_fisher, gram_matrices  # noqa: E402
-    from .methods.search import coefficient_search  # noqa: E402
-    from .repair import TaskConditionedModel, repair, tact  # noqa: E402
+# public name -> the module (relative to this package) that defines it
+_LAZY: dict[str, str] = {
+    "MergelabError": ".errors", "CheckpointError": ".errors", "RecipeError": ".errors",
+    "DataError": ".errors", "DeviceError": ".errors",
+    "merge": ".engine", "merge_states": ".engine",
+    "fisher_merge": ".engine.states", "regmean_merge": ".engine.states",
+    "load_state": ".io", "open_checkpoint": ".io", "save_state": ".io",
+    "Permutation": ".align", "PermutationSpec": ".align", "activation_matching": ".align",
+    "load_permutation": ".align", "permutation_spec": ".align", "permute": ".align",
+    "save_permutation": ".align", "weight_matching": ".align",
+    "activation_stats": ".stats", "diagonal_fisher": ".stats", "gram_matrices": ".stats",
+    "coefficient_search": ".methods.search",
+    "TaskConditionedModel": ".repair", "repair": ".repair", "tact": ".repair",
+}
 
 __all__ = [
     "__version__", "MergelabError", "CheckpointError", "RecipeError", "DataError", "DeviceError",
@@ -27,3 +37,35 @@ __all__ = [
     "fisher_merge", "regmean_merge", "coefficient_search",
     "repair", "tact", "TaskConditionedModel",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from ._startup import quiet_interrupt
+
+    with quiet_interrupt():  # the mergelab command: Ctrl-C while torch loads exits quietly
+        value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Two public functions share their name with a submodule (``mergelab.merge``,
+    ``mergelab.repair``). Importing such a submodule makes Python bind it on the package;
+    the public name keeps meaning the function, as it did when the names were imported
+    eagerly."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if (name in _LAZY and isinstance(value, types.ModuleType)
+                and value.__name__ == f"{__name__}.{name}"):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -58,6 +58,7 @@ class Driver:
         self.block_elems = max(1, block_bytes // 4)
         self.bytes_read = 0
         self._lock = threading.Lock()
+        self._seeds: dict[tuple[int, str], int] = {}
         self.blockable = (plan.method.elementwise and not plan.stats
                           and all(callable(getattr(i.ckpt, "get_rows", None)) for i in plan.readers))
 
@@ -93,7 +94,10 @@ class Driver:
         return stats
 
     def context(self, name: str, rows: tuple[int, int] | None = None, tensor_state: Any = None) -> TensorContext:
-        ctx = TensorContext(name=name, seed=context_seed(self.seed, name), stats=self._stats(name),
+        seed = self._seeds.get((self.seed, name))
+        if seed is None:  # once per tensor, not per row block
+            seed = self._seeds[(self.seed, name)] = context_seed(self.seed, name)
+        ctx = TensorContext(name=name, seed=seed, stats=self._stats(name),
                             model_names=[e.label for e in self.p.experts], tensor_state=tensor_state,
                             device=self.device)
         if rows is not None:

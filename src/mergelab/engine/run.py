@@ -81,24 +81,43 @@ def tune_malloc() -> None:
 
 
 class _Checksums:
-    """SHA-256 of every input file, on a background thread while the merge runs."""
+    """SHA-256 of every input file (what ``sha256sum`` and the Hugging Face Hub show for a
+    file), computed on background threads while the merge runs.
 
-    def __init__(self, p: Plan, enabled: bool):
-        files = {}
+    The files are hashed in parallel, one file per thread, up to ``threads`` at once: a
+    plain SHA-256 of one file cannot be split, so the wall time of the hashing is the
+    largest file's rather than the sum over all inputs. A file shared by several inputs is
+    hashed once."""
+
+    def __init__(self, p: Plan, enabled: bool, threads: int = 1):
+        files: dict[str, list] = {}
         for inp in p.readers + [s for v in p.stats.values() for s in v]:
             fl = getattr(inp.ckpt, "files", None)
             if fl:
                 files[inp.label] = list(fl)
-        self.pool = ThreadPoolExecutor(1) if enabled and files else None
-        self.fut = self.pool.submit(lambda: {lab: {f.name: sha256_file(f) for f in fl} for lab, fl in files.items()}) \
-            if self.pool else None
+        unique = {os.path.realpath(f): f for fl in files.values() for f in fl}
+        self.files, self.pool, self.futs = files, None, {}
+        if enabled and unique:
+            # largest first: the longest hash starts at once
+            order = sorted(unique, key=lambda k: -_size(unique[k]))
+            self.pool = ThreadPoolExecutor(max(1, min(threads, len(order))), thread_name_prefix="mergelab-sha256")
+            self.futs = {k: self.pool.submit(sha256_file, unique[k]) for k in order}
 
     def result(self) -> dict:
-        return self.fut.result() if self.fut is not None else {}
+        if self.pool is None:
+            return {}
+        return {lab: {f.name: self.futs[os.path.realpath(f)].result() for f in fl} for lab, fl in self.files.items()}
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _size(path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _threads(threads: int | None) -> int:
@@ -182,7 +201,7 @@ def _merge(recipe: Any, out: str | os.PathLike, team: Team, *, force: bool, dtyp
         nbytes = {n: numel(p.shape(n)) * p.out_dtype[n].itemsize for n in p.names}
         mine = set(partition(p.names, nbytes, team.world)[team.rank])
         jobs = [j for j in jobs if j.name in mine]
-    sums = _Checksums(p, checksums and team.lead)
+    sums = _Checksums(p, checksums and team.lead, nthreads)
     old_threads = torch.get_num_threads()
     # blocks are small: the worker threads use the cores, one intra-op thread each
     torch.set_num_threads(1 if d.blockable else max(1, min(nthreads, os.cpu_count() or 1)))

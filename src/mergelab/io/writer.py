@@ -381,7 +381,9 @@ def write_model_card(folder: str | os.PathLike, *, recipe_yaml: str | None, vers
     if recipe_yaml is not None:
         lines += ["## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     if inputs:
-        lines += ["## Inputs (sha256)", ""]
+        lines += ["## Inputs (sha256)", "",
+                  "SHA-256 of each whole input file, as `sha256sum FILE` prints it (and as the "
+                  "Hugging Face Hub lists a file's LFS sha256).", ""]
         for label, files in inputs.items():
             lines.append(f"- `{label}`")
             for fn, digest in files.items():

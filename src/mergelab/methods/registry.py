@@ -222,7 +222,14 @@ class MethodSpec:
 
     @property
     def _takes_ctx(self) -> bool:
-        return "ctx" in inspect.signature(self.fn).parameters
+        # called once per tensor or row block: inspect.signature is slow, so remember the
+        # answer per function (a spec whose ``fn`` is replaced asks again)
+        fn = self.fn
+        cached = self.__dict__.get("_ctx_cache")
+        if cached is None or cached[0] is not fn:
+            cached = (fn, "ctx" in inspect.signature(fn).parameters)
+            self.__dict__["_ctx_cache"] = cached
+        return cached[1]
 
 
 REGISTRY: dict[str, MethodSpec] = {}
