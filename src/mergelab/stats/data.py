@@ -356,7 +356,7 @@ def check_data(model: nn.Module, data: Any, data_label: str | None = None, model
             was = model.training
             model.eval()
             try:
-                logits = logits_of(call_model(model, inputs))
+                out = call_model(model, inputs)
             finally:
                 model.train(was)
     except MergelabError:
@@ -366,7 +366,13 @@ def check_data(model: nn.Module, data: Any, data_label: str | None = None, model
             {k: tuple(v.shape) for k, v in inputs.items() if isinstance(v, Tensor)}
         raise DataError(f"{data_label}: {model_label} cannot run on the first batch (inputs {shape}):"
                         f" {type(e).__name__}: {_first_line(e)}") from None
-    if labels is None or logits.dim() != 2:
+    if labels is None:
+        return
+    try:  # the label check needs class logits; a model without them (an encoder) has no labels to check
+        logits = logits_of(out)
+    except MergelabError:
+        return
+    if logits.dim() != 2:
         return
     n_cls = int(logits.shape[-1])
     every = data.y if isinstance(data, TensorBatches) else data.labels if isinstance(data, TextBatches) else labels
