@@ -31,8 +31,11 @@ def run_suite(name: str, profile: str = "smoke", out: str | Path | None = None, 
     out = Path(out) if out is not None else Path("runs") / name
     pin_cpu_kernels()
     suite = importlib.import_module(f"{__name__}.{_MODULES[name]}")
-    with one_thread():
-        per_seed = [suite.run(profile, quiet=quiet, cache_root=cache_root, seed=s) for s in seeds]
+    from ...progress import progress
+
+    with one_thread():  # one line per seed in a log (a bar on a terminal), whatever the suite prints
+        per_seed = [suite.run(profile, quiet=quiet, cache_root=cache_root, seed=s)
+                    for s in progress(seeds, desc=f"{name} {profile}", unit="seed", disable=quiet)]
     res = aggregate(per_seed, seeds)
     res["versions"] = {**res.get("versions", {}), **cpu_report()}
     res["paths"] = {k: str(v) for k, v in write_report(res, out).items()}
