@@ -62,6 +62,7 @@ CASES = [
     ("ties", lambda r: _recipe(r, "ties", {"density": 0.5}), CONST),
     ("dare_ties", lambda r: _recipe(r, "dare_ties", {"density": 0.5}), CONST),
     ("ties_global", lambda r: _recipe(r, "ties", {"density": 0.5, "scope": "global"}), (4 + 2) * T + CONST),
+    ("consensus", lambda r: _recipe(r, "consensus", {"base_merge": "ties", "density": 0.5, "k": 2}), (4 + 2) * T + CONST),
     ("slerp", lambda r: _recipe(r, "slerp", {"t": 0.3}, base=False, experts=("a", "b")), (2 + 2) * T + CONST),
     ("fisher", lambda r: _recipe(r, "fisher", {"normalize": True}, base=False,
                                  per_model=lambda m: {"fisher": str(r / f"fisher_{m}.safetensors")}),
