@@ -89,17 +89,35 @@ def slerp_pair(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, 
         return v0.clone()
     if t == 1.0:
         return v1.clone()
-    a, b = v0.double().flatten(), v1.double().flatten()
-    na, nb = float(a.norm()), float(b.norm())
-    dot = float(torch.dot(a, b)) / ((na if na > eps else 1.0) * (nb if nb > eps else 1.0))
-    del a, b
+    aa, bb, ab = _float64_grams(v0, v1)
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    dot = ab / ((na if na > eps else 1.0) * (nb if nb > eps else 1.0))
     if abs(dot) > dot_threshold:
-        return (1.0 - t) * v0 + t * v1
-    theta = math.acos(max(-1.0, min(1.0, dot)))
-    s = math.sin(theta)
-    s0 = math.sin(theta - theta * t) / s
-    s1 = math.sin(theta * t) / s
-    return s0 * v0 + s1 * v1
+        s0, s1 = 1.0 - t, t
+    else:
+        theta = math.acos(max(-1.0, min(1.0, dot)))
+        s = math.sin(theta)
+        s0 = math.sin(theta - theta * t) / s
+        s1 = math.sin(theta * t) / s
+    out = v0 * s0  # s0 v0 + s1 v1 with one temporary: peak = the two inputs + two tensors
+    out += v1 * s1
+    return out
+
+
+_GRAM_CHUNK = 2**20
+
+
+def _float64_grams(v0: Tensor, v1: Tensor) -> tuple[float, float, float]:
+    """(‖v0‖², ‖v1‖², ⟨v0, v1⟩) in float64, accumulated over chunks of 2^20 entries so that no
+    float64 copy of a whole tensor is made (memory: two inputs + O(chunk))."""
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    aa = bb = ab = 0.0
+    for i in range(0, a.numel(), _GRAM_CHUNK):
+        x, y = a[i:i + _GRAM_CHUNK].double(), b[i:i + _GRAM_CHUNK].double()
+        aa += float(torch.dot(x, x))
+        bb += float(torch.dot(y, y))
+        ab += float(torch.dot(x, y))
+    return aa, bb, ab
 
 
 @merge_method("slerp", min_models=1, max_models=2)

@@ -45,7 +45,10 @@ def fisher_prepass(params: dict, stream) -> list[float] | None:
         if sq is None:
             sq = [0.0] * len(fs)
         for i, f in enumerate(fs):
-            sq[i] += float(f.double().square().sum())
+            flat = f.reshape(-1)
+            for a in range(0, flat.numel(), _CHUNK):  # float64 over chunks: no float64 copy of the whole Fisher
+                x = flat[a:a + _CHUNK].double()
+                sq[i] += float(torch.dot(x, x))
     if sq is None:
         return None
     return [math.sqrt(s) for s in sq]
@@ -54,16 +57,28 @@ def fisher_prepass(params: dict, stream) -> list[float] | None:
 def fisher_combine(tensors: Sequence[Tensor], fishers: Sequence[Tensor], coeffs: Sequence[float],
                    floor: float, favor_target: bool) -> Tensor:
     """``Σ c_i F_i θ_i / Σ c_i F_i`` with ``F_i ← max(F_i, floor)`` (only F_0 when ``favor_target``)."""
-    num = torch.zeros_like(tensors[0], dtype=torch.float32)
-    den = torch.zeros_like(num)
-    for i, (t, f, c) in enumerate(zip(tensors, fishers, coeffs)):
-        f = f.to(torch.float32).reshape(t.shape)
-        if not favor_target or i == 0:
-            f = torch.clamp_min(f, floor)
-        cf = f * c
-        den += cf
-        num += cf * t
-    return num / den
+    out = torch.empty_like(tensors[0], dtype=torch.float32)
+    flat_out = out.view(-1)
+    ts = [t.reshape(-1) for t in tensors]
+    fs = [f.reshape(-1) for f in fishers]
+    # elementwise, so computed over chunks of the flattened tensors: the same bytes as one
+    # whole-tensor pass, with memory = the inputs + the output + O(chunk)
+    for a in range(0, flat_out.numel(), _CHUNK):
+        b = min(a + _CHUNK, flat_out.numel())
+        num = torch.zeros_like(flat_out[a:b])
+        den = torch.zeros_like(num)
+        for i, (t, f, c) in enumerate(zip(ts, fs, coeffs)):
+            f = f[a:b].to(torch.float32)
+            if not favor_target or i == 0:
+                f = torch.clamp_min(f, floor)
+            cf = f * c
+            den += cf
+            num += cf * t[a:b]
+        torch.div(num, den, out=flat_out[a:b])
+    return out
+
+
+_CHUNK = 2**20
 
 
 def _check_weights(weight: Sequence[float], where: str) -> None:

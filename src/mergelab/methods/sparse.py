@@ -542,9 +542,15 @@ def tall_masks(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
     models (``ctx.model_names``) or their indices."""
     tau_mtl = multitask_vector(tensors, base, base_merge, density, merge, ctx)
     out = {}
+    fb, fm = base.reshape(-1), tau_mtl.reshape(-1)
     for name, lam, t in zip(_variant_names(ctx, len(tensors)), lambda_, tensors):
-        m = tall_mask(t - base, tau_mtl, lam)
-        out[name] = m if output == "masks" else base + torch.where(m, tau_mtl, 0.0)
+        res = torch.empty_like(base, dtype=torch.bool if output == "masks" else base.dtype)
+        fr, ft = res.view(-1), t.reshape(-1)
+        for a in range(0, fb.numel(), CHUNK):  # elementwise, by chunks: no whole-size temporaries
+            b = a + CHUNK
+            m = tall_mask(ft[a:b] - fb[a:b], fm[a:b], lam)
+            fr[a:b] = m if output == "masks" else fb[a:b] + torch.where(m, fm[a:b], 0.0)
+        out[name] = res
     return out
 
 
@@ -558,7 +564,11 @@ def consensus(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
     """Consensus merging: count the TALL masks ``c = Σ_t m_t`` and keep the entries active in
     at least ``k`` tasks: ``θ_0 + α·1{c ≥ k} ⊙ τ_MTL``."""
     tau_mtl = multitask_vector(tensors, base, base_merge, density, merge, ctx)
-    count = torch.zeros_like(base, dtype=torch.int32)
-    for lam, t in zip(lambda_, tensors):
-        count += tall_mask(t - base, tau_mtl, lam)
-    return _finish(base, torch.where(count >= k, tau_mtl, 0.0), alpha)
+    fb, fm = base.reshape(-1), tau_mtl.reshape(-1)
+    for a in range(0, fb.numel(), CHUNK):  # elementwise, by chunks, in place of τ_MTL
+        b = a + CHUNK
+        count = torch.zeros_like(fb[a:b], dtype=torch.int32)
+        for lam, t in zip(lambda_, tensors):
+            count += tall_mask(t.reshape(-1)[a:b] - fb[a:b], fm[a:b], lam)
+        fm[a:b] = torch.where(count >= k, fm[a:b], 0.0)
+    return _finish(base, tau_mtl, alpha)
