@@ -256,14 +256,23 @@ def dare_keep(start: int, stop: int, density: float, seed: int, device: torch.de
     gives other numbers for the same seed, so drawing there would make GPU merges differ from
     CPU ones).  ``seed`` is :func:`tensor_seed` (``ctx.seed``, tensor name, model index).
     """
-    out = torch.empty(max(0, stop - start), dtype=torch.bool, device="cpu")
+    keep = uniforms(start, stop, seed) < density
+    return keep if device is None else keep.to(device)
+
+
+def uniforms(start: int, stop: int, seed: int, device=None) -> Tensor:
+    """Uniform [0, 1) draws for the flat entries ``start:stop`` of a tensor: entry j takes the
+    ``(j mod 2^20)``-th draw of a CPU generator seeded with ``(seed, j // 2^20)``, so an entry's
+    draw does not depend on how the tensor is cut into blocks, nor on the device (DARE's and
+    DELLA's randomness)."""
+    out = torch.empty(max(0, stop - start), dtype=torch.float32, device="cpu")
     g = torch.Generator(device="cpu")
     pos = start
     while pos < stop:
         c = pos // CHUNK
         lo, hi = pos - c * CHUNK, min(stop - c * CHUNK, CHUNK)
         g.manual_seed(_chunk_seed(seed, c))
-        out[pos - start:pos - start + hi - lo] = torch.rand(hi, generator=g, device="cpu")[lo:] < density
+        out[pos - start:pos - start + hi - lo] = torch.rand(hi, generator=g, device="cpu")[lo:]
         pos = c * CHUNK + hi
     return out if device is None else out.to(device)
 

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..errors import MergelabError
 from .registry import Range, TensorContext, merge_method
-from .sparse import (CHUNK, Density, Trim, _chunk_seed, disjoint_merge, elect_sign, kth_largest_many, tensor_seed,
+from .sparse import (CHUNK, Density, Trim, uniforms, disjoint_merge, elect_sign, kth_largest_many, tensor_seed,
                      trim_keep)
 
 Frac = Annotated[list[float], Range(0, 1)]
@@ -222,22 +222,6 @@ def della_probs(tau: Tensor, density: float, epsilon: float) -> Tensor:
     r = ranks.to(torch.float32) / (m - 1) if m > 1 else torch.zeros_like(x)
     p = (density - epsilon) + r * (2 * epsilon)
     return p.reshape(tau.shape) if tau.dim() < 2 else p.movedim(-1, 1)
-
-
-def uniforms(start: int, stop: int, seed: int, device=None) -> Tensor:
-    """Uniform [0, 1) draws for the flat entries ``start:stop`` of a tensor: entry j takes the
-    ``(j mod 2^20)``-th draw of a CPU generator seeded with ``(seed, j // 2^20)``, so an entry's
-    draw does not depend on how the tensor is cut into blocks, nor on the device."""
-    out = torch.empty(max(0, stop - start), dtype=torch.float32, device="cpu")
-    g = torch.Generator(device="cpu")
-    pos = start
-    while pos < stop:
-        c = pos // CHUNK
-        lo, hi = pos - c * CHUNK, min(stop - c * CHUNK, CHUNK)
-        g.manual_seed(_chunk_seed(seed, c))
-        out[pos - start:pos - start + hi - lo] = torch.rand(hi, generator=g, device="cpu")[lo:]
-        pos = c * CHUNK + hi
-    return out if device is None else out.to(device)
 
 
 def della_sparsify(tau: Tensor, density: float, epsilon: float, rescale: bool, seed: int,
