@@ -34,26 +34,87 @@ def _mean(tensors: Sequence[Tensor]) -> Tensor:
     return out / len(tensors) if len(tensors) > 1 else out
 
 
-def regmean_weight(weights: Sequence[Tensor], grams: Sequence[Tensor], alpha: float = 0.9) -> Tensor:
-    """``(Σ W_i G̃_i)(Σ G̃_i)⁻¹`` for 2-D ``W_i`` (d_out × d_in), in float64, returned as float32."""
-    d_in = weights[0].shape[1]
+_CHUNK = 1 << 18  # float64 entries of one column block of a Gram (2 MiB)
+_ROWS = 1 << 21   # float64 entries of one row block of Σ W_i G̃_i (16 MiB): each row block
+                  # re-forms every G̃_i, so fewer, larger row blocks are faster
+
+
+def _gram_cols(g: Tensor, c0: int, c1: int, alpha: float, count: float | None) -> Tensor:
+    """Columns ``c0:c1`` of ``G̃ = α·G + (1 − α)·diag(G)`` in float64 (``G`` divided by ``count``)."""
+    gt = g[:, c0:c1].to(torch.float64, copy=True)
+    if count is not None:
+        gt.div_(count)
+    diag = gt[c0:c1].diagonal().clone()             # G[j, j] for j in c0:c1
+    gt.mul_(alpha)                                  # α·G
+    gt[c0:c1].diagonal().add_(diag.mul_(1.0 - alpha))  # + (1 − α)·diag(G)
+    return gt
+
+
+def regmean_weight(weights: Sequence[Tensor], grams: Sequence[Tensor], alpha: float = 0.9,
+                   counts: Sequence[float] | None = None) -> Tensor:
+    """``(Σ W_i G̃_i)(Σ G̃_i)⁻¹`` for 2-D ``W_i`` (d_out × d_in), in float64, returned as float32.
+
+    ``counts`` (optional) divides each ``G_i`` by its row count first (``normalize_gram``).
+
+    Memory: one float64 d_in × d_in matrix (``Σ G̃_i``, LU-factorised in place) and the float32
+    result, plus blocks of about ``_CHUNK`` float64 entries: ``G̃_i`` is formed column block by
+    column block, and ``Σ W_i G̃_i`` row block by row block, each block solved in place and
+    written into the result.  Every entry is computed by the same float64 operations in the
+    same order as forming each ``G̃_i`` and ``Σ W_i G̃_i`` whole and calling
+    ``torch.linalg.solve`` (the right-hand sides of a triangular solve are independent)."""
+    d_out, d_in = weights[0].shape
     dev = weights[0].device
-    lhs = torch.zeros(d_in, d_in, dtype=torch.float64, device=dev)
-    rhs = torch.zeros(weights[0].shape[0], d_in, dtype=torch.float64, device=dev)
-    for w, g in zip(weights, grams):
-        g = g.to(dev, torch.float64)
-        gt = alpha * g
-        gt.diagonal().add_((1.0 - alpha) * g.diagonal())
-        lhs += gt
-        rhs += w.to(torch.float64) @ gt
+    f64 = torch.float64
+    cnt = [None] * len(grams) if counts is None else [float(c) for c in counts]
+    cols = max(1, _CHUNK // max(d_in, 1))
+    # column-major (the layout LAPACK factorises in), so the LU below runs in place, no copy
+    lhs = torch.zeros(d_in, d_in, dtype=f64, device=dev).mT
+    for g, c in zip(grams, cnt):
+        g = g.to(dev)
+        for c0 in range(0, d_in, cols):
+            lhs[:, c0:c0 + cols] += _gram_cols(g, c0, c0 + cols, alpha, c)
     active = lhs.diagonal() != 0
-    out = torch.stack([w.to(torch.float64) for w in weights]).mean(0)
-    if bool(active.any()):
-        idx = active.nonzero().squeeze(1)
-        a = lhs[idx][:, idx]
-        # W* a = rhs  <=>  a W*ᵀ = rhsᵀ  (a symmetric)
-        out[:, idx] = torch.linalg.solve(a, rhs[:, idx].T).T
-    return out.to(torch.float32)
+    out = torch.empty(d_out, d_in, dtype=torch.float32, device=dev)
+    every = bool(active.all())
+    if not every:
+        # columns of features no model sees: the plain average (float64 sum, then / N)
+        dead = (~active).nonzero().squeeze(1)
+        acc = weights[0][:, dead].to(f64)
+        for w in weights[1:]:
+            acc += w[:, dead].to(f64)
+        out[:, dead] = (acc / len(weights)).to(torch.float32)
+        del acc
+    if not bool(active.any()):
+        return out
+    idx = None if every else active.nonzero().squeeze(1)
+    a = lhs if every else lhs[idx][:, idx]
+    del lhs
+    # W* a = b  <=>  a W*ᵀ = bᵀ (a symmetric): LU of a in place, then each row block of b
+    # solved in place in its transpose (a column-major view), as torch.linalg.solve(a, bᵀ) does.
+    piv = torch.empty(a.shape[0], dtype=torch.int32, device=dev)
+    info = torch.empty((), dtype=torch.int32, device=dev)
+    torch.linalg.lu_factor_ex(a, out=(a, piv, info))
+    if int(info) > 0:
+        raise torch.linalg.LinAlgError("linalg.solve: The solver failed because the input matrix is"
+                                       f" singular (U[{int(info)},{int(info)}] is zero)")
+    gs = [g.to(dev) for g in grams]
+    rows = max(1, _ROWS // max(d_in, 1))
+    for r0 in range(0, d_out, rows):
+        r1 = min(d_out, r0 + rows)
+        b = torch.zeros(r1 - r0, d_in, dtype=f64, device=dev)
+        for w, g, c in zip(weights, gs, cnt):
+            wr = w[r0:r1].to(f64)
+            for c0 in range(0, d_in, cols):
+                b[:, c0:c0 + cols] += wr @ _gram_cols(g, c0, c0 + cols, alpha, c)
+        if not every:
+            b = b[:, idx]
+        bt = b.T
+        torch.linalg.lu_solve(a, piv, bt, out=bt)
+        if every:
+            out[r0:r1] = b
+        else:
+            out[r0:r1, idx] = b.to(torch.float32)
+    return out
 
 
 def _grams_of(ctx: TensorContext, n: int, shape: torch.Size) -> list[Tensor] | None:
@@ -81,9 +142,9 @@ def regmean(tensors: list[Tensor], base: Tensor | None, *, ctx: TensorContext,
         if counts is None or any(c is None or float(c) <= 0 for c in counts):
             raise MergelabError(f"{ctx.name}: normalize_gram needs the row count of every Gram"
                                 " ('count:<weight name>' in the Gram file's metadata)")
-        grams = [g.to(torch.float64) / float(c) for g, c in zip(grams, counts)]
+        counts = [float(c) for c in counts]
     flat = [t.reshape(shape[0], -1) for t in tensors]
-    return regmean_weight(flat, grams, alpha).reshape(shape)
+    return regmean_weight(flat, grams, alpha, counts if normalize_gram else None).reshape(shape)
 
 
 def regmean_merge(states: Sequence[Mapping[str, Tensor]], grams: Sequence[Mapping[str, Tensor]],
