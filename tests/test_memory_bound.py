@@ -45,6 +45,8 @@ def family(tmp_path_factory):
         if n != "base":
             f = {k: torch.rand(v.shape, generator=g) for k, v in s.items()}
             save_file(f, str(root / f"fisher_{n}.safetensors"), metadata={"mergelab_kind": "fisher"})
+            gr = {k: torch.eye(v.shape[1]) for k, v in s.items() if v.dim() == 2}
+            save_file(gr, str(root / f"gram_{n}.safetensors"), metadata={"mergelab_kind": "gram"})
     return root
 
 
@@ -67,6 +69,11 @@ CASES = [
     ("fisher", lambda r: _recipe(r, "fisher", {"normalize": True}, base=False,
                                  per_model=lambda m: {"fisher": str(r / f"fisher_{m}.safetensors")}),
      (6 + 2) * T + CONST),
+    # RegMean holds its N inputs, one float64 d_in x d_in Gram sum (2 T here, d_in = d_out) and
+    # the result: (N + 3) T + blocks; measured 706 MiB = (N + 5) T + 2 MiB (docs/engine.md)
+    ("regmean", lambda r: _recipe(r, "regmean", {"alpha": 0.7}, base=False,
+                                  per_model=lambda m: {"gram": str(r / f"gram_{m}.safetensors")}),
+     (6 + 5) * T + CONST),
 ]
 
 
