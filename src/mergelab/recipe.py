@@ -34,10 +34,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional, Union, get_args
+from typing import Annotated, Any, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from .errors import MergelabError
 from .stages import stages as _stages
@@ -61,15 +61,20 @@ class Rule(BaseModel):
 ParamValue = Union[Scalar, list[Union[int, float]], list[Rule], Rule]
 
 
+def _none_is_empty(v: Any) -> Any:
+    return {} if v is None else v
+
+
+# a ``parameters`` mapping (recipe, model entry, slice, slice source): ``parameters:`` left empty
+# in YAML (None) is an empty mapping.  An annotated type, not a shared base class, so the field
+# keeps its place after ``model`` in dumps and error messages.
+Params = Annotated[dict[str, ParamValue], BeforeValidator(_none_is_empty)]
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     model: Any = Field(description="checkpoint path (or, from Python, a Checkpoint-like object)")
-    parameters: dict[str, ParamValue] = Field(default_factory=dict)
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def _none_is_empty(cls, v):
-        return {} if v is None else v
+    parameters: Params = Field(default_factory=dict)
 
 
 class SliceSource(BaseModel):
@@ -77,24 +82,14 @@ class SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     model: Any
     layer_range: tuple[int, int]
-    parameters: dict[str, ParamValue] = Field(default_factory=dict)
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def _none_is_empty(cls, v):
-        return {} if v is None else v
+    parameters: Params = Field(default_factory=dict)
 
 
 class SliceDef(BaseModel):
     """One output slice (mergekit's ``slices:`` entry); see slicing.py."""
     model_config = ConfigDict(extra="forbid")
     sources: list[SliceSource] = Field(min_length=1)
-    parameters: dict[str, ParamValue] = Field(default_factory=dict)
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def _none_is_empty(cls, v):
-        return {} if v is None else v
+    parameters: Params = Field(default_factory=dict)
 
 
 class TokenSourceSpec(BaseModel):
@@ -137,7 +132,7 @@ class _RecipeCore(BaseModel):
     slices: list[SliceDef] | None = None  # mergekit's layer slicing (slicing.py); instead of models
     merge_method: str
     base_model: Any = None
-    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    parameters: Params = Field(default_factory=dict)
     dtype: str | None = None          # stored dtype (mergekit: compute dtype; we compute in float32)
     out_dtype: str | None = None      # stored dtype, wins over dtype
     # mergelab's own keys
@@ -150,11 +145,6 @@ class _RecipeCore(BaseModel):
     tokenizer_source: str | None = None
     tokenizer: TokenizerSection | None = None
     chat_template: str | None = None
-
-    @field_validator("parameters", mode="before")
-    @classmethod
-    def _none_is_empty(cls, v):
-        return {} if v is None else v
 
     # -- loading ------------------------------------------------------------------------
     @classmethod
