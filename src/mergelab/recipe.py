@@ -206,6 +206,16 @@ class _RecipeCore(BaseModel):
             return bd / path
         return path
 
+    def model_refs(self) -> list[tuple[str, Any]]:
+        """``(where, reference)`` of every model the recipe names, in recipe order: the
+        ``base_model`` first, then ``models[i].model`` or ``slices[i].sources[j].model``
+        (mergekit's referenced models; a model named twice is listed twice)."""
+        out = [("base_model", self.base_model)] if self.base_model is not None else []
+        out += [(f"models[{i}].model", m.model) for i, m in enumerate(self.models)]
+        for i, s in enumerate(self.slices or []):
+            out += [(f"slices[{i}].sources[{j}].model", src.model) for j, src in enumerate(s.sources)]
+        return out
+
     def input_paths(self, inputs: dict | None = None) -> list[tuple[str, Any]]:
         """``(label, path)`` of every file or folder the recipe reads: the recipe file, models,
         statistics files and other path-valued parameters, and the align/repair/tact inputs

@@ -63,6 +63,11 @@ class SlotView:
     def keys(self) -> list[str]:
         return list(self._map)
 
+    def origin(self, name: str) -> tuple[Any, str]:
+        """The checkpoint this view reads ``name`` from, and its name there (vocab/ uses it:
+        each tensor's rows follow the vocabulary of the model that supplies it)."""
+        return self._map[name]
+
     def __contains__(self, name) -> bool:
         return name in self._map
 

@@ -140,18 +140,23 @@ def _open_stats(r: Recipe, method: MethodSpec, entries, inputs) -> tuple[dict[st
     return stats, model_params
 
 
-def _expand_slices(r: Recipe, inputs: Mapping | None, allow_crimes: bool) -> tuple[Recipe, Mapping | None]:
+def _expand_slices(r: Recipe, inputs: Mapping | None, allow_crimes: bool,
+                   cache: dict[str, Input]) -> tuple[Recipe, Mapping | None]:
     """mergekit's ``slices:``: a plain recipe over per-slot layer views (see slicing.py)."""
     from ..slicing import expand
-    cache: dict[str, Input] = {}
+    seen: dict[int, Input] = {}
 
     def opener(ref, where):
-        return open_input(ref, r.resolve_path, where, inputs, cache).ckpt
+        inp = open_input(ref, r.resolve_path, where, inputs, cache)
+        seen.setdefault(id(inp.ckpt), inp)
+        return inp.ckpt
 
     r2, inputs = expand(r, inputs, opener)
-    srcs = list({id(i.ckpt): i for i in cache.values()}.values())
-    # every source model, also of single-source slices (layer counts may differ: stacking)
-    check_configs(srcs[0], srcs[1:], allow_crimes, skip=("num_hidden_layers", "n_layer"))
+    srcs = list(seen.values())
+    # every source model, also of single-source slices (layer counts may differ: stacking;
+    # vocabulary sizes too when a tokenizer merge gives every model the output vocabulary)
+    skip = ("num_hidden_layers", "n_layer") + (("vocab_size",) if section_given(r) else ())
+    check_configs(srcs[0], srcs[1:], allow_crimes, skip=skip)
     return r2, inputs
 
 
@@ -159,19 +164,20 @@ def section_given(r: Recipe) -> bool:
     return r.tokenizer is not None or r.tokenizer_source is not None
 
 
-def _expand_vocab(r: Recipe, inputs: Mapping | None) -> tuple[Recipe, Mapping | None]:
-    """mergekit's tokenizer keys: every model read through a vocabulary view (see vocab/)."""
+def _expand_vocab(r: Recipe, inputs: Mapping | None, refs: list, cache: dict[str, Input]) -> tuple[Recipe, Mapping | None]:
+    """mergekit's tokenizer keys: every input read through a vocabulary view (see vocab/).
+    ``refs``: the models the recipe as written names (``Recipe.model_refs``), opened through
+    ``cache``, the cache the slices rewrite opened them with (its views read those objects)."""
     from ..vocab import expand, resolve_chat_template, section
     from .sources import folder_of
-    cache: dict[str, Input] = {}
 
     def opener(ref, where):
         return open_input(ref, r.resolve_path, where, inputs, cache)
 
     if section(r) is not None:
-        r, inputs = expand(r, inputs, opener, folder_of)
+        r, inputs = expand(r, inputs, opener, folder_of, refs)
     if r.chat_template is not None:   # checked now: a bad value writes nothing
-        folders = [folder_of(opener(m.model, f"models[{i}].model")) for i, m in enumerate(r.models)]
+        folders = [folder_of(opener(ref, where)) for where, ref in refs]
         r._chat_template = resolve_chat_template(r.chat_template, [f for f in folders if f is not None])
     return r, inputs
 
@@ -184,10 +190,12 @@ def plan(recipe: Any, *, dtype: str | None = None, inputs: Mapping | None = None
     ``allow_crimes`` merges checkpoints whose config.json name different architectures."""
     r = Recipe.load(recipe)
     method = get_method(r.merge_method)
+    refs = r.model_refs()             # the models as written (slices: every source)
+    opened: dict[str, Input] = {}     # shared: the vocabulary views follow the slot views' checkpoints
     if r.slices is not None:
-        r, inputs = _expand_slices(r, inputs, allow_crimes)
+        r, inputs = _expand_slices(r, inputs, allow_crimes, opened)
     if section_given(r) or r.chat_template is not None:
-        r, inputs = _expand_vocab(r, inputs)
+        r, inputs = _expand_vocab(r, inputs, refs, opened)
     inputs = stages.before_merge(r, inputs)   # align: the models it moves are read through permuted views
     if not r.models:
         raise MergelabError("recipe: 'models' is empty")

@@ -39,7 +39,7 @@ CHAT_TEMPLATES = {
 _STALE = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model")
 
 
-@dataclass
+@dataclass(eq=False)   # compared by identity
 class _Model:
     key: str              # the recipe reference
     inp: Any              # engine Input
@@ -71,12 +71,20 @@ def _load_tokenizer(folder: Path, where: str):
         raise MergelabError(f"{f}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
 
 
-def vocab_tensors(ckpt: Any, rows: int) -> list[str]:
-    """The tensors outside the layers with ``rows`` (config vocab_size) rows: embeddings, LM head."""
+def _origin(ckpt: Any, name: str) -> tuple[Any, str]:
+    """The checkpoint a view reads ``name`` from (a slices slot view: that layer's source)."""
+    f = getattr(ckpt, "origin", None)
+    return f(name) if callable(f) else (ckpt, name)
+
+
+def vocab_tensors(ckpt: Any, rows: int | Callable[[str], int]) -> list[str]:
+    """The tensors outside the layers whose first dimension is the config vocab_size (``rows``,
+    or ``rows(name)``: that of the model supplying the tensor): embeddings, LM head, its bias."""
     out = []
     for n in ckpt.keys():
         s = tuple(ckpt.shape(n))
-        if layer_index(n) is None and s and s[0] == rows and (len(s) == 2 or n.endswith("bias")):
+        if layer_index(n) is None and s and (len(s) == 2 or n.endswith("bias")) \
+                and s[0] == (rows(n) if callable(rows) else rows):
             out.append(n)
     return out
 
@@ -89,16 +97,24 @@ def section(r: Recipe) -> TokenizerSection | None:
     return r.tokenizer
 
 
-def expand(r: Recipe, inputs: dict | None, opener: Callable[[Any, str], Any], folder_of: Callable) -> tuple[Recipe, dict]:
-    """The recipe rewritten over per-model :class:`VocabView` s (names ``__vocab_i`` in inputs)."""
+def expand(r: Recipe, inputs: dict | None, opener: Callable[[Any, str], Any], folder_of: Callable,
+           refs: list[tuple[str, Any]] | None = None) -> tuple[Recipe, dict]:
+    """The recipe rewritten over per-input :class:`VocabView` s (names ``__vocab_i`` in inputs).
+
+    ``r`` is a ``models:`` recipe, possibly the rewrite of a ``slices:`` recipe over slot views;
+    ``refs`` (default: ``r.model_refs()``) are the models the recipe as written names, base
+    first: their tokenizers make the output vocabulary.  Each vocabulary tensor of an input is
+    remapped with the vocabulary of the model that supplies it (a slot view names it through
+    ``origin``), and a missing token's default row is taken among the models that supply that
+    tensor to the merge (mergekit plans the embeddings with the first slice's sources and the
+    LM head with the last slice's)."""
     sec = section(r)
-    if r.slices is not None:
-        raise MergelabError("recipe: tokenizer merging with 'slices:' is not supported yet (use 'models:')")
-    refs = ([("base_model", r.base_model)] if r.base_model is not None else []) + \
-           [(f"models[{i}].model", m.model) for i, m in enumerate(r.models)]
+    refs = r.model_refs() if refs is None else refs
+    if r.slices is not None:   # the caller rewrites slices first (engine/planning.py)
+        raise MergelabError("recipe: tokenizer merging needs the 'slices' recipe rewritten over slot views first")
     models: list[_Model] = []
     by_ckpt: dict[int, _Model] = {}
-    ref_of: list[_Model] = []
+    ref_models: list[_Model] = []
     for where, ref in refs:
         inp = opener(ref, where)
         m = by_ckpt.get(id(inp.ckpt))
@@ -114,16 +130,45 @@ def expand(r: Recipe, inputs: dict | None, opener: Callable[[Any, str], Any], fo
             m = _Model(str(ref), inp, folder, tok, tok.get_vocab(with_added_tokens=True), rows)
             by_ckpt[id(inp.ckpt)] = m
             models.append(m)
-        ref_of.append(m)
-    first = models[0]   # the base model when there is one (config.json comes from it)
-    base = ref_of[0] if r.base_model is not None else None
-    names = vocab_tensors(first.inp.ckpt, first.rows)
+        ref_models.append(m)
+    first = models[0]   # the base model, else the first model named (config.json comes from it)
+    base = ref_models[0] if r.base_model is not None else None
+
+    # the merge's inputs (the base first): plain checkpoints, or slot views over several models
+    entries = ([("base_model", r.base_model)] if r.base_model is not None else []) + \
+              [(f"models[{i}].model", m.model) for i, m in enumerate(r.models)]
+    ents: list[Any] = []          # distinct inputs
+    ent_of: list[int] = []        # entry -> index in ents
+    for where, ref in entries:
+        inp = opener(ref, where)
+        k = next((i for i, e in enumerate(ents) if e.ckpt is inp.ckpt), None)
+        if k is None:
+            ents.append(inp)
+            k = len(ents) - 1
+        ent_of.append(k)
+
+    def supplier(inp: Any, n: str) -> _Model:
+        c, there = _origin(inp.ckpt, n)
+        m = by_ckpt.get(id(c))
+        if m is None or there != n:
+            raise MergelabError(f"{inp.label}: vocabulary tensor '{n}' is read from outside the recipe's models")
+        return m
+
+    e0 = ents[0]
+    names = vocab_tensors(e0.ckpt, lambda n: supplier(e0, n).rows)
     if not names:
         raise MergelabError(f"{first.inp.label}: no tensor outside the layers has config vocab_size = {first.rows} rows")
-    for m in models[1:]:
+    for e in ents[1:]:
         for n in names:
-            if n not in m.inp.ckpt or tuple(m.inp.ckpt.shape(n))[0] != m.rows:
-                raise MergelabError(f"{m.inp.label}: vocabulary tensor '{n}' missing or without {m.rows} (its vocab_size) rows")
+            if n not in e.ckpt:
+                raise MergelabError(f"{e.label}: vocabulary tensor '{n}' missing")
+            m = supplier(e, n)
+            if tuple(e.ckpt.shape(n))[0] != m.rows:
+                raise MergelabError(f"{m.inp.label}: vocabulary tensor '{n}' has not {m.rows} (its vocab_size) rows")
+    # tensors supplied by the same models (in input order) share their row plan
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for n in names:
+        groups.setdefault(tuple(id(supplier(e, n)) for e in ents), []).append(n)
 
     extras: dict[str, _Model] = {}   # source models outside the merge
 
@@ -150,9 +195,7 @@ def expand(r: Recipe, inputs: dict | None, opener: Callable[[Any, str], Any], fo
     from tokenizers import AddedToken, Tokenizer
 
     src = sec.source
-    if src == "base":
-        src_model = first
-    elif src == "union":
+    if src in ("base", "union"):
         src_model = first
     else:
         src_model = model_at(src, "tokenizer source")
@@ -181,7 +224,7 @@ def expand(r: Recipe, inputs: dict | None, opener: Callable[[Any, str], Any], fo
     for t, i in out_vocab.items():
         id_to_tok[i] = t
 
-    # -- rows ----------------------------------------------------------------------------
+    # -- explicit rows (tokens.<t>.source), the same for every vocabulary tensor ----------
     ckpts = [m.inp.ckpt for m in models]            # term sources; source models outside the merge appended
 
     def cindex(c) -> int:
@@ -192,6 +235,7 @@ def expand(r: Recipe, inputs: dict | None, opener: Callable[[Any, str], Any], fo
         return len(ckpts) - 1
 
     explicit: dict[int, list[tuple[int, int]]] = {}  # output row -> (checkpoint index, source row) terms
+    explicit_from: dict[int, tuple[_Model, str]] = {}
     forced: list[int] = []
     for t, spec in sec.tokens.items():
         s = spec.source
@@ -219,52 +263,70 @@ def expand(r: Recipe, inputs: dict | None, opener: Callable[[Any, str], Any], fo
             if i is None or i >= m.rows:
                 raise MergelabError(f"{where}: token '{t}' is not in {m.key}")
         explicit[o] = [(cindex(m.inp.ckpt), i)]
-
-    # idx[j, o]: model j's row of output token o, -1 when it lacks the token
-    idx = torch.full((len(models), rows), -1, dtype=torch.long)
-    for j, m in enumerate(models):
-        col = torch.tensor([m.vocab.get(t, -1) if t is not None else -1 for t in id_to_tok], dtype=torch.long)
-        col[col >= m.rows] = -1
-        idx[j] = col
-    has = idx >= 0
+        explicit_from[o] = (m, where)
+    for m, where in explicit_from.values():   # a source outside a tensor's suppliers must hold that tensor
+        for n in names:
+            if n not in m.inp.ckpt or tuple(m.inp.ckpt.shape(n))[0] != m.rows:
+                raise MergelabError(f"{where}: {m.key} has no vocabulary tensor '{n}' with {m.rows} (its vocab_size) rows")
     special = torch.zeros(rows, dtype=torch.bool)
     special[list(explicit)] = True
-    parts = []                                        # default terms: (out, checkpoint, source row, weight)
-    use_base = (has[models.index(base)] & ~special) if base is not None else torch.zeros(rows, dtype=torch.bool)
-    if base is not None:
-        o = use_base.nonzero().flatten()
-        parts.append((o, torch.full_like(o, models.index(base)), idx[models.index(base), o], torch.ones(len(o))))
-    count = has.sum(0).clamp(min=1).float()
-    mean = ~special & ~use_base
-    for k in range(len(models)):
-        o = (mean & has[k]).nonzero().flatten()
-        parts.append((o, torch.full_like(o, k), idx[k, o], 1.0 / count[o]))
     eo = [(o, c, r_) for o, ts in explicit.items() for c, r_ in ts]
-    if eo:
-        parts.append((torch.tensor([x[0] for x in eo]), torch.tensor([x[1] for x in eo]),
-                      torch.tensor([x[2] for x in eo]), torch.ones(len(eo))))
-    d_out, d_c, d_src, d_w = (torch.cat([p[i] for p in parts]) for i in range(4))
     not_forced = torch.ones(rows, dtype=torch.bool)
     not_forced[forced] = False
 
+    # -- per group of tensors: each supplier's rows, the defaults among the suppliers ------
+    tables: list[dict[str, tuple]] = [{} for _ in ents]
+    for key, gnames in groups.items():
+        sup = [supplier(e, gnames[0]) for e in ents]
+        gm: list[_Model] = []
+        for m in sup:
+            if m not in gm:
+                gm.append(m)
+        gbase = sup[ent_of[0]] if base is not None else None   # the base input's supplier
+        # idx[j, o]: supplier j's row of output token o, -1 when it lacks the token
+        idx = torch.full((len(gm), rows), -1, dtype=torch.long)
+        for j, m in enumerate(gm):
+            col = torch.tensor([m.vocab.get(t, -1) if t is not None else -1 for t in id_to_tok], dtype=torch.long)
+            col[col >= m.rows] = -1
+            idx[j] = col
+        has = idx >= 0
+        parts = []                                     # default terms: (out, checkpoint, source row, weight)
+        bj = gm.index(gbase) if gbase is not None else None
+        use_base = (has[bj] & ~special) if bj is not None else torch.zeros(rows, dtype=torch.bool)
+        if bj is not None:
+            o = use_base.nonzero().flatten()
+            parts.append((o, torch.full_like(o, cindex(gbase.inp.ckpt)), idx[bj, o], torch.ones(len(o))))
+        count = has.sum(0).clamp(min=1).float()
+        mean = ~special & ~use_base
+        for j, m in enumerate(gm):
+            o = (mean & has[j]).nonzero().flatten()
+            parts.append((o, torch.full_like(o, cindex(m.inp.ckpt)), idx[j, o], 1.0 / count[o]))
+        if eo:
+            parts.append((torch.tensor([x[0] for x in eo]), torch.tensor([x[1] for x in eo]),
+                          torch.tensor([x[2] for x in eo]), torch.ones(len(eo))))
+        d_out, d_c, d_src, d_w = (torch.cat([p[i] for p in parts]) for i in range(4))
+        for k, e in enumerate(ents):
+            j = gm.index(sup[k])
+            mine = has[j] & not_forced
+            o = mine.nonzero().flatten()
+            keep = ~mine[d_out]
+            out_ = torch.cat([o, d_out[keep]])
+            order = torch.sort(out_, stable=True).indices
+            table = (out_[order], torch.cat([torch.full_like(o, cindex(gm[j].inp.ckpt)), d_c[keep]])[order],
+                     torch.cat([idx[j, o], d_src[keep]])[order], torch.cat([torch.ones(len(o)), d_w[keep].float()])[order])
+            for n in gnames:
+                tables[k][n] = table
+
     views = {}
-    for j, m in enumerate(models):
-        mine = has[j] & not_forced
-        o = mine.nonzero().flatten()
-        keep = ~mine[d_out]
-        out_ = torch.cat([o, d_out[keep]])
-        order = torch.sort(out_, stable=True).indices
-        cfg = dict(getattr(m.inp.ckpt, "config", None) or {}, vocab_size=rows)
-        views[f"__vocab_{j}"] = VocabView(
-            m.inp.ckpt, names, rows, ckpts, out_[order], torch.cat([torch.full_like(o, j), d_c[keep]])[order],
-            torch.cat([idx[j, o], d_src[keep]])[order], torch.cat([torch.ones(len(o)), d_w[keep].float()])[order],
-            cfg, m.inp.label)
-    name_of = {id(m): f"__vocab_{j}" for j, m in enumerate(models)}
-    new_models = [ModelEntry(model=name_of[id(m)], parameters=e.parameters)
-                  for m, e in zip(ref_of[len(ref_of) - len(r.models):], r.models)]
-    r2 = r.model_copy(update={"models": new_models,
-                              "base_model": name_of[id(base)] if base is not None else None})
-    r2._base_dir = getattr(r, "_base_dir", None)
+    for k, e in enumerate(ents):
+        cfg = dict(getattr(e.ckpt, "config", None) or {}, vocab_size=rows)
+        views[f"__vocab_{k}"] = VocabView(e.ckpt, tables[k], rows, ckpts, cfg, e.label)
+    off = 1 if r.base_model is not None else 0
+    new_models = [ModelEntry(model=f"__vocab_{ent_of[off + i]}", parameters=e.parameters) for i, e in enumerate(r.models)]
+    r2 = r.model_copy(update={"models": new_models, "base_model": "__vocab_0" if r.base_model is not None else None})
+    for k in ("_base_dir", "_card_yaml", "_layer_count"):
+        if getattr(r, k, None) is not None:
+            setattr(r2, k, getattr(r, k))
     r2._card_yaml = getattr(r, "_card_yaml", None) or r.to_yaml()
     r2._vocab = VocabOutput(out_tok.to_str(), rows, src_model.folder, first.vocab, out_vocab,
                             [m.folder for m in models])

@@ -15,25 +15,33 @@ from typing import Any, Sequence
 import torch
 
 
+Table = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (out sorted, cid, src, w)
+
+
 class VocabView:
-    def __init__(self, ckpt: Any, vocab_names: Sequence[str], out_rows: int, ckpts: list,
-                 out: torch.Tensor, cid: torch.Tensor, src: torch.Tensor, w: torch.Tensor,
+    def __init__(self, ckpt: Any, tables: dict[str, Table], out_rows: int, ckpts: list,
                  config: dict | None, label: str):
-        """Output row ``out[i]`` receives ``w[i] · ckpts[cid[i]][name][src[i]]`` (``out`` sorted)."""
+        """Output row ``out[i]`` of vocabulary tensor ``name`` receives
+        ``w[i] · ckpts[cid[i]][name][src[i]]``, with ``(out, cid, src, w) = tables[name]``
+        (``out`` sorted).  Tensors have their own tables because they may come from different
+        models (``slices:``: embeddings from the first slice's sources, LM head from the last's)."""
         self.ckpt = ckpt
-        self.vocab_names = set(vocab_names)
         self.out_rows = out_rows
         self.path = getattr(ckpt, "path", None)
         self.config = config
         self.label = label
         self._ckpts = list(ckpts)
-        self._out, self._cid, self._src = out.long(), cid.long(), src.long()
-        self._w = w.float()
+        self._tables = {n: (o.long(), c.long(), s.long(), w.float()) for n, (o, c, s, w) in tables.items()}
+
+    @property
+    def vocab_names(self) -> set[str]:
+        return set(self._tables)
 
     @classmethod
     def from_terms(cls, ckpt: Any, vocab_names: Sequence[str], out_rows: int,
                    terms: list[list[tuple[Any, int, float]]], config: dict | None, label: str) -> "VocabView":
-        """``terms[o]``: the (checkpoint, source row, weight) terms of output row ``o``."""
+        """``terms[o]``: the (checkpoint, source row, weight) terms of output row ``o`` (the same
+        for every tensor of ``vocab_names``)."""
         ckpts: list = []
         idx: dict[int, int] = {}
         out, src, cid, w = [], [], [], []
@@ -47,8 +55,8 @@ class VocabView:
                 cid.append(idx[id(c)])
                 w.append(wt)
         t = torch.tensor
-        return cls(ckpt, vocab_names, out_rows, ckpts, t(out, dtype=torch.long), t(cid, dtype=torch.long),
-                   t(src, dtype=torch.long), t(w, dtype=torch.float32), config, label)
+        table = (t(out, dtype=torch.long), t(cid, dtype=torch.long), t(src, dtype=torch.long), t(w, dtype=torch.float32))
+        return cls(ckpt, {n: table for n in vocab_names}, out_rows, ckpts, config, label)
 
     # -- the Checkpoint interface -------------------------------------------------------
     def keys(self) -> list[str]:
@@ -62,7 +70,7 @@ class VocabView:
 
     def shape(self, name: str):
         s = tuple(self.ckpt.shape(name))
-        return (self.out_rows,) + s[1:] if name in self.vocab_names else s
+        return (self.out_rows,) + s[1:] if name in self._tables else s
 
     def dtype(self, name: str) -> torch.dtype:
         return self.ckpt.dtype(name)
@@ -76,12 +84,12 @@ class VocabView:
         return dict(getattr(self.ckpt, "metadata", {}) or {})
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.vocab_names:
+        if name not in self._tables:
             return self.ckpt.get(name)
         return self._rows(name, 0, self.out_rows)
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        if name not in self.vocab_names:
+        if name not in self._tables:
             if hasattr(self.ckpt, "get_rows"):
                 return self.ckpt.get_rows(name, start, stop)
             return self.ckpt.get(name)[start:stop]
@@ -92,9 +100,10 @@ class VocabView:
         tail = tuple(self.ckpt.shape(name))[1:]
         dt = self.ckpt.dtype(name)
         acc = torch.zeros((stop - start,) + tail, dtype=torch.float32)
-        lo = int(torch.searchsorted(self._out, torch.tensor(start)))
-        hi = int(torch.searchsorted(self._out, torch.tensor(stop)))
-        out, src, cid, w = self._out[lo:hi] - start, self._src[lo:hi], self._cid[lo:hi], self._w[lo:hi]
+        t_out, t_cid, t_src, t_w = self._tables[name]
+        lo = int(torch.searchsorted(t_out, torch.tensor(start)))
+        hi = int(torch.searchsorted(t_out, torch.tensor(stop)))
+        out, src, cid, w = t_out[lo:hi] - start, t_src[lo:hi], t_cid[lo:hi], t_w[lo:hi]
         for c in cid.unique().tolist():
             sel = cid == c
             o, s, wt = out[sel], src[sel], w[sel]
