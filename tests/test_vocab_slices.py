@@ -217,3 +217,74 @@ def test_errors_with_slices_are_one_line_and_write_nothing(tmp_path, abc):
     with pytest.raises(MergelabError, match="slices\\[1\\].sources\\[0\\].model: .* has no tokenizer.json"):
         merge({**base, "tokenizer_source": "union"}, tmp_path / "o", quiet=True)
     assert nothing_written(tmp_path / "o")
+
+
+def _mergekit_yaml():
+    import os
+    import shutil
+    from pathlib import Path
+    for c in (os.environ.get("MERGEKIT_YAML"), shutil.which("mergekit-yaml"), "/work/mkvenv/bin/mergekit-yaml"):
+        if c and Path(c).is_file():
+            return c
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_mergekit_yaml() is None, reason="mergekit-yaml not installed")
+def test_rows_match_mergekit_token_by_token(tmp_path):
+    """mergekit-yaml and mergelab on the same slices + tokenizer recipes (real tiny Llamas): every
+    tensor equal, the vocabulary tensors compared token by token (mergekit orders the union's
+    added tokens by a set's iteration order, so ids may differ).  Constant ``t``: mergekit 0.1.5
+    plans the weights after the layers at t = 0 of a gradient, mergelab at t = 1."""
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def mk(name, toks, seed, special):
+        torch.manual_seed(seed)
+        tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(toks)}, unk_token=toks[0]))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.add_special_tokens([AddedToken(s, special=True) for s in special])
+        n = tok.get_vocab_size(with_added_tokens=True)
+        cfg = LlamaConfig(vocab_size=n, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
+                          num_key_value_heads=1, tie_word_embeddings=False, bos_token_id=n - 1)
+        LlamaForCausalLM(cfg).save_pretrained(tmp_path / name)
+        tok.save(str(tmp_path / name / "tokenizer.json"))
+        (tmp_path / name / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": special[0], "tokenizer_class": "PreTrainedTokenizerFast"}))
+        return str(tmp_path / name)
+
+    a = mk("a", ["[UNK]", "a", "b", "c", "d"], 0, ["<s>"])
+    b = mk("b", ["[UNK]", "d", "c", "x", "y"], 1, ["<t>"])
+    c = mk("c", ["[UNK]", "y", "a", "z"], 2, ["<s>"])
+    recipes = {
+        "franken": {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
+                               {"sources": [{"model": b, "layer_range": [1, 3]}]}],
+                    "merge_method": "passthrough", "tokenizer_source": "union", "dtype": "float32"},
+        "slerp": {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}, {"model": b, "layer_range": [0, 2]}]},
+                             {"sources": [{"model": a, "layer_range": [2, 3]}, {"model": c, "layer_range": [1, 2]}]}],
+                  "merge_method": "slerp", "base_model": a, "parameters": {"t": 0.4}, "dtype": "float32",
+                  "tokenizer": {"source": "union", "tokens": {"b": {"source": a, "force": True}}}},
+    }
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for name, rec in recipes.items():
+        rp = tmp_path / f"{name}.yaml"
+        rp.write_text(yaml.safe_dump(rec, sort_keys=False))
+        p = subprocess.run([_mergekit_yaml(), str(rp), str(tmp_path / f"mk_{name}")], env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-2000:]
+        merge(str(rp), tmp_path / f"ml_{name}", quiet=True)
+        x, y = (load_file(str(tmp_path / f"{w}_{name}" / "model.safetensors")) for w in ("mk", "ml"))
+        vx, vy = out_vocab(tmp_path / f"mk_{name}"), out_vocab(tmp_path / f"ml_{name}")
+        assert set(vx) == set(vy) and set(x) == set(y)
+        cx = json.loads((tmp_path / f"mk_{name}" / "config.json").read_text())
+        cy = json.loads((tmp_path / f"ml_{name}" / "config.json").read_text())
+        assert (cx["num_hidden_layers"], cx["vocab_size"]) == (cy["num_hidden_layers"], cy["vocab_size"])
+        for n in x:
+            if n in (E, HEAD):
+                toks = sorted(vx)
+                torch.testing.assert_close(x[n][[vx[t] for t in toks]], y[n][[vy[t] for t in toks]], rtol=1e-6, atol=1e-6)
+            else:
+                torch.testing.assert_close(x[n], y[n], rtol=1e-6, atol=1e-6)
