@@ -20,7 +20,9 @@ slice's, which win over the recipe's.
 A slices recipe is rewritten into a plain ``models:`` recipe over *slot views*: slot j is a
 Checkpoint-like view whose output layer o reads the j-th source of o's slice (the base model's
 source is slot 0 when ``base_model`` is set), so the engine streams it like any checkpoint.
-Every slice must therefore have the same number of sources.
+Every slice must therefore have the same number of sources.  A slot view names the model it
+reads each tensor from (``origin``): tokenizer merging (vocab/) remaps each vocabulary tensor
+with that model's tokenizer.
 """
 from __future__ import annotations
 

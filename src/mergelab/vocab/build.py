@@ -2,17 +2,21 @@
 through a :class:`VocabView` whose embedding/LM-head rows follow it, and the output's
 tokenizer files; plus ``chat_template``.
 
+The models that count are every model the recipe names (``Recipe.model_refs``: the base, then
+``models`` or every ``slices`` source).
 Output vocabulary: ``base`` = the base model's tokenizer (the first model's without a base),
 ``union`` = that tokenizer plus every other model's tokens it lacks (in model order, then id
 order; added as added tokens, special where they were special), ``PATH`` / ``model:PATH`` =
 that model's tokenizer; tokens named under ``tokenizer.tokens`` that it lacks are appended;
 ``pad_to_multiple_of`` pads the row count (padding rows are zero).
 
-The rows of a model for a token it lacks (mergekit's defaults): the base model's row if the
-base has the token, else the row of the only model that has it, else the mean of the rows of
-the models that have it, else zero.  ``tokens.<t>.source`` (a model path, ``{kind: zero}`` or
-``{kind: model_token, model, token | token_id}``) replaces that default; with ``force: true``
-it replaces the row of every model.  The vocabulary tensors are the tensors outside the layers
+Each vocabulary tensor of an input is remapped with the tokenizer of the model supplying it (a
+``slices`` slot view reads the embeddings from the first slice's sources and the LM head from
+the last's).  The rows of a model for a token it lacks (mergekit's defaults, among the models
+supplying that tensor): the base model's row if the base has the token, else the row of the
+only model that has it, else the mean of the rows of the models that have it, else zero.
+``tokens.<t>.source`` (a model path, ``{kind: zero}`` or ``{kind: model_token, model, token |
+token_id}``) replaces that default; with ``force: true`` it replaces the row of every model.  The vocabulary tensors are the tensors outside the layers
 whose first dimension is the model's config ``vocab_size`` (embeddings, an untied LM head and
 its bias), so no tensor name is assumed.
 """
