@@ -156,7 +156,8 @@ def test_one_full_slice_with_a_tokenizer_equals_the_models_recipe(tmp_path, abc)
 
 
 def test_pad_to_multiple_of_and_chat_template_with_slices(tmp_path, abc):
-    """pad_to_multiple_of pads the stacked model's rows (zero); chat_template auto counts every
+    """pad_to_multiple_of pads the stacked model's rows (with the mean of each source's remapped
+    rows, mergekit's initialisation); chat_template auto counts every
     source named in the slices (B twice, A once: B's template)."""
     (pa, va, ta), (pb, vb, tb), _ = abc
     rec = {"slices": [{"sources": [{"model": str(pa), "layer_range": [0, 1]}]},
@@ -168,7 +169,11 @@ def test_pad_to_multiple_of_and_chat_template_with_slices(tmp_path, abc):
     vo, got = out_vocab(tmp_path / "o"), read(tmp_path / "o")
     n_tok = max(vo.values()) + 1
     assert got[E].shape == got[HEAD].shape == (16, H) and n_tok <= 16
-    assert torch.equal(got[E][n_tok:], torch.zeros(16 - n_tok, H))
+    want_e = torch.stack([ta[E][va[t]] if t in va else torch.zeros(H) for t in sorted(vo, key=vo.get)]).mean(0)
+    want_h = torch.stack([tb[HEAD][vb[t]] if t in vb else torch.zeros(H) for t in sorted(vo, key=vo.get)]).mean(0)
+    torch.testing.assert_close(got[E][n_tok:], want_e.expand(16 - n_tok, H))
+    torch.testing.assert_close(got[HEAD][n_tok:], want_h.expand(16 - n_tok, H))
+    assert torch.equal(got[E][:n_tok][[vo[t] for t in va]], ta[E][list(va.values())])
     cfg = json.loads((tmp_path / "o" / "config.json").read_text())
     assert cfg["vocab_size"] == 16 and cfg["num_hidden_layers"] == 3
     tc = json.loads((tmp_path / "o" / "tokenizer_config.json").read_text())
@@ -263,7 +268,8 @@ def test_rows_match_mergekit_token_by_token(tmp_path):
     recipes = {
         "franken": {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
                                {"sources": [{"model": b, "layer_range": [1, 3]}]}],
-                    "merge_method": "passthrough", "tokenizer_source": "union", "dtype": "float32"},
+                    "merge_method": "passthrough", "tokenizer": {"source": "union", "pad_to_multiple_of": 8},
+                    "dtype": "float32"},
         "slerp": {"slices": [{"sources": [{"model": a, "layer_range": [0, 2]}, {"model": b, "layer_range": [0, 2]}]},
                              {"sources": [{"model": a, "layer_range": [2, 3]}, {"model": c, "layer_range": [1, 2]}]}],
                   "merge_method": "slerp", "base_model": a, "parameters": {"t": 0.4}, "dtype": "float32",
@@ -286,5 +292,6 @@ def test_rows_match_mergekit_token_by_token(tmp_path):
             if n in (E, HEAD):
                 toks = sorted(vx)
                 torch.testing.assert_close(x[n][[vx[t] for t in toks]], y[n][[vy[t] for t in toks]], rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(x[n][len(vx):], y[n][len(vy):], rtol=1e-6, atol=1e-6)   # padding rows
             else:
                 torch.testing.assert_close(x[n], y[n], rtol=1e-6, atol=1e-6)

@@ -8,7 +8,8 @@ Output vocabulary: ``base`` = the base model's tokenizer (the first model's with
 ``union`` = that tokenizer plus every other model's tokens it lacks (in model order, then id
 order; added as added tokens, special where they were special), ``PATH`` / ``model:PATH`` =
 that model's tokenizer; tokens named under ``tokenizer.tokens`` that it lacks are appended;
-``pad_to_multiple_of`` pads the row count (padding rows are zero).
+``pad_to_multiple_of`` pads the row count (each model's padding rows are the mean of its
+other rows, as mergekit initialises them).
 
 Each vocabulary tensor of an input is remapped with the tokenizer of the model supplying it (a
 ``slices`` slot view reads the embeddings from the first slice's sources and the LM head from
@@ -220,7 +221,7 @@ def expand(r: Recipe, inputs: dict | None, opener: Callable[[Any, str], Any], fo
     if new:
         out_tok.add_tokens(new)
     out_vocab = out_tok.get_vocab(with_added_tokens=True)
-    rows = max(out_vocab.values()) + 1
+    rows = n_tok = max(out_vocab.values()) + 1
     if sec.pad_to_multiple_of:
         k = sec.pad_to_multiple_of
         rows = -(-rows // k) * k
@@ -324,7 +325,7 @@ def expand(r: Recipe, inputs: dict | None, opener: Callable[[Any, str], Any], fo
     views = {}
     for k, e in enumerate(ents):
         cfg = dict(getattr(e.ckpt, "config", None) or {}, vocab_size=rows)
-        views[f"__vocab_{k}"] = VocabView(e.ckpt, tables[k], rows, ckpts, cfg, e.label)
+        views[f"__vocab_{k}"] = VocabView(e.ckpt, tables[k], rows, ckpts, cfg, e.label, pad_from=n_tok)
     off = 1 if r.base_model is not None else 0
     new_models = [ModelEntry(model=f"__vocab_{ent_of[off + i]}", parameters=e.parameters) for i, e in enumerate(r.models)]
     r2 = r.model_copy(update={"models": new_models, "base_model": "__vocab_0" if r.base_model is not None else None})

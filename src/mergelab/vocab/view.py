@@ -4,11 +4,14 @@ remapped to the output vocabulary; every other tensor is read unchanged.
 Output row ``o`` of a vocabulary tensor is ``Σ_j w_j · ckpt_j[name][src_j]`` over a short list
 of terms (held as flat sorted tensors): one term (weight 1) when the model has the token (an exact copy), the default
 row(s) when it lacks it (the base model's row, the only model that has it, or the mean of
-those that have it), none (zeros) for padding.  Rows are read in contiguous runs with
+those that have it), none (zeros) for a token no model has; padding rows are the mean of the
+other rows (mergekit's initialisation).  Rows are read in contiguous runs with
 ``get_rows``, so a row block costs only its rows.
 """
 from __future__ import annotations
 
+import math
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,11 +23,13 @@ Table = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (out so
 
 class VocabView:
     def __init__(self, ckpt: Any, tables: dict[str, Table], out_rows: int, ckpts: list,
-                 config: dict | None, label: str):
+                 config: dict | None, label: str, *, pad_from: int | None = None):
         """Output row ``out[i]`` of vocabulary tensor ``name`` receives
         ``w[i] · ckpts[cid[i]][name][src[i]]``, with ``(out, cid, src, w) = tables[name]``
         (``out`` sorted).  Tensors have their own tables because they may come from different
-        models (``slices:``: embeddings from the first slice's sources, LM head from the last's)."""
+        models (``slices:``: embeddings from the first slice's sources, LM head from the last's).
+        ``pad_from``: the rows from it on (``pad_to_multiple_of`` padding) are the mean of the
+        rows before it, as mergekit initialises them (computed once per tensor, in row blocks)."""
         self.ckpt = ckpt
         self.out_rows = out_rows
         self.path = getattr(ckpt, "path", None)
@@ -32,6 +37,9 @@ class VocabView:
         self.label = label
         self._ckpts = list(ckpts)
         self._tables = {n: (o.long(), c.long(), s.long(), w.float()) for n, (o, c, s, w) in tables.items()}
+        self.pad_from = pad_from if pad_from is not None and pad_from < out_rows else None
+        self._means: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
 
     @property
     def vocab_names(self) -> set[str]:
@@ -39,7 +47,8 @@ class VocabView:
 
     @classmethod
     def from_terms(cls, ckpt: Any, vocab_names: Sequence[str], out_rows: int,
-                   terms: list[list[tuple[Any, int, float]]], config: dict | None, label: str) -> "VocabView":
+                   terms: list[list[tuple[Any, int, float]]], config: dict | None, label: str,
+                   *, pad_from: int | None = None) -> "VocabView":
         """``terms[o]``: the (checkpoint, source row, weight) terms of output row ``o`` (the same
         for every tensor of ``vocab_names``)."""
         ckpts: list = []
@@ -56,7 +65,7 @@ class VocabView:
                 w.append(wt)
         t = torch.tensor
         table = (t(out, dtype=torch.long), t(cid, dtype=torch.long), t(src, dtype=torch.long), t(w, dtype=torch.float32))
-        return cls(ckpt, {n: table for n in vocab_names}, out_rows, ckpts, config, label)
+        return cls(ckpt, {n: table for n in vocab_names}, out_rows, ckpts, config, label, pad_from=pad_from)
 
     # -- the Checkpoint interface -------------------------------------------------------
     def keys(self) -> list[str]:
@@ -97,8 +106,27 @@ class VocabView:
         return self._rows(name, start, max(start, stop))
 
     def _rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        acc = self._mapped(name, start, stop)
+        p = self.pad_from
+        if p is not None and stop > p:
+            acc[max(start, p) - start:] = self._mean(name)
+        return acc.to(self.ckpt.dtype(name))
+
+    def _mean(self, name: str) -> torch.Tensor:
+        """The mean of the rows before ``pad_from`` (float64 sums over row blocks)."""
+        with self._lock:
+            if name not in self._means:
+                tail = tuple(self.ckpt.shape(name))[1:]
+                total = torch.zeros(tail, dtype=torch.float64)
+                step = max(1, (16 << 20) // (4 * max(1, math.prod(tail))))
+                for a in range(0, self.pad_from, step):
+                    total += self._mapped(name, a, min(self.pad_from, a + step)).double().sum(0)
+                self._means[name] = (total / self.pad_from).float()
+            return self._means[name]
+
+    def _mapped(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` from the terms alone (float32; padding rows zero)."""
         tail = tuple(self.ckpt.shape(name))[1:]
-        dt = self.ckpt.dtype(name)
         acc = torch.zeros((stop - start,) + tail, dtype=torch.float32)
         t_out, t_cid, t_src, t_w = self._tables[name]
         lo = int(torch.searchsorted(t_out, torch.tensor(start)))
@@ -120,7 +148,7 @@ class VocabView:
             if bool((wt != 1).any()):
                 vals = vals * wt.view((-1,) + (1,) * len(tail))
             acc.index_add_(0, o, vals)
-        return acc.to(dt)
+        return acc
 
     def __repr__(self) -> str:
         return f"VocabView({self.label!r}, {self.out_rows} rows)"
