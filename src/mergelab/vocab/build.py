@@ -17,9 +17,10 @@ the last's).  The rows of a model for a token it lacks (mergekit's defaults, amo
 supplying that tensor): the base model's row if the base has the token, else the row of the
 only model that has it, else the mean of the rows of the models that have it, else zero.
 ``tokens.<t>.source`` (a model path, ``{kind: zero}`` or ``{kind: model_token, model, token |
-token_id}``) replaces that default; with ``force: true`` it replaces the row of every model.  The vocabulary tensors are the tensors outside the layers
-whose first dimension is the model's config ``vocab_size`` (embeddings, an untied LM head and
-its bias), so no tensor name is assumed.
+token_id}``) replaces that default; with ``force: true`` it replaces the row of every model.
+The vocabulary tensors are the tensors outside the layers whose first dimension is the
+supplying model's config ``vocab_size`` (embeddings, an untied LM head and its bias), so no
+tensor name is assumed.
 """
 from __future__ import annotations
 
@@ -169,7 +170,7 @@ def expand(r: Recipe, inputs: dict | None, opener: Callable[[Any, str], Any], fo
                 raise MergelabError(f"{e.label}: vocabulary tensor '{n}' missing")
             m = supplier(e, n)
             if tuple(e.ckpt.shape(n))[0] != m.rows:
-                raise MergelabError(f"{m.inp.label}: vocabulary tensor '{n}' has not {m.rows} (its vocab_size) rows")
+                raise MergelabError(f"{m.inp.label}: vocabulary tensor '{n}' does not have {m.rows} rows (its config vocab_size)")
     # tensors supplied by the same models (in input order) share their row plan
     groups: dict[tuple[int, ...], list[str]] = {}
     for n in names:
