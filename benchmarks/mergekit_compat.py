@@ -217,13 +217,13 @@ def feature_recipes(m: dict[str, Path], dt: dict) -> dict[str, dict]:
                          "merge_method": "slerp", "base_model": A, "parameters": {"t": [0.0, 0.5, 1.0]}, **dt},
         "tokenizer_union": {"models": [{"model": A, "parameters": {"weight": 0.6}}, {"model": B, "parameters": {"weight": 0.4}}],
                             "merge_method": "linear", "tokenizer_source": "union", **dt},
-        "tokenizer_union_ta": {"models": [{"model": A}, {"model": B, "parameters": {"weight": 0.5}}],
+        "tokenizer_union_ta": {"models": [{"model": A, "parameters": {"weight": 1.0}}, {"model": B, "parameters": {"weight": 0.5}}],
                                "merge_method": "task_arithmetic", "base_model": O, "tokenizer_source": "union", **dt},
         "tokenizer_base": {"models": [{"model": A, "parameters": {"weight": 0.6}}, {"model": B, "parameters": {"weight": 0.4}}],
                            "merge_method": "linear", "base_model": A, "tokenizer_source": "base", **dt},
         "lora": {"models": [{"model": O + "+" + L, "parameters": {"weight": 0.5}}, {"model": A, "parameters": {"weight": 0.5}}],
                  "merge_method": "linear", **dt},
-        "lora_ta": {"models": [{"model": O + "+" + L}, {"model": A, "parameters": {"weight": 0.5}}],
+        "lora_ta": {"models": [{"model": O + "+" + L, "parameters": {"weight": 1.0}}, {"model": A, "parameters": {"weight": 0.5}}],
                     "merge_method": "task_arithmetic", "base_model": O, **dt},
         "out_dtype_float16": {"models": [{"model": A, "parameters": {"weight": 0.3}}, {"model": A2, "parameters": {"weight": 0.7}}],
                               "merge_method": "linear", **dt, "out_dtype": "float16"},
@@ -238,7 +238,14 @@ def cases(m: dict[str, Path], settings=("float32", "bfloat16")) -> dict[str, dic
         rs = {**recipes(m["base"], m["a"], m["a2"], dt), **feature_recipes(m, dt)}
         for name, r in rs.items():
             out[f"{name}@{s}"] = r
+        # mergelab's tie_break: argsort (mergekit's own choice among equal magnitudes at the trim
+        # threshold) on mergekit's ties recipes: a mergelab-only parameter, added by run()
+        for name in ("ties", "ties_int8_lambda"):
+            out[f"{name}+argsort@{s}"] = rs[name]
     return out
+
+
+ML_EXTRA = {"+argsort": {"tie_break": "argsort"}}
 
 
 def is_random(recipe: dict) -> bool:
@@ -324,7 +331,9 @@ def compare_tensors(x: torch.Tensor, y: torch.Tensor) -> dict:
 
 def delta_stats(out: torch.Tensor, base: torch.Tensor) -> dict:
     d = out.double() - base.double()
-    return {"n": d.numel(), "kept": float((d != 0).double().mean()), "mean": float(d.mean()), "std": float(d.std())}
+    m2 = float((d * d).mean())
+    return {"n": d.numel(), "kept": float((d != 0).double().mean()), "mean": float(d.mean()), "std": float(d.std()),
+            "kurt": float((d ** 4).mean()) / m2 ** 2 if m2 > 0 else 0.0}
 
 
 def compare(mk_dir: Path, ml_dir: Path, base_dir: Path | None = None, per_tensor: bool = False) -> dict:
@@ -394,7 +403,8 @@ def summarize(res: dict, random: bool) -> dict:
                                   for t in res["tensors"].values())
                           and not res.get("config_differs") and res.get("vocab_equal", True))}
     if random:
-        z, sd, mz = 0.0, 0.0, 0.0
+        # per tensor of >= 1024 entries: z-scores of the differences (two independent samples)
+        z, sz, mz, ratios = 0.0, 0.0, 0.0, []
         for t in ts:
             if "mk" not in t or t["n"] < 1024:
                 continue
@@ -403,9 +413,13 @@ def summarize(res: dict, random: bool) -> dict:
             if 0 < p < 1:
                 z = max(z, abs(a["kept"] - b["kept"]) / math.sqrt(2 * p * (1 - p) / t["n"]))
             if a["std"] > 0:
-                sd = max(sd, abs(b["std"] - a["std"]) / a["std"])
+                r = b["std"] / a["std"]
+                ratios.append(r)
+                se = math.sqrt(max(a["kurt"] - 1, 1e-12) / (4 * t["n"])) * math.sqrt(2)  # relative s.e. of a std
+                sz = max(sz, abs(r - 1) / se)
                 mz = max(mz, abs(b["mean"] - a["mean"]) / (a["std"] / math.sqrt(t["n"]) * math.sqrt(2)))
-        s.update(kept_z=z, std_rel=sd, mean_z=mz)
+        s.update(kept_z=z, std_z=sz, mean_z=mz, tensors_compared=len(ratios),
+                 std_ratio=sum(ratios) / len(ratios) if ratios else float("nan"))
     return s
 
 
@@ -427,12 +441,19 @@ def run(mk: str, root: Path, names: list[str] | None = None, settings=("float32"
         rp = root / f"{name.replace('@', '.')}.yaml"
         rp.write_text(yaml.safe_dump(r))
         jobs[name] = (rp, root / "mk" / name.replace("@", "."))
+    ml_recipe = {}
+    for name, (rp, _) in jobs.items():
+        extra = {k: v for tag, e in ML_EXTRA.items() if tag in name for k, v in e.items()}
+        if extra:
+            rl = rp.with_suffix(".mergelab.yaml")
+            rl.write_text(yaml.safe_dump({**cs[name], "parameters": {**cs[name].get("parameters", {}), **extra}}))
+            ml_recipe[name] = rl
     todo = {k: v for k, v in jobs.items() if not (keep and (v[1] / "config.json").is_file())}
     mk_err = run_mergekit(mk, todo, root) if todo else {}
     out = {}
     for name, (rp, mko) in jobs.items():
         mlo = root / "ml" / name.replace("@", ".")
-        ml_err = run_mergelab(rp, mlo)
+        ml_err = run_mergelab(ml_recipe.get(name, rp), mlo)
         if mk_err.get(name) or ml_err:
             out[name] = {"error": {"mergekit": mk_err.get(name), "mergelab": ml_err}}
             continue
@@ -465,14 +486,15 @@ def main(argv=None):
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print("| case | compute | elements | bit-identical | max ulps (element) | max ulps (tensor scale) | structure | random: kept z / std rel / mean z |")
+    print("| case | compute | elements | bit-identical | max ulps (element) | max ulps (tensor scale) | structure | random: max z of kept / std / mean; mean std ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for name, s in res.items():
         case, setting = name.split("@")
         if "error" in s:
             print(f"| {case} | {setting} | error | mergekit: {s['error']['mergekit']} | mergelab: {s['error']['mergelab']} | | | |")
             continue
-        rnd = f"{s['kept_z']:.2f} / {s['std_rel']:.3f} / {s['mean_z']:.2f}" if "kept_z" in s else ""
+        rnd = (f"{s['kept_z']:.2f} / {s['std_z']:.2f} / {s['mean_z']:.2f}; {s['std_ratio']:.4f}"
+               if "kept_z" in s else "")
         print(f"| {case} | {setting} | {s['elements']} | {s['identical']:.4%} | {s['ulp']:.3g} | {s['ulp_tensor']:.3g} |"
               f" {'ok' if s['structure_ok'] else 'DIFFERS'} | {rnd} |", flush=True)
         if args.per_tensor:

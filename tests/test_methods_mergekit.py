@@ -434,9 +434,20 @@ def ref_arcee_fusion(base, x):
     kl = (p * np.log(p / q)).sum(axis=-1, keepdims=True)
     imp = np.abs(x - base) * kl
     flat = np.sort(imp.ravel())
-    median = flat[(flat.size - 1) // 2]
-    q1, q3 = np.quantile(flat, [0.25, 0.75])
+    # mergekit 0.1.5: order statistics at index floor(q (n - 1)), no interpolation
+    q1, median, q3 = (flat[int(q * (flat.size - 1))] for q in (0.25, 0.5, 0.75))
     return base + (x - base) * (imp >= median + 1.5 * (q3 - q1))
+
+
+@pytest.mark.parametrize("n", [4, 5, 7, 10, 101, 1000])
+def test_arcee_fusion_quantiles_are_order_statistics(n):
+    # mergekit's quantile is sorted[floor(q (n - 1))]: linear interpolation (torch.quantile) would
+    # give 2.25 for Q1 of 0..9, mergekit gives 2
+    from mergelab.methods.select import fusion_quantile
+
+    x = torch.randperm(n, generator=torch.Generator().manual_seed(n)).float()
+    for q in (0.25, 0.5, 0.75):
+        assert fusion_quantile(x, q) == float(math.floor(q * (n - 1)))
 
 
 @settings(**SETTINGS)

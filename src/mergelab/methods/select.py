@@ -172,22 +172,29 @@ def fusion_importance(theta: Tensor, base: Tensor) -> Tensor:
     return (theta - base).abs() * kl
 
 
+def fusion_quantile(x: Tensor, q: float) -> float:
+    """mergekit 0.1.5's quantile of Arcee Fusion: the order statistic at 0-based index
+    ``⌊q·(n − 1)⌋`` (product in float32, as mergekit's float32 ``q`` tensor), no interpolation
+    (so the median is the lower middle value and the quartiles are order statistics)."""
+    n = x.numel()
+    idx = int((torch.tensor(q, dtype=torch.float32) * torch.tensor(n - 1, dtype=torch.float32)).item())
+    return _kth(x, idx + 1)
+
+
 @merge_method("arcee_fusion", needs_base=True, max_models=1)
 def arcee_fusion(tensors: list[Tensor], base: Tensor) -> Tensor:
     """Arcee Fusion: keep the other model's change where its importance (see
     :func:`fusion_importance`) reaches ``median + 1.5·(Q3 − Q1)`` of the tensor's
-    importances (median: the lower middle value, as ``torch.median``; quartiles: linear
-    interpolation); elsewhere the base.  mergekit estimates the quartiles from a random
-    sample of 10^6 entries on bigger tensors; here they are exact."""
+    importances (quantiles: :func:`fusion_quantile`, the order statistic at ``⌊q(n − 1)⌋``;
+    the threshold formed in float32); elsewhere the base.  mergekit estimates the quantiles
+    from a random sample of 10^6 entries on bigger tensors; here they are exact."""
     (theta,) = tensors
     if base.dim() == 0:
         return theta.clone()
     imp = fusion_importance(theta, base)
     flat = imp.reshape(-1).float()
-    n = flat.numel()
-    median = _kth(flat, (n + 1) // 2)
-    q1, q3 = quantile_linear(flat, 0.25), quantile_linear(flat, 0.75)
-    mask = imp >= median + 1.5 * (q3 - q1)
+    q1, median, q3 = (torch.tensor(fusion_quantile(flat, q), dtype=torch.float32) for q in (0.25, 0.5, 0.75))
+    mask = imp >= (median + 1.5 * (q3 - q1)).to(imp.device)
     return base + (theta - base) * mask
 
 
