@@ -238,9 +238,9 @@ def cases(m: dict[str, Path], settings=("float32", "bfloat16")) -> dict[str, dic
         rs = {**recipes(m["base"], m["a"], m["a2"], dt), **feature_recipes(m, dt)}
         for name, r in rs.items():
             out[f"{name}@{s}"] = r
-        # mergelab's tie_break: argsort (mergekit's own choice among equal magnitudes at the trim
-        # threshold) on mergekit's ties recipes: a mergelab-only parameter, added by run()
-        for name in ("ties", "ties_int8_lambda"):
+        # mergelab's tie_break: argsort (mergekit's own choice among equal magnitudes / variances
+        # at a cut) on mergekit's recipes: a mergelab-only parameter, added by run()
+        for name in ("ties", "ties_int8_lambda", "breadcrumbs", "breadcrumbs_rescale", "breadcrumbs_ties", "sce"):
             out[f"{name}+argsort@{s}"] = rs[name]
     return out
 

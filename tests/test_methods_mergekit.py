@@ -596,3 +596,55 @@ def test_della_streams_in_row_blocks(method, shape):
     assert get_method(method).elementwise
     for rows in (1, 5):
         assert torch.equal(run_blocked(method, xs, base, rows, m=m), whole)
+
+
+# ------------------------------------------------------------------ tie_break: argsort (mergekit's own order)
+
+def _tied(shape, seed):
+    """Task vectors with many equal magnitudes (small integers), as bf16 checkpoints give."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-4, 5, shape, generator=g).float()
+
+
+@pytest.mark.parametrize("shape", [(40, 25), (999,)])
+def test_breadcrumbs_argsort_keeps_mergekits_sorted_band(shape):
+    # mergekit 0.1.5: mask[torch.sort(|τ|).indices[n_bot : n_bot + ⌊d·n⌋]] = 1, the unstable sort's
+    # own order among equal magnitudes (torch is deterministic on one build)
+    base = torch.zeros(shape)
+    xs = [_tied(shape, 1), _tied(shape, 2)]
+    d, gamma = [0.5, 0.3], 0.05
+    m = [{"density": di} for di in d]
+    out = run("breadcrumbs", xs, base, g={"gamma": gamma, "tie_break": "argsort"}, m=m)
+    ref = torch.zeros(shape)
+    for x, di in zip(xs, d):
+        n = x.numel()
+        keep, top = int(di * n), int(gamma * n)
+        bot = max(0, n - keep - top)
+        mask = torch.zeros(n)
+        mask[torch.sort(x.abs().reshape(-1), descending=False).indices[bot:bot + keep]] = 1
+        ref += x * mask.reshape(shape)
+    assert torch.equal(out, ref)
+    index = run("breadcrumbs", xs, base, g={"gamma": gamma}, m=m)
+    assert not torch.equal(index, ref)  # the ties are real: the two orders differ here
+    assert torch.equal(run_blocked("breadcrumbs", xs, base, 7, g={"gamma": gamma, "tie_break": "argsort"}, m=m), out)
+
+
+def test_sce_argsort_selects_mergekits_topk():
+    shape = (30, 20)
+    base = torch.zeros(shape)
+    xs = [_tied(shape, 3), _tied(shape, 4), _tied(shape, 5)]
+    out = run("sce", xs, base, g={"select_topk": 0.3, "tie_break": "argsort"})
+    D = torch.stack(xs)
+    var = D.var(dim=0, unbiased=False)
+    k = int(0.3 * int(torch.count_nonzero(var)))
+    mask = torch.zeros(var.numel())
+    mask[torch.topk(var.abs().reshape(-1), k=k, largest=True).indices] = 1
+    assert not torch.equal(run("sce", xs, base, g={"select_topk": 0.3}), out)  # the ties are real
+    Dm = np64(D) * mask.reshape(shape).double().numpy()  # SCE's formula on mergekit's top-k selection
+    ms = np.array([(x ** 2).mean() for x in Dm])
+    c = ms / ms.sum()
+    maj = np.where(Dm.sum(0) >= 0, 1.0, -1.0)
+    num = sum(ci * x * (np.sign(x) == maj) for ci, x in zip(c, Dm))
+    den = sum(ci * (np.sign(x) == maj) for ci, x in zip(c, Dm))
+    close(out, num / np.where(den == 0, 1.0, den), tol=1e-6)
+    assert torch.equal(run_blocked("sce", xs, base, 7, g={"select_topk": 0.3, "tie_break": "argsort"}), out)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
@@ -129,15 +129,29 @@ def breadcrumbs_prepass(params: dict, blocks) -> list[CrumbState | None]:
                 cs = [f[a:a + CHUNK].abs().cpu() for f in flat]
                 yield [cs[j // 2] if ranks[j] is not None else None for j in range(2 * m)]
 
-    found = kth_largest_many(abs_chunks, ranks) if any(r is not None for r in ranks) else [None] * (2 * m)
     states: list[CrumbState | None] = []
-    for i in range(m):
-        if density[i] >= 1.0:
-            states.append(None)
-            continue
-        hi, lo = found[2 * i], found[2 * i + 1]
-        states.append(CrumbState(None if hi is None else Trim(hi[0], ranks[2 * i] - hi[1]),
-                                 None if lo is None else Trim(lo[0], ranks[2 * i + 1] - lo[1])))
+    if params.get("tie_break", "index") == "argsort":
+        # mergekit 0.1.5's own band: positions n_bot .. n_bot + keep − 1 of torch.sort(|τ|) (not
+        # stable: its order among equal magnitudes is that of the torch build); the whole
+        # tensor's |τ| and indices in memory
+        for i in range(m):
+            if density[i] >= 1.0:
+                states.append(None)
+                continue
+            a = torch.cat([ts[i].reshape(-1).abs().float() for ts in taus()])
+            bot, _top = breadcrumbs_counts(n, density[i], gamma[i])
+            mask = torch.zeros(n, dtype=torch.bool, device=a.device)
+            mask[torch.sort(a, descending=False).indices[bot:bot + int(density[i] * n)]] = True
+            states.append(CrumbState(Trim(mask=mask), None))
+    else:
+        found = kth_largest_many(abs_chunks, ranks) if any(r is not None for r in ranks) else [None] * (2 * m)
+        for i in range(m):
+            if density[i] >= 1.0:
+                states.append(None)
+                continue
+            hi, lo = found[2 * i], found[2 * i + 1]
+            states.append(CrumbState(None if hi is None else Trim(hi[0], ranks[2 * i] - hi[1]),
+                                     None if lo is None else Trim(lo[0], ranks[2 * i + 1] - lo[1])))
     if params.get("rescale"):
         probe = [None if st is None else CrumbState(copy.copy(st.hi), copy.copy(st.lo)) for st in states]
         before: list[list[float]] = [[] for _ in range(m)]
@@ -180,10 +194,11 @@ def breadcrumbs_mask(tau: Tensor, density: float, gamma: float) -> Tensor | None
     return None if st is None else crumbs_keep(tau, st, 0)
 
 
-def _breadcrumbs(ctx, tensors, base, weight, density, gamma, lambda_, normalize, rescale, consensus):
+def _breadcrumbs(ctx, tensors, base, weight, density, gamma, lambda_, normalize, rescale, consensus,
+                 tie_break="index"):
     states = ctx.tensor_state
     if states is None:
-        states = breadcrumbs_prepass({"density": density, "gamma": gamma, "rescale": rescale},
+        states = breadcrumbs_prepass({"density": density, "gamma": gamma, "rescale": rescale, "tie_break": tie_break},
                                      lambda: iter([(TensorContext(), base, tensors)]))
     taus = []
     for t, st in zip(tensors, states):
@@ -199,18 +214,23 @@ def _breadcrumbs(ctx, tensors, base, weight, density, gamma, lambda_, normalize,
 @merge_method("breadcrumbs", needs_base=True, elementwise=True, tensor_prepass=breadcrumbs_prepass)
 def breadcrumbs(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext, weight: list[float] = 1.0,
                 density: Density = 1.0, gamma: Frac = 0.01, lambda_: float = 1.0,
-                normalize: bool = False, rescale: bool = False, int8_mask: bool = False) -> Tensor:
+                normalize: bool = False, rescale: bool = False, int8_mask: bool = False,
+                tie_break: Literal["index", "argsort"] = "index") -> Tensor:
     """Model Breadcrumbs: each task vector keeps the band of magnitudes between its smallest
-    ``1 − density − γ`` and its largest ``γ`` fractions, then task arithmetic."""
-    return _breadcrumbs(ctx, tensors, base, weight, density, gamma, lambda_, normalize, rescale, False)
+    ``1 − density − γ`` and its largest ``γ`` fractions, then task arithmetic.  ``tie_break``:
+    which of equal magnitudes at a cut survive: ``index`` (lower flat index first, streamed) or
+    ``argsort`` (mergekit's own ``torch.sort`` order; the whole tensor in memory)."""
+    return _breadcrumbs(ctx, tensors, base, weight, density, gamma, lambda_, normalize, rescale, False, tie_break)
 
 
 @merge_method("breadcrumbs_ties", needs_base=True, elementwise=True, tensor_prepass=breadcrumbs_prepass)
 def breadcrumbs_ties(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext, weight: list[float] = 1.0,
                      density: Density = 1.0, gamma: Frac = 0.01, lambda_: float = 1.0,
-                     normalize: bool = False, rescale: bool = False, int8_mask: bool = False) -> Tensor:
-    """Model Breadcrumbs' sparsification, then TIES sign consensus."""
-    return _breadcrumbs(ctx, tensors, base, weight, density, gamma, lambda_, normalize, rescale, True)
+                     normalize: bool = False, rescale: bool = False, int8_mask: bool = False,
+                     tie_break: Literal["index", "argsort"] = "index") -> Tensor:
+    """Model Breadcrumbs' sparsification, then TIES sign consensus (``tie_break``: see
+    :func:`breadcrumbs`)."""
+    return _breadcrumbs(ctx, tensors, base, weight, density, gamma, lambda_, normalize, rescale, True, tie_break)
 
 
 # ------------------------------------------------------------------ DELLA
