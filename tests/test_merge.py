@@ -112,8 +112,8 @@ def test_gradient_and_filter_parameters_per_tensor(tmp_path):
     assert torch.equal(out["layers.1.attn.weight"], 1.0 * a["layers.1.attn.weight"] + 0.0 * b["layers.1.attn.weight"])
     assert torch.equal(out["layers.1.mlp.weight"], 1.0 * a["layers.1.mlp.weight"] + 2.0 * b["layers.1.mlp.weight"])
     assert torch.equal(out["embed.weight"], 0.0 * a["embed.weight"] + 0.0 * b["embed.weight"])
-    # after the layers (mergekit's post weights): t = 1
-    assert torch.equal(out["norm.weight"], 1.0 * a["norm.weight"] + 0.0 * b["norm.weight"])
+    # after the layers (mergekit 0.1.5's post weights, planned with a ConfigReader at t = 0): t = 0
+    assert torch.equal(out["norm.weight"], 0.0 * a["norm.weight"] + 0.0 * b["norm.weight"])
 
 
 def test_top_level_list_is_a_depth_gradient_and_weights_is_per_model(tmp_path):

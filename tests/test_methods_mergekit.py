@@ -183,14 +183,17 @@ def test_della_rescaled_drop_keeps_the_expectation_and_the_density():
 
 @settings(**SETTINGS)
 @given(fam=family(n_min=1, n_max=3), lam=st.sampled_from([1.0, 0.5]))
-def test_della_linear_kept_entries_are_rescaled_by_their_probability(fam, lam):
+def test_della_linear_kept_entries_are_rescaled_to_the_l1_norm(fam, lam):
+    # mergekit 0.1.5 (sparsify.rescaled_masked_tensor): kept entries times ‖τ‖₁ / ‖m ⊙ τ‖₁ of the
+    # whole tensor (not 1/p per entry, the paper's rule: that gives a 3-6 % smaller spread)
     base, xs = fam
     d, e = 0.5, 0.2
     out = run("della_linear", xs[:1], base, g={"lambda": lam}, m=[{"density": d, "epsilon": e}])
     tau = np64(xs[0]) - np64(base)
-    p = ref_della_probs(tau, d, e)
     kept = np64(out) != np64(base)
-    close(out, np64(base) + lam * np.where(kept, tau / p, 0.0), tol=2e-5)
+    before, after = np.abs(tau).sum(), np.abs(np.where(kept, tau, 0.0)).sum()
+    c = before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+    close(out, np64(base) + lam * np.where(kept, tau * c, 0.0), tol=2e-5)
 
 
 def test_della_is_deterministic_per_seed_and_name():
@@ -434,9 +437,20 @@ def ref_arcee_fusion(base, x):
     kl = (p * np.log(p / q)).sum(axis=-1, keepdims=True)
     imp = np.abs(x - base) * kl
     flat = np.sort(imp.ravel())
-    median = flat[(flat.size - 1) // 2]
-    q1, q3 = np.quantile(flat, [0.25, 0.75])
+    # mergekit 0.1.5: order statistics at index floor(q (n - 1)), no interpolation
+    q1, median, q3 = (flat[int(q * (flat.size - 1))] for q in (0.25, 0.5, 0.75))
     return base + (x - base) * (imp >= median + 1.5 * (q3 - q1))
+
+
+@pytest.mark.parametrize("n", [4, 5, 7, 10, 101, 1000])
+def test_arcee_fusion_quantiles_are_order_statistics(n):
+    # mergekit's quantile is sorted[floor(q (n - 1))]: linear interpolation (torch.quantile) would
+    # give 2.25 for Q1 of 0..9, mergekit gives 2
+    from mergelab.methods.select import fusion_quantile
+
+    x = torch.randperm(n, generator=torch.Generator().manual_seed(n)).float()
+    for q in (0.25, 0.5, 0.75):
+        assert fusion_quantile(x, q) == float(math.floor(q * (n - 1)))
 
 
 @settings(**SETTINGS)
@@ -582,3 +596,55 @@ def test_della_streams_in_row_blocks(method, shape):
     assert get_method(method).elementwise
     for rows in (1, 5):
         assert torch.equal(run_blocked(method, xs, base, rows, m=m), whole)
+
+
+# ------------------------------------------------------------------ tie_break: argsort (mergekit's own order)
+
+def _tied(shape, seed):
+    """Task vectors with many equal magnitudes (small integers), as bf16 checkpoints give."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-4, 5, shape, generator=g).float()
+
+
+@pytest.mark.parametrize("shape", [(40, 25), (999,)])
+def test_breadcrumbs_argsort_keeps_mergekits_sorted_band(shape):
+    # mergekit 0.1.5: mask[torch.sort(|τ|).indices[n_bot : n_bot + ⌊d·n⌋]] = 1, the unstable sort's
+    # own order among equal magnitudes (torch is deterministic on one build)
+    base = torch.zeros(shape)
+    xs = [_tied(shape, 1), _tied(shape, 2)]
+    d, gamma = [0.5, 0.3], 0.05
+    m = [{"density": di} for di in d]
+    out = run("breadcrumbs", xs, base, g={"gamma": gamma, "tie_break": "argsort"}, m=m)
+    ref = torch.zeros(shape)
+    for x, di in zip(xs, d):
+        n = x.numel()
+        keep, top = int(di * n), int(gamma * n)
+        bot = max(0, n - keep - top)
+        mask = torch.zeros(n)
+        mask[torch.sort(x.abs().reshape(-1), descending=False).indices[bot:bot + keep]] = 1
+        ref += x * mask.reshape(shape)
+    assert torch.equal(out, ref)
+    index = run("breadcrumbs", xs, base, g={"gamma": gamma}, m=m)
+    assert not torch.equal(index, ref)  # the ties are real: the two orders differ here
+    assert torch.equal(run_blocked("breadcrumbs", xs, base, 7, g={"gamma": gamma, "tie_break": "argsort"}, m=m), out)
+
+
+def test_sce_argsort_selects_mergekits_topk():
+    shape = (30, 20)
+    base = torch.zeros(shape)
+    xs = [_tied(shape, 3), _tied(shape, 4), _tied(shape, 5)]
+    out = run("sce", xs, base, g={"select_topk": 0.3, "tie_break": "argsort"})
+    D = torch.stack(xs)
+    var = D.var(dim=0, unbiased=False)
+    k = int(0.3 * int(torch.count_nonzero(var)))
+    mask = torch.zeros(var.numel())
+    mask[torch.topk(var.abs().reshape(-1), k=k, largest=True).indices] = 1
+    assert not torch.equal(run("sce", xs, base, g={"select_topk": 0.3}), out)  # the ties are real
+    Dm = np64(D) * mask.reshape(shape).double().numpy()  # SCE's formula on mergekit's top-k selection
+    ms = np.array([(x ** 2).mean() for x in Dm])
+    c = ms / ms.sum()
+    maj = np.where(Dm.sum(0) >= 0, 1.0, -1.0)
+    num = sum(ci * x * (np.sign(x) == maj) for ci, x in zip(c, Dm))
+    den = sum(ci * (np.sign(x) == maj) for ci, x in zip(c, Dm))
+    close(out, num / np.where(den == 0, 1.0, den), tol=1e-6)
+    assert torch.equal(run_blocked("sce", xs, base, 7, g={"select_topk": 0.3, "tie_break": "argsort"}), out)

@@ -63,7 +63,8 @@ def test_gradient_matches_mergekit_rule(values):
         assert t == pytest.approx(i / (L - 1))
         assert evaluate(values, name, t) == pytest.approx(_mergekit_gradient(values, t))
     assert layer_t("model.embed_tokens.weight", L) == 0.0  # before the layers: t = 0, as mergekit
-    assert layer_t("model.norm.weight", L) == 1.0 and layer_t("lm_head.weight", L) == 1.0  # after: t = 1
+    # after the layers: t = 0 too (mergekit 0.1.5's plan_module: ConfigReader(t=0) for post weights)
+    assert layer_t("model.norm.weight", L) == 0.0 and layer_t("lm_head.weight", L) == 0.0
     assert evaluate(values, "lm_head.weight", 0.0) == values[0]
 
 

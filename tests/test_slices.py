@@ -83,10 +83,11 @@ def test_per_slice_slerp_uses_slice_relative_gradients(tmp_path, models):
     for i, t in ts.items():
         k = f"model.layers.{i}.mlp.up_proj.weight"
         assert torch.allclose(out[k], slerp_pair(t, ta[k], tb[k]), atol=1e-6), (i, t)
-    # pre weights at t = 0 of the first slice; post weights at t = 1 of the last slice
+    # pre weights at t = 0 of the first slice; post weights at t = 0 of the last slice (mergekit
+    # 0.1.5 plans both with t = 0; the last slice's own parameters apply: its gradient's first value)
     assert torch.equal(out["model.embed_tokens.weight"], ta["model.embed_tokens.weight"])
     k = "lm_head.weight"
-    assert torch.allclose(out[k], slerp_pair(0.6, ta[k], tb[k]), atol=1e-6)
+    assert torch.allclose(out[k], slerp_pair(0.2, ta[k], tb[k]), atol=1e-6)
 
 
 def test_one_full_slice_equals_the_models_recipe(tmp_path, models):

@@ -23,8 +23,8 @@
 
 A parameter value, wherever it is (``parameters`` or ``models[i].parameters``), is a scalar,
 a list of numbers (a gradient interpolated over layer depth, mergekit's semantics: layer
-``i`` of ``L`` sits at ``t = i/(L-1)``; outside the layers, embeddings sit at ``t = 0`` and the
-tensors after the layers (final norm, LM head) at ``t = 1``), or a
+``i`` of ``L`` sits at ``t = i/(L-1)``; every tensor outside the layers (embeddings, final
+norm, LM head) sits at ``t = 0``, as mergekit 0.1.5 plans them), or a
 list of ``{filter, value}`` rules (the first rule whose ``filter`` is a substring of the
 tensor name, or that has no filter / ``*``, applies).  Per-model values go in
 ``models[i].parameters`` (as in mergekit) or, for weights, in mergelab's ``weights`` list.
@@ -368,12 +368,13 @@ PRE_LAYERS = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|tok
 
 
 def layer_t(name: str, num_layers: int | None) -> float:
-    """mergekit's depth coordinate: ``i/(L-1)`` for layer tensors (1 if L == 1); outside the
-    layers, 0 before them (embeddings) and 1 after them (final norm, LM head), as mergekit
-    plans its pre- and post-layer weights."""
+    """mergekit's depth coordinate: ``i/(L-1)`` for layer tensors (1 if L == 1); 0 outside the
+    layers, before them (embeddings) and after them (final norm, LM head) alike: mergekit
+    0.1.5's ``plan_module`` plans its pre- and post-layer weights with a ``ConfigReader`` at
+    ``t = 0`` (a gradient's first value reaches the LM head, not its last)."""
     i = layer_index(name)
     if i is None or not num_layers:
-        return 0.0 if i is not None or PRE_LAYERS.search(name) else 1.0
+        return 0.0
     return i / (num_layers - 1) if num_layers > 1 else 1.0
 
 

@@ -14,7 +14,7 @@ count updated).  A slice with several sources (each with the same number of laye
 its sources layer by layer with ``merge_method``; parameter gradients run over the slice's
 layers (``t = i/(n − 1)``, 1 for a one-layer slice), as in mergekit.  Tensors outside the
 layers come from the first slice's sources (embeddings) or the last slice's (the rest: final
-norm, LM head), at t = 0 and t = 1.  Parameters: a source's ``parameters`` win over its
+norm, LM head), both at t = 0 (as mergekit 0.1.5 plans them).  Parameters: a source's ``parameters`` win over its
 slice's, which win over the recipe's.
 
 A slices recipe is rewritten into a plain ``models:`` recipe over *slot views*: slot j is a
@@ -188,7 +188,7 @@ def expand(r: Recipe, inputs: dict | None, open_input) -> tuple[Recipe, dict]:
                         where[on][2].append(src.parameters)
                         where[on][3].append(n)
             out_layer += 1
-    pre_post(len(slices) - 1, 1.0, False)
+    pre_post(len(slices) - 1, 0.0, False)  # mergekit: post weights at t = 0 too
 
     # parameters: concrete values per output tensor, as exact-name filter rules
     gkeys = set(r.parameters) | {p for s in slices for p in s.parameters}

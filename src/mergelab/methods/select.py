@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
@@ -87,6 +87,13 @@ def sce_prepass(params: dict, blocks) -> dict:
         k = int(abs(topk) * nz)
         if k == 0:
             state = {"select": "none"}
+        elif params.get("tie_break", "index") == "argsort":
+            # mergekit 0.1.5's own choice: torch.topk over the whole tensor's variances (its order
+            # among equal variances is that of the torch build); the whole tensor in memory
+            var = torch.cat([_sce_var(d).reshape(-1) for _b, d in deltas()])
+            mask = torch.zeros(var.numel(), dtype=torch.bool, device=var.device)
+            mask[torch.topk(var.abs(), k=k, largest=True).indices] = True
+            state = {"select": "cut", "trim": Trim(mask=mask)}
         else:
             chunks = lambda: ((c.cpu(),) for _b, d in deltas()  # noqa: E731
                               for c in _sce_var(d).reshape(-1).split(CHUNK))
@@ -113,17 +120,22 @@ def sce_prepass(params: dict, blocks) -> dict:
 
 @merge_method("sce", needs_base=True, elementwise=True, tensor_prepass=sce_prepass)
 def sce(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
-        select_topk: Annotated[float, Range(0, 1)] = 1.0, int8_mask: bool = False) -> Tensor:
+        select_topk: Annotated[float, Range(0, 1)] = 1.0, int8_mask: bool = False,
+        tie_break: Literal["index", "argsort"] = "index") -> Tensor:
     """SCE (FuseChat, Wan et al. 2024): Select the top ``select_topk`` positions by variance of
     the task vectors across models (1: all); Calculate each model's coefficient as the mean
     square of its (selected) task vector, normalised to sum 1 (equal when all are 0); Erase
     the entries whose sign disagrees with the sign of the unweighted sum (+ when 0); the
     result ``θ_0 + Σ c_i m_i τ_i / Σ c_i m_i`` (a 0 divisor counts as 1).  Streamed: the
-    Select cut and the coefficients come from a tensor prepass over the row blocks."""
+    Select cut and the coefficients come from a tensor prepass over the row blocks.
+    ``tie_break``: which of equal variances at the cut are selected: ``index`` (lower flat index
+    first, streamed) or ``argsort`` (mergekit's own ``torch.topk`` order; the whole tensor's
+    variances in memory)."""
     state = ctx.tensor_state
     start = ctx.offset
     if state is None:
-        state = sce_prepass({"select_topk": select_topk}, lambda: iter([(ctx, base, tensors)]))
+        state = sce_prepass({"select_topk": select_topk, "tie_break": tie_break},
+                            lambda: iter([(ctx, base, tensors)]))
         start = 0
     deltas = torch.stack([t - base for t in tensors])
     keep = _sce_keep(_sce_var(deltas), state, start)
@@ -172,22 +184,29 @@ def fusion_importance(theta: Tensor, base: Tensor) -> Tensor:
     return (theta - base).abs() * kl
 
 
+def fusion_quantile(x: Tensor, q: float) -> float:
+    """mergekit 0.1.5's quantile of Arcee Fusion: the order statistic at 0-based index
+    ``⌊q·(n − 1)⌋`` (product in float32, as mergekit's float32 ``q`` tensor), no interpolation
+    (so the median is the lower middle value and the quartiles are order statistics)."""
+    n = x.numel()
+    idx = int((torch.tensor(q, dtype=torch.float32) * torch.tensor(n - 1, dtype=torch.float32)).item())
+    return _kth(x, idx + 1)
+
+
 @merge_method("arcee_fusion", needs_base=True, max_models=1)
 def arcee_fusion(tensors: list[Tensor], base: Tensor) -> Tensor:
     """Arcee Fusion: keep the other model's change where its importance (see
     :func:`fusion_importance`) reaches ``median + 1.5·(Q3 − Q1)`` of the tensor's
-    importances (median: the lower middle value, as ``torch.median``; quartiles: linear
-    interpolation); elsewhere the base.  mergekit estimates the quartiles from a random
-    sample of 10^6 entries on bigger tensors; here they are exact."""
+    importances (quantiles: :func:`fusion_quantile`, the order statistic at ``⌊q(n − 1)⌋``;
+    the threshold formed in float32); elsewhere the base.  mergekit estimates the quantiles
+    from a random sample of 10^6 entries on bigger tensors; here they are exact."""
     (theta,) = tensors
     if base.dim() == 0:
         return theta.clone()
     imp = fusion_importance(theta, base)
     flat = imp.reshape(-1).float()
-    n = flat.numel()
-    median = _kth(flat, (n + 1) // 2)
-    q1, q3 = quantile_linear(flat, 0.25), quantile_linear(flat, 0.75)
-    mask = imp >= median + 1.5 * (q3 - q1)
+    q1, median, q3 = (torch.tensor(fusion_quantile(flat, q), dtype=torch.float32) for q in (0.25, 0.5, 0.75))
+    mask = imp >= (median + 1.5 * (q3 - q1)).to(imp.device)
     return base + (theta - base) * mask
 
 
