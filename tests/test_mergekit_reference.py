@@ -4,7 +4,7 @@ Runs ``benchmarks/mergekit_compat.py``'s cases (every method mergekit 0.1.5 regi
 recipe features: gradients, filters, normalize, int8_mask, lambda, rescale, slices, tokenizer
 union/base, base+lora, out_dtype) in both tools and asserts the tolerances established there
 (docs/mergekit.md, "Measured against mergekit-yaml").  Skipped unless mergekit-yaml is found
-(``$MERGEKIT_YAML``, ``/work/mkvenv/bin/mergekit-yaml`` or PATH).
+(``$MERGEKIT_YAML``, ``.venv-mergekit/`` from scripts/setup-mergekit.sh, or PATH).
 
 Tolerances: ``identical`` = least share of bit-identical elements, ``ulps`` = largest
 difference in bf16 ulps at the tensor's scale.  Setting ``float32`` (both tools compute in
@@ -15,8 +15,6 @@ them identical).  Setting ``bfloat16``: mergekit computes in bf16, mergelab in f
 continuous methods differ by bf16 rounding and selection methods also in which entries cross a
 cut.  Random methods (DARE, DELLA): per-tensor statistics of ``out − base``.
 """
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -26,14 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def _mergekit():
-    for c in (os.environ.get("MERGEKIT_YAML"), "/work/mkvenv/bin/mergekit-yaml", shutil.which("mergekit-yaml")):
-        if c and Path(c).is_file():
-            return c
-    return None
+from _mergekit import find_mergekit  # noqa: E402
 
-
-MK = _mergekit()
+MK = find_mergekit()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MK is None, reason="mergekit-yaml not installed")]
 
 EXACT = (1.0, 0.0)  # every element bit-identical

@@ -225,13 +225,8 @@ def test_errors_with_slices_are_one_line_and_write_nothing(tmp_path, abc):
 
 
 def _mergekit_yaml():
-    import os
-    import shutil
-    from pathlib import Path
-    for c in (os.environ.get("MERGEKIT_YAML"), shutil.which("mergekit-yaml"), "/work/mkvenv/bin/mergekit-yaml"):
-        if c and Path(c).is_file():
-            return c
-    return None
+    from _mergekit import find_mergekit
+    return find_mergekit()
 
 
 @pytest.mark.slow
