@@ -64,6 +64,9 @@ class _Spill:
     """The pass's tensors on disk, one file per key, read back memory-mapped."""
 
     def __init__(self, folder: str | Path | None):
+        if folder is not None and not Path(folder).is_dir():
+            raise MergelabError(f"fisher --layered: spill folder '{folder}' is not an existing "
+                                f"folder")
         self.dir = Path(tempfile.mkdtemp(prefix="mergelab-fisher-", dir=folder))
 
     def _p(self, key: str) -> Path:
