@@ -203,3 +203,20 @@ def test_cli_layered_fisher_one_line_errors(tmp_path, monkeypatch):
     code, out = invoke(["stats", "fisher", "enc", "--data", "t.txt", "-o", "x.safetensors",
                         "--mode", "empirical", "--layered"])
     assert code == 2 and "is not a decoder-only LM" in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_a_parameter_used_outside_its_module_is_refused(tmp_path, monkeypatch):
+    """The hooks see module calls only: a weight also used directly (``F.linear(x, w)``) would
+    lose part of its gradient.  The first batch of every stage checks the per-sequence
+    gradients' sum against autograd's batch gradient and refuses in one line."""
+    import torch.nn.functional as F
+    from transformers.models.llama import modeling_llama
+
+    folder = save_arch(tmp_path / "m", "llama")
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * F.linear(x, self.up_proj.weight))
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", forward)
+    with pytest.raises(MergelabError, match=r"model.layers.2.mlp.up_proj.weight.*used outside") as e:
+        layered_fisher(folder, token_batches(word_tokenizer(), seeds=(0,)), mode="empirical")
+    assert "\n" not in str(e.value)

@@ -42,6 +42,7 @@ kept from the head stage to the last).  Disk: ``(L + 1) × tokens × hidden × 4
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -116,6 +117,36 @@ def _record(model: nn.Module, base: nn.Module, originals: list[nn.Module], input
     return box
 
 
+def _backward(out: Tensor, grad_out: Tensor | None, calls, extra: list[Tensor],
+              parts: list[_Part], check: bool) -> tuple[list, list]:
+    """Gradients of ``<out, grad_out>`` (or of the scalar ``out``) with respect to the recorded
+    module outputs and ``extra``; with ``check``, also with respect to the stage's parameters,
+    and the hooks' per-sequence gradients are checked against them."""
+    params = [p for part in parts for p in part.sub.parameters()] if check else []
+    got = torch.autograd.grad(out, [c.output for c in calls] + extra + params,
+                              grad_outputs=grad_out, allow_unused=True)
+    n = len(calls)
+    grads, rest = list(got[:n]), list(got[n:n + len(extra)])
+    if check:
+        ref = {id(p): g for p, g in zip(params, got[n + len(extra):])}
+        b = calls[0].input.shape[0] if calls else 0
+        for part in parts:
+            part.check(calls, grads, b, max(1, b), ref)
+    return grads, rest
+
+
+@contextlib.contextmanager
+def _grad_on(parts: list[_Part], on: bool):
+    ps = [p for part in parts for p in part.sub.parameters()] if on else []
+    for p in ps:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in ps:
+            p.requires_grad_(False)
+
+
 def _out(o: Any) -> Tensor:
     return o[0] if isinstance(o, (tuple, list)) else o
 
@@ -127,6 +158,7 @@ class _Part:
 
     def __init__(self, where: str, sub: nn.Module, glob: dict[str, str], tied: set[str] = frozenset()):
         local = [k for k, _ in sub.named_parameters()]
+        self.where, self.sub = where, sub
         self.glob = glob                     # local name -> the model's parameter name
         self.modules, why = persample.plan(sub, local, generic=True)
         if why is not None:
@@ -148,6 +180,38 @@ class _Part:
                 self.acc.add_squares(self.sums, cs, gs, sl.stop - sl.start)
             except persample.Unsupported as e:
                 raise MergelabError(f"fisher --layered: {e}") from None
+
+    def check(self, calls, grads, b: int, chunk: int, ref: dict[int, Tensor | None]) -> None:
+        """The per-sequence gradients summed over the batch must be autograd's batch gradient
+        (``ref``: by parameter id); else a parameter is also used outside its module's forward
+        and the hooks would miss part of its gradient."""
+        params = dict(self.sub.named_parameters())
+        for acc in (self.acc, self.tied_acc):
+            if acc is None:
+                continue
+            tot = {k: torch.zeros(params[k].shape, dtype=torch.float64) for k in acc.names}
+            for s in range(0, b, chunk):
+                sl = slice(s, min(b, s + chunk))
+                cs = [persample.Call(c.module, c.input[sl], c.output) for c in calls]
+                gs = [None if g is None else g[sl] for g in grads]
+                for k, parts in acc.contributions(cs, gs, sl.stop - sl.start).items():
+                    for c, g, a in parts:
+                        v = persample.per_example(c, g, sl.stop - sl.start, a)
+                        if isinstance(v, persample.Rows):
+                            tot[k].index_add_(0, v.keys % v.n_rows, v.values.double())
+                        else:
+                            tot[k] += v.double().sum(0)
+            for k in acc.names:
+                want = ref.get(id(params[k]))
+                want = torch.zeros_like(tot[k]) if want is None else want.double()
+                err = float((tot[k] - want).abs().max())
+                tol = 1e-4 * float(want.abs().max()) + 1e-9
+                if not err <= tol:
+                    raise MergelabError(
+                        f"fisher --layered: {self.where}: the per-sequence gradients of "
+                        f"'{self.glob[k]}' from its module's calls differ from its gradient by "
+                        f"{err:.3g} (tolerance {tol:.3g}): the parameter is also used outside its "
+                        f"module's forward; run the whole-model pass")
 
 
 def layered_fisher(folder: str | Path, data: Iterable[Any], mode: str = "empirical",
@@ -267,21 +331,20 @@ def _run(model, prefix, base, folder, data, mode, n_examples, seed, chunk, spill
             for k, (i, b) in enumerate(batches):
                 inputs = spill.get(f"in_{k}")
                 stub.h = spill.get(f"h{n_layers}_{k}").detach().requires_grad_(True)
-                with torch.enable_grad():
+                with torch.enable_grad(), _grad_on(parts, k == 0):
                     with persample.Recorder(parts[0].modules + parts[1].modules, b) as rec:
                         logits = logits_of(model(**inputs, use_cache=False))
                     logp = torch.log_softmax(logits.float(), -1)
                     tgt = causal.next_token_targets(inputs)
                     y = tgt if mode == "empirical" else causal.sample_targets(logits, tgt, seed, i)
                     loss = (logp * causal.target_seed(logp, y)).sum()
-                    grads = torch.autograd.grad(loss, [c.output for c in rec.calls] + [stub.h],
-                                                allow_unused=True)
+                    grads, (g_h,) = _backward(loss, None, rec.calls, [stub.h], parts, k == 0)
                 del logits, logp, loss
-                calls, g_h = rec.calls, grads[-1]
+                calls = rec.calls
                 for p in parts:
-                    p.add(calls, grads[:-1], b, chunk)
+                    p.add(calls, grads, b, chunk)
                 if shared:
-                    spill.put(f"rows_{k}", _head_rows(calls, grads[:-1], head, inputs["input_ids"]))
+                    spill.put(f"rows_{k}", _head_rows(calls, grads, head, inputs["input_ids"]))
                 spill.put(f"g{n_layers}_{k}", torch.zeros_like(stub.h) if g_h is None else g_h)
                 spill.drop(f"h{n_layers}_{k}")
                 stub.h = None
@@ -303,14 +366,13 @@ def _run(model, prefix, base, folder, data, mode, n_examples, seed, chunk, spill
                 a, kw = spill.get(f"args_{k}")[li]
                 h = spill.get(f"h{li}_{k}").detach().requires_grad_(True)
                 g = spill.get(f"g{li + 1}_{k}")
-                with torch.enable_grad():
+                with torch.enable_grad(), _grad_on([part], k == 0):
                     with persample.Recorder(part.modules, b) as rec:
                         out = _out(layer(h, *a, **kw))
-                    grads = torch.autograd.grad(out, [c.output for c in rec.calls] + [h],
-                                                grad_outputs=g, allow_unused=True)
+                    grads, (g_in,) = _backward(out, g, rec.calls, [h], [part], k == 0)
                 del out
-                part.add(rec.calls, grads[:-1], b, chunk)
-                spill.put(f"g{li}_{k}", torch.zeros_like(h) if grads[-1] is None else grads[-1])
+                part.add(rec.calls, grads, b, chunk)
+                spill.put(f"g{li}_{k}", torch.zeros_like(h) if g_in is None else g_in)
                 spill.drop(f"g{li + 1}_{k}")
                 spill.drop(f"h{li}_{k}")
             finish(part.sums, part.glob, seen)
@@ -321,11 +383,10 @@ def _run(model, prefix, base, folder, data, mode, n_examples, seed, chunk, spill
         part = _Part(emb, E, glob[emb], shared)
         for k, (_, b) in enumerate(batches):
             inputs = spill.get(f"in_{k}")
-            with torch.enable_grad():
+            with torch.enable_grad(), _grad_on([part], k == 0):
                 with persample.Recorder(part.modules, b) as rec:
                     h0 = _record(model, base, originals, inputs, 0)[0][0]
-                grads = list(torch.autograd.grad(h0, [c.output for c in rec.calls],
-                                                 grad_outputs=spill.get(f"g0_{k}"), allow_unused=True))
+                grads, _ = _backward(h0, spill.get(f"g0_{k}"), rec.calls, [], [part], k == 0)
             del h0
             if part.tied_acc is not None:
                 _tied_squares(part, rec.calls, grads, b, emb_sums, spill.get(f"rows_{k}"))
