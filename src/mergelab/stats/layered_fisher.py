@@ -59,6 +59,7 @@ from .fisher import MODES, Fisher
 from .layered import _Loader, _parts, _Recorder, _release, _Stop, skeleton
 
 LAYERED_MODES = ("empirical", "sampled")
+BLOCK = 1 << 23        # floats of per-sequence Linear weight gradients formed at once (32 MiB)
 
 
 class _Spill:
@@ -118,7 +119,7 @@ def _record(model: nn.Module, base: nn.Module, originals: list[nn.Module], input
 
 
 def _backward(out: Tensor, grad_out: Tensor | None, calls, extra: list[Tensor],
-              parts: list[_Part], check: bool) -> tuple[list, list]:
+              parts: list[_Part], check: bool, chunk: int) -> tuple[list, list]:
     """Gradients of ``<out, grad_out>`` (or of the scalar ``out``) with respect to the recorded
     module outputs and ``extra``; with ``check``, also with respect to the stage's parameters,
     and the hooks' per-sequence gradients are checked against them."""
@@ -131,7 +132,7 @@ def _backward(out: Tensor, grad_out: Tensor | None, calls, extra: list[Tensor],
         ref = {id(p): g for p, g in zip(params, got[n + len(extra):])}
         b = calls[0].input.shape[0] if calls else 0
         for part in parts:
-            part.check(calls, grads, b, max(1, b), ref)
+            part.check(calls, grads, b, chunk, ref)
     return grads, rest
 
 
@@ -165,7 +166,7 @@ class _Part:
             raise MergelabError(f"fisher --layered: {where}: {why}")
         own = [k for k in local if glob[k] not in tied]
         self.tied = [k for k in local if glob[k] in tied]
-        self.acc = persample.Accumulator(sub, own)
+        self.acc = persample.Accumulator(sub, own, block=BLOCK)
         self.tied_acc = persample.Accumulator(sub, self.tied) if self.tied else None
         shapes = dict(sub.named_parameters())
         self.sums = {k: torch.zeros(shapes[k].shape, dtype=torch.float64) for k in own}
@@ -196,11 +197,16 @@ class _Part:
                 gs = [None if g is None else g[sl] for g in grads]
                 for k, parts in acc.contributions(cs, gs, sl.stop - sl.start).items():
                     for c, g, a in parts:
+                        if isinstance(c.module, nn.Linear) and a == "weight":   # Σ_n g_nᵀ a_n
+                            tot[k] += (g.reshape(-1, g.shape[-1]).t().float()
+                                       @ c.input.reshape(-1, c.input.shape[-1]).float()).double()
+                            continue
                         v = persample.per_example(c, g, sl.stop - sl.start, a)
                         if isinstance(v, persample.Rows):
                             tot[k].index_add_(0, v.keys % v.n_rows, v.values.double())
                         else:
-                            tot[k] += v.double().sum(0)
+                            tot[k] += v.sum(0, dtype=torch.float64)
+                        del v
             for k in acc.names:
                 want = ref.get(id(params[k]))
                 want = torch.zeros_like(tot[k]) if want is None else want.double()
@@ -338,7 +344,7 @@ def _run(model, prefix, base, folder, data, mode, n_examples, seed, chunk, spill
                     tgt = causal.next_token_targets(inputs)
                     y = tgt if mode == "empirical" else causal.sample_targets(logits, tgt, seed, i)
                     loss = (logp * causal.target_seed(logp, y)).sum()
-                    grads, (g_h,) = _backward(loss, None, rec.calls, [stub.h], parts, k == 0)
+                    grads, (g_h,) = _backward(loss, None, rec.calls, [stub.h], parts, k == 0, chunk)
                 del logits, logp, loss
                 calls = rec.calls
                 for p in parts:
@@ -369,7 +375,7 @@ def _run(model, prefix, base, folder, data, mode, n_examples, seed, chunk, spill
                 with torch.enable_grad(), _grad_on([part], k == 0):
                     with persample.Recorder(part.modules, b) as rec:
                         out = _out(layer(h, *a, **kw))
-                    grads, (g_in,) = _backward(out, g, rec.calls, [h], [part], k == 0)
+                    grads, (g_in,) = _backward(out, g, rec.calls, [h], [part], k == 0, chunk)
                 del out
                 part.add(rec.calls, grads, b, chunk)
                 spill.put(f"g{li}_{k}", torch.zeros_like(h) if g_in is None else g_in)
@@ -386,7 +392,7 @@ def _run(model, prefix, base, folder, data, mode, n_examples, seed, chunk, spill
             with torch.enable_grad(), _grad_on([part], k == 0):
                 with persample.Recorder(part.modules, b) as rec:
                     h0 = _record(model, base, originals, inputs, 0)[0][0]
-                grads, _ = _backward(h0, spill.get(f"g0_{k}"), rec.calls, [], [part], k == 0)
+                grads, _ = _backward(h0, spill.get(f"g0_{k}"), rec.calls, [], [part], k == 0, chunk)
             del h0
             if part.tied_acc is not None:
                 _tied_squares(part, rec.calls, grads, b, emb_sums, spill.get(f"rows_{k}"))

@@ -307,10 +307,14 @@ def _at_least_float32(t: Tensor) -> Tensor:
 class Accumulator:
     """Groups a backward's per-call output gradients by parameter and adds Σ_n g_n² to sums."""
 
-    def __init__(self, model: nn.Module, names: list[str]):
+    def __init__(self, model: nn.Module, names: list[str], block: int | None = None):
+        """``block``: with a number of floats, the per-example weight gradients of an
+        ``nn.Linear`` on ``(B, ..., in)`` inputs are formed in output-row blocks of at most that
+        many floats (memory ``block``, not ``B × out × in``; opt-in, the layer-by-layer Fisher
+        uses it)."""
         params = dict(model.named_parameters())
         own = owners(model)
-        self.names = names
+        self.names, self.block = names, block
         self.where: dict[tuple[int, str], str] = {}      # (id(module), attr) -> parameter name
         self.shape = {n: params[n].shape for n in names}
         for n in names:
@@ -355,6 +359,17 @@ class Accumulator:
                         sums[n] += g.square().t() @ x.square()
                     else:
                         sums[n] += g.square().sum(0)
+                    continue
+                if (self.block is not None and isinstance(c.module, nn.Linear) and a == "weight"
+                        and c.input.ndim >= 3):
+                    _check_batch(c, g, b)
+                    x3 = _at_least_float32(c.input.reshape(b, -1, c.input.shape[-1]))
+                    g3 = _at_least_float32(g.reshape(b, -1, g.shape[-1]))
+                    step = max(1, self.block // (b * x3.shape[-1]))
+                    for r in range(0, g3.shape[-1], step):
+                        pe = torch.bmm(g3[:, :, r:r + step].transpose(1, 2), x3)
+                        sums[n][r:r + step] += pe.square_().sum(0)
+                        del pe
                     continue
             vals = [per_example(c, g, b, a) for c, g, a in parts]
             if all(isinstance(v, Rows) for v in vals):
