@@ -190,7 +190,7 @@ class _Part:
         for acc in (self.acc, self.tied_acc):
             if acc is None:
                 continue
-            tot = {k: torch.zeros(params[k].shape, dtype=torch.float64) for k in acc.names}
+            tot = {k: torch.zeros(params[k].shape) for k in acc.names}     # float32: a check
             for s in range(0, b, chunk):
                 sl = slice(s, min(b, s + chunk))
                 cs = [persample.Call(c.module, c.input[sl], c.output) for c in calls]
@@ -198,19 +198,19 @@ class _Part:
                 for k, parts in acc.contributions(cs, gs, sl.stop - sl.start).items():
                     for c, g, a in parts:
                         if isinstance(c.module, nn.Linear) and a == "weight":   # Σ_n g_nᵀ a_n
-                            tot[k] += (g.reshape(-1, g.shape[-1]).t().float()
-                                       @ c.input.reshape(-1, c.input.shape[-1]).float()).double()
+                            tot[k].addmm_(g.reshape(-1, g.shape[-1]).t().float(),
+                                          c.input.reshape(-1, c.input.shape[-1]).float())
                             continue
                         v = persample.per_example(c, g, sl.stop - sl.start, a)
                         if isinstance(v, persample.Rows):
-                            tot[k].index_add_(0, v.keys % v.n_rows, v.values.double())
+                            tot[k].index_add_(0, v.keys % v.n_rows, v.values.float())
                         else:
-                            tot[k] += v.sum(0, dtype=torch.float64)
+                            tot[k] += v.float().sum(0)
                         del v
             for k in acc.names:
                 want = ref.get(id(params[k]))
-                want = torch.zeros_like(tot[k]) if want is None else want.double()
-                err = float((tot[k] - want).abs().max())
+                want = torch.zeros_like(tot[k]) if want is None else want.float()
+                err = float(tot[k].sub_(want).abs_().max())
                 tol = 1e-4 * float(want.abs().max()) + 1e-9
                 if not err <= tol:
                     raise MergelabError(
@@ -354,6 +354,7 @@ def _run(model, prefix, base, folder, data, mode, n_examples, seed, chunk, spill
                 spill.put(f"g{n_layers}_{k}", torch.zeros_like(stub.h) if g_h is None else g_h)
                 spill.drop(f"h{n_layers}_{k}")
                 stub.h = None
+                del rec, calls, grads, g_h
         finally:
             model._modules[prefix] = base
         for p in parts:
@@ -381,6 +382,7 @@ def _run(model, prefix, base, folder, data, mode, n_examples, seed, chunk, spill
                 spill.put(f"g{li}_{k}", torch.zeros_like(h) if g_in is None else g_in)
                 spill.drop(f"g{li + 1}_{k}")
                 spill.drop(f"h{li}_{k}")
+                del rec, grads, g_in, h, g
             finish(part.sums, part.glob, seen)
         bar.update(1)
 
@@ -398,6 +400,7 @@ def _run(model, prefix, base, folder, data, mode, n_examples, seed, chunk, spill
                 _tied_squares(part, rec.calls, grads, b, emb_sums, spill.get(f"rows_{k}"))
             part.add(rec.calls, grads, b, chunk)
             spill.drop(f"g0_{k}")
+            del rec, grads
         finish(part.sums, part.glob, seen)
     for n, v in emb_sums.items():
         distributed.all_reduce_sum([v])
