@@ -401,10 +401,40 @@ def _done(output, what):
 @click.option("--backend", type=click.Choice(["auto", "hooks", "vmap"]), default="auto", show_default=True,
               help="Per-example gradients: closed-form from layer hooks, torch.func vmap, or hooks "
                    "where every parameter's layer is supported (checked), else vmap.")
+@click.option("--layered", is_flag=True, help="Decoder-only LM folder: forward and backward one "
+              "decoder layer at a time (for models larger than memory); modes empirical and "
+              "sampled; same Fisher.")
+@click.option("--chunk-size", default=None, type=click.IntRange(min=1),
+              help="With --layered: sequences whose per-sequence gradients are formed at once "
+                   "(default 8).")
+@click.option("--spill-dir", default=None, type=click.Path(file_okay=False),
+              help="With --layered: folder for the hidden states spilled to disk (default: the "
+                   "system's temporary folder).")
 def stats_fisher(model, data_path, output, model_code, batch_size, limit, image_size, text_column,
-                 label_column, max_length, quiet, device, mode, n_examples, seed, backend):
+                 label_column, max_length, quiet, device, mode, n_examples, seed, backend, layered,
+                 chunk_size, spill_dir):
     """Diagonal Fisher of MODEL's parameters (mean of squared per-example gradients)."""
     from .stats import diagonal_fisher
+    from .stats.layered import skeleton
+    from .stats.layered_fisher import layered_fisher
+
+    if not layered and (chunk_size is not None or spill_dir is not None):
+        raise MergelabError(f"fisher: {'--chunk-size' if chunk_size is not None else '--spill-dir'} "
+                            f"applies to the layer-by-layer pass; add --layered")
+    if layered:
+        if backend == "vmap":
+            raise MergelabError("fisher --layered: backend 'vmap' is not streamed; the layered "
+                                "pass uses the hooks backend (--backend auto or hooks)")
+        if device != "cpu":
+            raise MergelabError(f"fisher --layered: runs on the CPU, found --device {device}")
+        with _layered_run(model, data_path, output, model_code, batch_size, limit, text_column,
+                          max_length) as data:
+            f = layered_fisher(model, data, mode=mode, n_examples=n_examples, seed=seed,
+                               chunk_size=chunk_size or 8, spill_dir=spill_dir, progress=not quiet)
+            _checkpoint_keyed(f, skeleton(model), model, None).save(output)
+        _done(output, f"the {mode} Fisher of {len(f)} tensors over {f.n_examples} examples "
+                      f"({f.n_tokens} tokens; summed over tokens, mean over sequences) (layer by layer)")
+        return
 
     with _stats_run(model, data_path, output, model_code, batch_size, limit, image_size,
                     text_column, label_column, max_length, quiet, device) as (net, data):

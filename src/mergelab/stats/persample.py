@@ -16,7 +16,11 @@ form:
 * BatchNorm (eval: ``x̂`` from the running statistics), LayerNorm, GroupNorm: ``Σ g·x̂`` and
   ``Σ g`` over the non-example axes;
 * ``nn.Embedding``: per-example row sums keyed by unique ``(example, index)`` pairs, never a
-  dense vocabulary-sized gradient per example.
+  dense vocabulary-sized gradient per example;
+* with ``generic=True`` (opt-in, used by the layer-by-layer causal-LM Fisher), any other leaf
+  module called on one tensor (a model's own RMSNorm classes, whatever their formula): its
+  per-example gradients from ``vmap`` of ``grad`` over the module alone, given the recorded
+  input and output gradient of each example (the module's code, not a formula written here).
 
 A module called several times, or a parameter shared by several modules, has its per-example
 gradients summed over all the calls before squaring.  Everything assumes eval mode (examples
@@ -41,10 +45,13 @@ class Unsupported(Exception):
     """A module or a call the hooks backend cannot handle exactly."""
 
 
-def unsupported_reason(m: nn.Module) -> str | None:
-    """Why ``m``'s own parameters cannot get per-example gradients from hooks (None: they can)."""
+def unsupported_reason(m: nn.Module, generic: bool = False) -> str | None:
+    """Why ``m``'s own parameters cannot get per-example gradients from hooks (None: they can).
+    ``generic``: accept any leaf module (no submodules) through :func:`_generic_grad`."""
     kind = next((k for k in _KINDS if isinstance(m, k)), None)
     if kind is None:
+        if generic and not any(True for _ in m.children()):
+            return None
         return f"{type(m).__name__} is not a supported module type"
     if type(m).forward is not kind.forward:
         return f"{type(m).__name__} overrides {kind.__name__}.forward"
@@ -71,7 +78,8 @@ def owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return out
 
 
-def plan(model: nn.Module, names: list[str]) -> tuple[list[nn.Module], str | None]:
+def plan(model: nn.Module, names: list[str], generic: bool = False
+         ) -> tuple[list[nn.Module], str | None]:
     """The modules to hook for parameters ``names``, or a reason why hooks cannot serve them."""
     params = dict(model.named_parameters())
     own = owners(model)
@@ -81,7 +89,7 @@ def plan(model: nn.Module, names: list[str]) -> tuple[list[nn.Module], str | Non
         if not holders:
             return [], f"parameter '{n}' is held by no module"
         for m, _ in holders:
-            why = unsupported_reason(m)
+            why = unsupported_reason(m, generic)
             if why is not None:
                 return [], f"parameter '{n}': {why}"
             mods[id(m)] = m
@@ -108,9 +116,12 @@ class Recorder:
     def __init__(self, modules: list[nn.Module], batch: int):
         self.modules, self.batch, self.calls, self.handles = modules, batch, [], []
 
-    def _hook(self, module: nn.Module, args: tuple, out: Any) -> Any:
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
         if not args or not isinstance(args[0], Tensor) or not isinstance(out, Tensor):
             raise Unsupported(f"{type(module).__name__} called without a tensor input/output")
+        if not isinstance(module, _KINDS) and (len(args) != 1 or kwargs):
+            raise Unsupported(f"{type(module).__name__} called with more than one input (the "
+                              f"generic per-example gradient needs the module of one tensor)")
         if not out.requires_grad:   # e.g. a frozen module on the raw input: make it a graph leaf
             out.requires_grad_(True)
         x = args[0].detach()
@@ -122,7 +133,7 @@ class Recorder:
 
     def __enter__(self) -> "Recorder":
         self.calls = []
-        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        self.handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.modules]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -209,12 +220,31 @@ def _norm_hat(m: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     return ((xr - mean) * torch.rsqrt(var + m.eps)).view(x.shape), tuple(range(2, x.ndim))
 
 
+def _generic_grad(m: nn.Module, x: Tensor, g: Tensor, want: str) -> Tensor:
+    """Per-example gradient ``(B, *shape)`` of ``m``'s parameter ``want`` for a leaf module of
+    any kind: ``vmap`` over examples of the gradient of ``<m(x_n), g_n>`` (the module's own
+    forward, run on one example at a time with a batch axis of 1)."""
+    from torch.func import functional_call, grad, vmap
+
+    p = {want: m._parameters[want].detach()}
+
+    def inner(pp, xi, gi):
+        out = functional_call(m, pp, (xi.unsqueeze(0),))
+        return (out * gi.unsqueeze(0)).sum()
+    with torch.enable_grad():
+        return vmap(grad(inner), in_dims=(None, 0, 0))(p, x, g.to(x.dtype))[want].detach()
+
+
 def per_example(call: Call, g: Tensor, b: int, want: str) -> Tensor | Rows:
     """Per-example gradient of parameter attribute ``want`` ("weight"/"bias") over one call:
     dense ``(B, *shape)`` or :class:`Rows`."""
     m, x = call.module, call.input
     _check_batch(call, g, b)
     out: dict[str, Tensor | Rows] = {}
+    if not isinstance(m, _KINDS):
+        if m._parameters.get(want) is None:
+            raise Unsupported(f"{type(m).__name__} has no parameter '{want}'")
+        return _generic_grad(m, x, g, want)
     if isinstance(m, nn.Linear):
         x3, g3 = x.reshape(b, -1, x.shape[-1]), g.reshape(b, -1, g.shape[-1])
         if want == "weight":
@@ -277,10 +307,14 @@ def _at_least_float32(t: Tensor) -> Tensor:
 class Accumulator:
     """Groups a backward's per-call output gradients by parameter and adds Σ_n g_n² to sums."""
 
-    def __init__(self, model: nn.Module, names: list[str]):
+    def __init__(self, model: nn.Module, names: list[str], block: int | None = None):
+        """``block``: with a number of floats, the per-example weight gradients of an
+        ``nn.Linear`` on ``(B, ..., in)`` inputs are formed in output-row blocks of at most that
+        many floats (memory ``block``, not ``B × out × in``; opt-in, the layer-by-layer Fisher
+        uses it)."""
         params = dict(model.named_parameters())
         own = owners(model)
-        self.names = names
+        self.names, self.block = names, block
         self.where: dict[tuple[int, str], str] = {}      # (id(module), attr) -> parameter name
         self.shape = {n: params[n].shape for n in names}
         for n in names:
@@ -325,6 +359,17 @@ class Accumulator:
                         sums[n] += g.square().t() @ x.square()
                     else:
                         sums[n] += g.square().sum(0)
+                    continue
+                if (self.block is not None and isinstance(c.module, nn.Linear) and a == "weight"
+                        and c.input.ndim >= 3):
+                    _check_batch(c, g, b)
+                    x3 = _at_least_float32(c.input.reshape(b, -1, c.input.shape[-1]))
+                    g3 = _at_least_float32(g.reshape(b, -1, g.shape[-1]))
+                    step = max(1, self.block // (b * x3.shape[-1]))
+                    for r in range(0, g3.shape[-1], step):
+                        pe = torch.bmm(g3[:, :, r:r + step].transpose(1, 2), x3)
+                        sums[n][r:r + step] += pe.square_().sum(0)
+                        del pe
                     continue
             vals = [per_example(c, g, b, a) for c, g, a in parts]
             if all(isinstance(v, Rows) for v in vals):
