@@ -45,6 +45,7 @@ def test_peak_memory_over_the_baseline_stays_within_the_documented_bound(family,
     if m["extra"] > case.bound:  # once more, in a new child
         m2 = mc.measure(case, big, tiny, tmp_path / "2")
         m = min(m, m2, key=lambda x: x["extra"])
+    print(f"{case_id}: {m['extra'] / mc.MiB:.0f} MiB over the baseline (bound {case.bound / mc.MiB:.0f} MiB)")
     assert m["extra"] <= case.bound, (f"{case_id}: peak {m['extra'] / mc.MiB:.0f} MiB over the baseline, "
                                       f"bound {case.bound_text()} = {case.bound / mc.MiB:.0f} MiB")
     assert case.bound <= (case.n + 2) * case.t + mc.CONST or case.kind == "whole+1"

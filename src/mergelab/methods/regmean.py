@@ -35,8 +35,11 @@ def _mean(tensors: Sequence[Tensor]) -> Tensor:
 
 
 _CHUNK = 1 << 18  # float64 entries of one column block of a Gram (2 MiB)
-_ROWS = 1 << 21   # float64 entries of one row block of Σ W_i G̃_i (16 MiB): each row block
-                  # re-forms every G̃_i, so fewer, larger row blocks are faster
+_ROWS = 1 << 20   # float64 entries of one row block of Σ W_i G̃_i (8 MiB; and of W_i's rows):
+                  # each row block re-forms every G̃_i (d_in² element operations against
+                  # rows·d_in² multiply-adds: negligible above a few dozen rows).  The bytes do
+                  # not depend on it for 256 and 512 rows of 2048 (checked 2026-11-26); very
+                  # few rows (tens) can give other last bits (MKL's gemm/trsm take another path)
 
 
 def _gram_cols(g: Tensor, c0: int, c1: int, alpha: float, count: float | None, buf: Tensor | None = None) -> Tensor:
