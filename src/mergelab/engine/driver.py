@@ -59,8 +59,11 @@ class Driver:
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._seeds: dict[tuple[int, str], int] = {}
-        self.blockable = (plan.method.elementwise and not plan.stats
-                          and all(callable(getattr(i.ckpt, "get_rows", None)) for i in plan.readers))
+        # elementwise methods are merged in row blocks when every input (models, base and the
+        # statistics files, e.g. Fisher) can be read by rows
+        self.blockable = (plan.method.elementwise
+                          and all(callable(getattr(i.ckpt, "get_rows", None))
+                                  for i in list(plan.readers) + [s for v in plan.stats.values() for s in v]))
 
     # -- what to cut -------------------------------------------------------------------
     def rows_per_block(self, name: str) -> int | None:
@@ -68,6 +71,9 @@ class Driver:
         shape = self.p.shape(name)
         if not self.blockable or len(shape) == 0:
             return None
+        for files in self.p.stats.values():  # a statistic of another shape: whole (the method checks it)
+            if any(name in st.ckpt and tuple(st.ckpt.shape(name)) != tuple(shape) for st in files):
+                return None
         rows = max(1, self.block_elems // max(1, numel(shape[1:])))
         return rows if rows < shape[0] else None
 
@@ -83,10 +89,12 @@ class Driver:
                 f"{inp.label}: tensor '{name}' holds NaN or Inf (use --allow-nonfinite / allow_nonfinite: true to merge anyway)")
         return t
 
-    def _stats(self, name: str) -> dict[str, list]:
+    def _stats(self, name: str, rows: tuple[int, int] | None = None) -> dict[str, list]:
         stats: dict[str, list] = {}
         for kind, files in self.p.stats.items():
-            stats[kind] = [st.ckpt.get(name).to(self.device) if name in st.ckpt else None for st in files]
+            stats[kind] = [None if name not in st.ckpt
+                           else (st.ckpt.get(name) if rows is None else st.ckpt.get_rows(name, *rows)).to(self.device)
+                           for st in files]
             if kind == "gram":  # row counts from the Gram files' metadata ('count:<name>')
                 counts = [(getattr(st.ckpt, "metadata", None) or {}).get(f"count:{name}") for st in files]
                 if any(c is not None for c in counts):
@@ -97,7 +105,7 @@ class Driver:
         seed = self._seeds.get((self.seed, name))
         if seed is None:  # once per tensor, not per row block
             seed = self._seeds[(self.seed, name)] = context_seed(self.seed, name)
-        ctx = TensorContext(name=name, seed=seed, stats=self._stats(name),
+        ctx = TensorContext(name=name, seed=seed, stats=self._stats(name, rows),
                             model_names=[e.label for e in self.p.experts], tensor_state=tensor_state,
                             device=self.device)
         if rows is not None:
@@ -121,8 +129,11 @@ class Driver:
 
     # -- prepasses ---------------------------------------------------------------------
     def stream(self) -> "Stream":
-        """The prepass stream: every merged name once, in order, one at a time; re-iterable
-        (each ``iter()`` reads the inputs again), so a prepass may take several passes."""
+        """The prepass stream: every merged name once, in order, one at a time, as whole tensors
+        or, where the tensor is merged in row blocks, as its row blocks in order (``ctx.offset``,
+        ``ctx.numel`` set as for the merge); re-iterable (each ``iter()`` reads the inputs
+        again), so a prepass may take several passes.  Memory: one whole tensor's inputs, or one
+        block's."""
         return Stream(self)
 
     def prepass(self) -> Any:
@@ -177,6 +188,14 @@ class Stream:
         self.driver = driver
 
     def __iter__(self) -> Iterator[tuple[TensorContext, torch.Tensor | None, list[torch.Tensor]]]:
-        for n in self.driver.p.names:
-            if n in self.driver.p.merged:
-                yield self.driver.inputs(n)
+        d = self.driver
+        for n in d.p.names:
+            if n not in d.p.merged:
+                continue
+            rows = d.rows_per_block(n)
+            if rows is None:
+                yield d.inputs(n)
+                continue
+            n0 = d.p.shape(n)[0]
+            for a in range(0, n0, rows):
+                yield d.inputs(n, (a, min(a + rows, n0)))

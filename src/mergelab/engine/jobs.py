@@ -60,7 +60,7 @@ class Budget:
 
 def make_jobs(d: Driver) -> list[Job]:
     p = d.p
-    n_in = len({id(i.ckpt) for i in p.readers})
+    n_in = len({id(i.ckpt) for i in p.readers}) + sum(len(v) for v in p.stats.values())  # statistics are inputs too
     jobs: list[Job] = []
     for n in p.names:
         if n not in p.merged:

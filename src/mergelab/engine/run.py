@@ -80,6 +80,21 @@ def tune_malloc() -> None:
         pass
 
 
+def trim_heap() -> None:
+    """Return the C heap's free memory to the OS (glibc ``malloc_trim``; nothing elsewhere).
+
+    Called after the whole-model prepass: it runs on this thread and the merge on worker
+    threads, whose glibc arenas are separate, so with :func:`tune_malloc`'s 256 MiB trim
+    threshold the prepass's freed buffers would otherwise stay resident under the merge's."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _Checksums:
     """SHA-256 of every input file (what ``sha256sum`` and the Hugging Face Hub show for a
     file), computed on background threads while the merge runs.
@@ -212,6 +227,8 @@ def _merge(recipe: Any, out: str | os.PathLike, team: Team, *, force: bool, dtyp
     try:
         with folder as tmp:
             prepass = d.prepass()
+            if p.method.prepass is not None:
+                trim_heap()
             variants = _variants(d, prepass) if team.world > 1 and p.method.multi_output else None
             if team.lead:             # rank 0 lays the shards out, the others open them
                 outs = Outputs(p, tmp, size, only=mine, variants=variants,

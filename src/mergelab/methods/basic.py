@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MergelabError
+from .chunks import FlatChunks, is_last
 from .registry import Range, TensorContext, merge_method
 
 
@@ -77,19 +78,21 @@ def task_arithmetic(tensors: list[Tensor], base: Tensor, *, weight: list[float] 
     return tau.add_(base)  # θ_0 + λτ, in place (a + b == b + a exactly)
 
 
-def slerp_pair(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+def slerp_pair(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8,
+               grams: tuple[float, float, float] | None = None) -> Tensor:
     """Spherical interpolation between two tensors seen as flat vectors (mergekit semantics).
 
     The angle is taken between the normalised vectors (a vector of norm ≤ eps is left
     unnormalised); when ``|cos| > dot_threshold`` the vectors are nearly colinear and the
     result is the linear interpolation ``(1−t)v0 + t v1``.  ``t = 0`` / ``t = 1`` return the
-    endpoints bit-exactly.
+    endpoints bit-exactly.  ``grams``: ``(‖v0‖², ‖v1‖², ⟨v0, v1⟩)`` of the whole vectors when
+    ``v0``, ``v1`` are row blocks of them (otherwise computed from ``v0``, ``v1``).
     """
     if t == 0.0:
         return v0.clone()
     if t == 1.0:
         return v1.clone()
-    aa, bb, ab = _float64_grams(v0, v1)
+    aa, bb, ab = _float64_grams(v0, v1) if grams is None else grams
     na, nb = math.sqrt(aa), math.sqrt(bb)
     dot = ab / ((na if na > eps else 1.0) * (nb if nb > eps else 1.0))
     if abs(dot) > dot_threshold:
@@ -107,21 +110,55 @@ def slerp_pair(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, 
 _GRAM_CHUNK = 2**20
 
 
+class _Grams:
+    """(‖v0‖², ‖v1‖², ⟨v0, v1⟩) in float64: dot products over chunks of 2^20 entries of the whole
+    flattened vectors, added in order (no float64 copy of a whole tensor; memory: O(chunk)).
+    Fed whole tensors or their row blocks in order (regrouped into the same chunks by
+    :class:`FlatChunks`), it gives the same bytes."""
+
+    def __init__(self):
+        self.chunks = FlatChunks(_GRAM_CHUNK)
+        self.aa = self.bb = self.ab = 0.0
+
+    def add(self, v0: Tensor, v1: Tensor, last: bool) -> None:
+        for c0, c1 in self.chunks.add([v0, v1], last):
+            x, y = c0.double(), c1.double()
+            self.aa += float(torch.dot(x, x))
+            self.bb += float(torch.dot(y, y))
+            self.ab += float(torch.dot(x, y))
+            del x, y  # before the next chunk's
+
+
 def _float64_grams(v0: Tensor, v1: Tensor) -> tuple[float, float, float]:
-    """(‖v0‖², ‖v1‖², ⟨v0, v1⟩) in float64, accumulated over chunks of 2^20 entries so that no
-    float64 copy of a whole tensor is made (memory: two inputs + O(chunk))."""
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    aa = bb = ab = 0.0
-    for i in range(0, a.numel(), _GRAM_CHUNK):
-        x, y = a[i:i + _GRAM_CHUNK].double(), b[i:i + _GRAM_CHUNK].double()
-        aa += float(torch.dot(x, x))
-        bb += float(torch.dot(y, y))
-        ab += float(torch.dot(x, y))
-    return aa, bb, ab
+    g = _Grams()
+    g.add(v0, v1, True)
+    return g.aa, g.bb, g.ab
 
 
-@merge_method("slerp", min_models=1, max_models=2)
-def slerp(tensors: list[Tensor], base: Tensor | None, *,
+def _slerp_ends(tensors: list[Tensor], base: Tensor | None) -> tuple[Tensor, Tensor]:
+    if len(tensors) == 1:
+        if base is None:
+            raise MergelabError("slerp needs two models (or one model and a base_model)")
+        return base, tensors[0]
+    return tensors[0], tensors[1]
+
+
+def slerp_prepass(params: dict, blocks) -> dict:
+    """The whole tensor's ``grams`` of the two ends and whether the base equals the second model
+    and not the first (then the ends are swapped), from its row blocks in order."""
+    g, eq = _Grams(), [True, True]
+    for ctx, base, ts in blocks():
+        v0, v1 = _slerp_ends(ts, base)
+        if len(ts) == 2 and base is not None:
+            eq = [eq[0] and torch.equal(base, ts[0]), eq[1] and torch.equal(base, ts[1])]
+        if params.get("t") not in (0.0, 1.0):
+            g.add(v0, v1, is_last(ctx, v0))
+    swap = len(ts) == 2 and base is not None and not eq[0] and eq[1]
+    return {"swap": swap, "grams": (g.bb, g.aa, g.ab) if swap else (g.aa, g.bb, g.ab)}
+
+
+@merge_method("slerp", min_models=1, max_models=2, elementwise=True, tensor_prepass=slerp_prepass)
+def slerp(tensors: list[Tensor], base: Tensor | None, *, ctx: TensorContext,
           t: Annotated[float, Range(0, 1)] = 0.5) -> Tensor:
     """SLERP of two models; ``t = 0`` gives the first endpoint, ``t = 1`` the second.
 
@@ -131,12 +168,16 @@ def slerp(tensors: list[Tensor], base: Tensor | None, *,
     * two models and no base: ``slerp(models[0], models[1])``;
     * two models and a base equal to one of them (a mergekit recipe that lists the base
       among ``models``): the base is the ``t = 0`` end.
+
+    The angle needs the whole tensors; on row blocks it comes from :func:`slerp_prepass`
+    (``ctx.tensor_state``), and every entry is then ``s0·v0 + s1·v1`` (elementwise).
     """
-    if len(tensors) == 1:
-        if base is None:
-            raise MergelabError("slerp needs two models (or one model and a base_model)")
-        return slerp_pair(t, base, tensors[0])
-    v0, v1 = tensors
-    if base is not None and not torch.equal(base, v0) and torch.equal(base, v1):
+    v0, v1 = _slerp_ends(tensors, base)
+    st = ctx.tensor_state
+    if st is None:
+        if len(tensors) == 2 and base is not None and not torch.equal(base, v0) and torch.equal(base, v1):
+            v0, v1 = v1, v0
+        return slerp_pair(t, v0, v1)
+    if st["swap"]:
         v0, v1 = v1, v0
-    return slerp_pair(t, v0, v1)
+    return slerp_pair(t, v0, v1, grams=st["grams"])

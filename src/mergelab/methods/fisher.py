@@ -7,6 +7,8 @@
 the weights).  With ``normalize`` each λ_i is divided by ‖F_i‖₂ taken over all merged entries
 (the names that have a Fisher in every model, before flooring, as the reference does);
 the norms come from :func:`fisher_prepass`, one streaming pass over the Fisher tensors.
+Given the norms, entry j of the result depends on entry j of the tensors and Fishers only, so
+the engine merges big tensors in row blocks (with the Fishers' row blocks).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MergelabError
+from .chunks import FlatChunks, is_last
 from .registry import Range, TensorContext, merge_method
 
 Weight = Annotated[list[float], Range(0, None)]
@@ -38,17 +41,21 @@ def fisher_prepass(params: dict, stream) -> list[float] | None:
     if not params.get("normalize", False):
         return None
     sq = None
+    # float64 dot products over chunks of 2^20 entries of each whole flattened Fisher (no float64
+    # copy of a whole tensor), in order: the engine's row blocks are regrouped into the same
+    # chunks, so the norms have the same bytes whether the stream gives whole tensors or blocks
+    chunks = FlatChunks(_CHUNK)
     for ctx, _base, tensors in stream:
         fs = _fishers_of(ctx, len(tensors))
         if fs is None:
             continue
         if sq is None:
             sq = [0.0] * len(fs)
-        for i, f in enumerate(fs):
-            flat = f.reshape(-1)
-            for a in range(0, flat.numel(), _CHUNK):  # float64 over chunks: no float64 copy of the whole Fisher
-                x = flat[a:a + _CHUNK].double()
+        for xs in chunks.add(fs, is_last(ctx, fs[0])):
+            for i, c in enumerate(xs):
+                x = c.double()
                 sq[i] += float(torch.dot(x, x))
+                del x  # one float64 chunk at a time
     if sq is None:
         return None
     return [math.sqrt(s) for s in sq]
@@ -86,7 +93,7 @@ def _check_weights(weight: Sequence[float], where: str) -> None:
         raise MergelabError(f"{where}: fisher merge needs at least one positive weight, found {list(weight)}")
 
 
-@merge_method("fisher", stats=("fisher",), prepass=fisher_prepass)
+@merge_method("fisher", stats=("fisher",), prepass=fisher_prepass, elementwise=True)
 def fisher(tensors: list[Tensor], base: Tensor | None, *, ctx: TensorContext,
            weight: Weight = 1.0, floor: Floor = 1e-6, normalize: bool = False,
            favor_target: bool = False) -> Tensor:

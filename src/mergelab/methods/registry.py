@@ -26,7 +26,8 @@ A merge method is a pure function over the tensors of ONE parameter name::
   merge, for whole-model quantities such as global top-k thresholds; its result is
   ``ctx.prepass``.
 * ``elementwise=True`` promises that output entry j depends only on entry j of the inputs
-  (given the parameters and ``ctx``): the engine may then call the method on row blocks of a
+  and of their statistics tensors of the same shape (given the parameters, ``ctx.prepass``
+  and ``ctx.tensor_state``): the engine may then call the method on row blocks of a
   big tensor (``ctx.offset`` = flat index of the block's first entry, ``ctx.numel`` = the
   whole tensor's), so memory stays a constant whatever the model size.  Random choices must
   depend on the absolute entry index (see ``sparse.dare_keep``), not on the block.

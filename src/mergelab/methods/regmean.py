@@ -35,13 +35,22 @@ def _mean(tensors: Sequence[Tensor]) -> Tensor:
 
 
 _CHUNK = 1 << 18  # float64 entries of one column block of a Gram (2 MiB)
-_ROWS = 1 << 21   # float64 entries of one row block of Σ W_i G̃_i (16 MiB): each row block
-                  # re-forms every G̃_i, so fewer, larger row blocks are faster
+_ROWS = 1 << 20   # float64 entries of one row block of Σ W_i G̃_i (8 MiB; and of W_i's rows):
+                  # each row block re-forms every G̃_i (d_in² element operations against
+                  # rows·d_in² multiply-adds: negligible above a few dozen rows).  The bytes do
+                  # not depend on it for 256 and 512 rows of 2048 (checked 2026-11-26); very
+                  # few rows (tens) can give other last bits (MKL's gemm/trsm take another path)
 
 
-def _gram_cols(g: Tensor, c0: int, c1: int, alpha: float, count: float | None) -> Tensor:
-    """Columns ``c0:c1`` of ``G̃ = α·G + (1 − α)·diag(G)`` in float64 (``G`` divided by ``count``)."""
-    gt = g[:, c0:c1].to(torch.float64, copy=True)
+def _gram_cols(g: Tensor, c0: int, c1: int, alpha: float, count: float | None, buf: Tensor | None = None) -> Tensor:
+    """Columns ``c0:c1`` of ``G̃ = α·G + (1 − α)·diag(G)`` in float64 (``G`` divided by ``count``),
+    written into ``buf`` (d_in × at least c1 − c0, float64, reused from call to call) when given."""
+    c1 = min(c1, g.shape[1])
+    if buf is None:
+        gt = g[:, c0:c1].to(torch.float64, copy=True)
+    else:
+        gt = buf[:, :c1 - c0]
+        gt.copy_(g[:, c0:c1])
     if count is not None:
         gt.div_(count)
     diag = gt[c0:c1].diagonal().clone()             # G[j, j] for j in c0:c1
@@ -69,10 +78,11 @@ def regmean_weight(weights: Sequence[Tensor], grams: Sequence[Tensor], alpha: fl
     cols = max(1, _CHUNK // max(d_in, 1))
     # column-major (the layout LAPACK factorises in), so the LU below runs in place, no copy
     lhs = torch.zeros(d_in, d_in, dtype=f64, device=dev).mT
+    gbuf = torch.empty(d_in, min(cols, d_in), dtype=f64, device=dev)  # one column block of a G̃_i, reused
     for g, c in zip(grams, cnt):
         g = g.to(dev)
         for c0 in range(0, d_in, cols):
-            lhs[:, c0:c0 + cols] += _gram_cols(g, c0, c0 + cols, alpha, c)
+            lhs[:, c0:c0 + cols] += _gram_cols(g, c0, c0 + cols, alpha, c, gbuf)
     active = lhs.diagonal() != 0
     out = torch.empty(d_out, d_in, dtype=torch.float32, device=dev)
     every = bool(active.all())
@@ -98,14 +108,24 @@ def regmean_weight(weights: Sequence[Tensor], grams: Sequence[Tensor], alpha: fl
         raise torch.linalg.LinAlgError("linalg.solve: The solver failed because the input matrix is"
                                        f" singular (U[{int(info)},{int(info)}] is zero)")
     gs = [g.to(dev) for g in grams]
-    rows = max(1, _ROWS // max(d_in, 1))
+    rows = min(d_out, max(1, _ROWS // max(d_in, 1)))
+    # the row-block buffers are allocated once and reused (a fresh pair per block kept the
+    # previous pair alive during the allocation, and the C heap grew block after block)
+    bbuf = torch.empty(rows, d_in, dtype=f64, device=dev)
+    wbuf = torch.empty(rows, d_in, dtype=f64, device=dev)
+    pbuf = torch.empty(rows, min(cols, d_in), dtype=f64, device=dev)
     for r0 in range(0, d_out, rows):
         r1 = min(d_out, r0 + rows)
-        b = torch.zeros(r1 - r0, d_in, dtype=f64, device=dev)
+        b = bbuf[:r1 - r0]
+        b.zero_()
         for w, g, c in zip(weights, gs, cnt):
-            wr = w[r0:r1].to(f64)
+            wr = wbuf[:r1 - r0]
+            wr.copy_(w[r0:r1])
             for c0 in range(0, d_in, cols):
-                b[:, c0:c0 + cols] += wr @ _gram_cols(g, c0, c0 + cols, alpha, c)
+                gc = _gram_cols(g, c0, c0 + cols, alpha, c, gbuf)
+                prod = pbuf[:r1 - r0, :gc.shape[1]]
+                torch.mm(wr, gc, out=prod)
+                b[:, c0:c0 + cols] += prod
         if not every:
             b = b[:, idx]
         bt = b.T

@@ -507,7 +507,8 @@ def dare_ties(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
 def multitask_vector(tensors: list[Tensor], base: Tensor, base_merge: str, density: list[float],
                      merge: str, ctx: TensorContext) -> Tensor:
     """τ_MTL: the unscaled task-arithmetic sum Σ τ_t, or TIES (dis-``merge``, per tensor or,
-    when the prepass ran, global scope)."""
+    when the prepass ran, global scope).  On a row block, the per-tensor trim is
+    ``ctx.tensor_state`` (:func:`_tall_tensor_prepass`) and the block starts at ``ctx.offset``."""
     n = len(tensors)
     if base_merge == "task_arithmetic":
         return weighted_task_sum(tensors, base, [1.0] * n, normalize=False)
@@ -516,7 +517,8 @@ def multitask_vector(tensors: list[Tensor], base: Tensor, base_merge: str, densi
         thresholds, zero_sign = ctx.prepass["thresholds"], ctx.prepass["zero_sign"]
     return sparse_task_merge(tensors, base, weight=[1.0] * n, density=density, sparsify="magnitude",
                              consensus=True, normalize=(merge == "mean"), thresholds=thresholds,
-                             zero_sign=zero_sign)
+                             zero_sign=zero_sign, trim=ctx.tensor_state if thresholds is None else None,
+                             offset=ctx.offset)
 
 
 def tall_mask(tau_t: Tensor, tau_mtl: Tensor, lam: float) -> Tensor:
@@ -530,6 +532,15 @@ def _tall_prepass(params: dict, stream):
     return None
 
 
+def _tall_tensor_prepass(params: dict, blocks):
+    """The per-tensor TIES trim of τ_MTL (``base_merge: ties``, ``scope: per_tensor``) over the
+    row blocks; None otherwise.  With it, TALL masks and consensus are elementwise: each mask
+    entry needs the entry of τ_MTL and of each τ_t only."""
+    if params.get("base_merge") != "ties":
+        return None
+    return ties_tensor_prepass(params, blocks)
+
+
 def _variant_names(ctx: TensorContext, n: int) -> list[str]:
     # the last path component of each model name (the engine writes one folder per variant)
     names = [str(x).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] for x in ctx.model_names]
@@ -538,7 +549,8 @@ def _variant_names(ctx: TensorContext, n: int) -> list[str]:
     return names
 
 
-@merge_method("tall_masks", needs_base=True, multi_output=True, prepass=_tall_prepass)
+@merge_method("tall_masks", needs_base=True, multi_output=True, prepass=_tall_prepass, elementwise=True,
+              tensor_prepass=_tall_tensor_prepass)
 def tall_masks(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
                lambda_: list[float] = 1.0,
                base_merge: Literal["task_arithmetic", "ties"] = "task_arithmetic",
@@ -563,7 +575,8 @@ def tall_masks(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
     return out
 
 
-@merge_method("consensus", needs_base=True, prepass=_tall_prepass)
+@merge_method("consensus", needs_base=True, prepass=_tall_prepass, elementwise=True,
+              tensor_prepass=_tall_tensor_prepass)
 def consensus(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
               k: Annotated[int, Range(0, None)] = 2, alpha: float = 1.0,
               lambda_: list[float] = 1.0,
