@@ -319,6 +319,31 @@ def _clean(obj):
     return str(obj)
 
 
+def robust_table(results: dict) -> str:
+    """The fisher suite's robust fine-tuning path: per λ (weight on the fine-tuned model), the
+    average's and the Fisher merge's test accuracy on the fine-tuning task and the held-out
+    task, and the paired difference Fisher − average (per seed, then mean ± interval)."""
+    from .seeds import interval
+
+    rows = [r[0] for r in (results.get("per_seed", {}).get("robust_seeds") or []) if r]
+    if not rows:
+        return ""
+    tasks = list(rows[0]["pretrained"])
+    head = "| λ (fine-tuned) | " + " | ".join(f"{t}: average | {t}: Fisher | {t}: Fisher − average" for t in tasks)
+    out = [head + " |", "|" + "---|" * (1 + 3 * len(tasks))]
+    for i, lam in enumerate(rows[0]["lambdas"]):
+        cells = []
+        for t in tasks:
+            avg = [r["average"][i][t] for r in rows]
+            fis = [r["fisher"][i][t] for r in rows]
+            cells += [_fmt(interval(avg)[0], True, interval(avg)[1]),
+                      _fmt(interval(fis)[0], True, interval(fis)[1])]
+            d = interval([f - a for f, a in zip(fis, avg)])
+            cells.append(_fmt(d[0], True, d[1]))
+        out.append(f"| {lam:g} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def write_report(results: dict, out: str | os.PathLike) -> dict[str, Path]:
     """Write results.json, report.md and the plots into ``out``; return their paths."""
     out = Path(out)
@@ -348,6 +373,12 @@ def write_report(results: dict, out: str | os.PathLike) -> dict[str, Path]:
         md += ["![accuracy](accuracy.png)", ""]
     for s in results.get("experts", {}):
         md += [f"## Setting `{s}`: per-task test accuracy (%)", "", _task_table(results, s), ""]
+    rt = robust_table(results)
+    if rt:
+        md += ["## Robust fine-tuning: Fisher merge vs average along λ (test accuracy, %)", "",
+               "λ weighs the fine-tuned model, 1 − λ the pre-trained one (λ = 0: pre-trained with its probe "
+               "head, λ = 1: fine-tuned). The held-out task (`-nc`) is nearest-centroid accuracy on the "
+               "model's features. Fisher − average is paired per seed.", "", rt, ""]
     ct = coefficient_table(results)
     if ct:
         md += ["## Coefficients chosen on validation", "", ct, ""]

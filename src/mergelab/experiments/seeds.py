@@ -150,6 +150,6 @@ def aggregate(per_seed: Sequence[dict], seeds: Sequence[int]) -> dict:
     # everything else a suite records (foundation accuracies, alignment spreads, cache counts,
     # transfer rows...): seed 0's value above, every seed's here
     extra = [k for k in first if k not in out or k in ("foundations", "expert_val", "alignment", "members",
-                                                      "transfer_seeds", "cache")]
+                                                      "transfer_seeds", "robust_seeds", "cache")]
     out["per_seed"] = {k: [res.get(k) for res in per_seed] for k in extra if k not in ("paths", "seeds")}
     return out

@@ -58,7 +58,12 @@ PROFILES: dict[str, dict[str, Any]] = {
                   target_n=20, target_steps=40, donor_steps=60, grid=11, target_fisher_n=128),
     "quick": dict(widths=(256, 256), pre_steps=1500, ft_steps=500, n_members=4, batch=128, lr=0.05, ft_lr=0.05,
                   train_limit=None, val_limit=1000, test_limit=None, fisher_examples=1024, fisher_mode="expected",
-                  target_n=20, target_steps=100, donor_steps=800, grid=51, target_fisher_n=1024),
+                  target_n=20, target_steps=100, donor_steps=800, grid=51, target_fisher_n=1024,
+                  robust=dict(task="rt-sentiment", heldout="20newsgroups", max_len=64, first_trainable=4,
+                              probe_steps=20, probe_lr=3e-3, steps=60, lr=2e-4, batch=32,
+                              train_limit=1500, val_limit=150, test_limit=400, heldout_train=600,
+                              heldout_test=400, fisher_examples=128, stat_batch=32,
+                              lambdas=[0.0, 0.25, 0.5, 0.75, 1.0])),
     # full: ~8 CPU-min for 3 seeds (the 1-seed full measured 219 CPU s, foundation and members
     # 35, ensembling 66, transfer 108; every seed now trains its own foundation, members and
     # donor): 2/3 of the pre-training, 4 members, 2/3 of the donor steps
@@ -210,6 +215,12 @@ def run(profile_name: str = "smoke", quiet: bool = False, cache_root: str | Path
         _ensembling(results, data, p, finetune, notes, b)
     with timer("transfer"):
         _transfer(results, data, p, finetune, notes, seed, b)
+    if p.get("robust"):
+        from .fisher_robust import run_robust, task_names
+
+        results["tasks"] = TASKS + list(task_names(p["robust"]))
+        with timer("robust"):
+            run_robust(results, p["robust"], quiet, b, cache, timer)
     timer.t["total"] = round(time.perf_counter() - t_start, 2)
     results["cache"] = {"hits": cache.hits, "misses": cache.misses, "root": str(cache.root)}
     return results

@@ -59,16 +59,17 @@ PROFILES: dict[str, dict[str, Any]] = {
                   settings=list(SETTINGS), methods=list(METHODS), alignments=list(ALIGNMENTS),
                   corrections=list(CORRECTIONS), grid_ta=[0.3, 1.0], grid_ties=[0.7, 1.0], ties_density=0.5,
                   barrier_points=5),
-    # quick: <= 15 CPU-min for 3 seeds (5 min a seed). The 1-seed quick measured ~350-420 CPU s,
-    # ~21 % training, ~15 % REPAIR, ~19 % TACT, ~40 % grids + evaluation; here the same models
-    # and training, with half the calibration images (TACT, REPAIR), 4-point lambda grids
-    # (the validation choices of the 1-seed runs were 0.1-0.25 / 0.4-0.8) and 400 test images
-    # per task: ~270 CPU s a seed estimated (docs/reproduce.md has the measurement)
-    "quick": dict(model={"arch": "vgg", "cfg": ("M", 32, "M", 64, 64), "dense": (64,), "norm": "ln"},
-                  pre_steps=500, probe_steps=30, ft_steps=150, scratch_steps=300,
-                  batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=300, test_limit=400,
-                  stat_batches=4, stat_batch=128, fisher_examples=128, calib_examples=256,
-                  repair_per_task=32,
+    # quick: <= 15 CPU-min for 3 seeds (5 min a seed). The first 3-seed quick (VGG 32/64/64,
+    # steps 500 / 30+150 / 300, 400 test images) measured 1278 CPU s: ~60 % training, ~25 %
+    # evaluation (test + validation grids), ~12 % TACT + REPAIR. A conv width of 24 (0.71x a
+    # training step, 0.66x an evaluated image, measured), 0.85x the steps, 250 test / 200
+    # validation images per task and half the calibration images: ~0.55x
+    # (docs/reproduce.md has the measurement)
+    "quick": dict(model={"arch": "vgg", "cfg": ("M", 24, "M", 48, 48), "dense": (48,), "norm": "ln"},
+                  pre_steps=450, probe_steps=25, ft_steps=125, scratch_steps=250,
+                  batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=200, test_limit=250,
+                  stat_batches=4, stat_batch=128, fisher_examples=128, calib_examples=128,
+                  repair_per_task=16,
                   settings=list(SETTINGS), methods=list(METHODS), alignments=list(ALIGNMENTS),
                   corrections=list(CORRECTIONS), grid_ta=[0.1, 0.17, 0.25, 0.4],
                   grid_ties=[0.3, 0.45, 0.65, 0.9], ties_density=0.5, barrier_points=11),
