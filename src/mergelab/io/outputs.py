@@ -21,13 +21,10 @@ outputs, a file for file outputs), renamed into place at the end.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
 import re
-import secrets
 import shutil
 import signal
 import string
@@ -191,18 +188,10 @@ def as_os_error(e: BaseException) -> OSError | None:
 
 
 # ------------------------------------------------------------------ rename without replacing
-_libc = None
-
-
 def _renameat2():
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            _libc.renameat2  # noqa: B018  (glibc >= 2.28)
-        except (OSError, AttributeError):
-            _libc = False
-    return _libc.renameat2 if _libc else None
+    from .._libc import libc
+
+    return getattr(libc(), "renameat2", None)  # glibc >= 2.28
 
 
 def rename_noreplace(src: Path, dst: Path) -> None:
@@ -213,7 +202,9 @@ def rename_noreplace(src: Path, dst: Path) -> None:
         AT_FDCWD, RENAME_NOREPLACE = -100, 1
         if f(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE) == 0:
             return
-        err = ctypes.get_errno()
+        from .._libc import get_errno
+
+        err = get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS):  # the file system lacks the flag: fall back
             raise OSError(err, os.strerror(err), str(dst))
     if os.path.lexists(dst):
@@ -277,10 +268,20 @@ def _release(lock: Path) -> None:
     os.close(ent[0])
 
 
+def _random_suffix(n: int) -> str:
+    """``n`` uniform characters of ``_ALNUM`` from ``os.urandom`` (rejection sampling; the
+    ``secrets`` module would cost an import on every command's start-up)."""
+    out: list[str] = []
+    limit = 256 - 256 % len(_ALNUM)
+    while len(out) < n:
+        out += [_ALNUM[b % len(_ALNUM)] for b in os.urandom(n) if b < limit]
+    return "".join(out[:n])
+
+
 def sibling(out: Path, kind: str) -> Path:
     """A fresh ``.<name>.<kind>-XXXXXXXX`` path beside ``out`` (not created)."""
     while True:
-        p = out.parent / f".{out.name}.{kind}-{''.join(secrets.choice(_ALNUM) for _ in range(8))}"
+        p = out.parent / f".{out.name}.{kind}-{_random_suffix(8)}"
         if not os.path.lexists(p):
             return p
 
