@@ -221,6 +221,54 @@ def test_reproduce_refuses_the_cache_as_output(tmp_path, monkeypatch, out):
     assert_refused(r, tmp_path, before, "the data and model cache")
 
 
+@pytest.mark.parametrize("out", [None, "a/b/c"])
+def test_reproduce_failing_early_leaves_no_folder(tmp_path, monkeypatch, out):
+    """An unknown suite fails after the output claim: neither the default runs/ nor the
+    --out parents it created stay behind (the lock file included)."""
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    before = snapshot(tmp_path)
+    r = invoke(["reproduce", "no-such-suite", *(["--out", out] if out else [])], tmp_path)
+    assert_refused(r, tmp_path, before, "unknown suite 'no-such-suite'")
+
+
+def _failing_suite(monkeypatch, exc: BaseException):
+    """run_suite writes part of its report into the output folder, then fails."""
+    import mergelab.experiments.suites as S
+
+    def run_suite(name, profile, out, **kw):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "results.json").write_text("{}")
+        raise exc
+
+    monkeypatch.setattr(S, "run_suite", run_suite)
+
+
+@pytest.mark.parametrize("exc,code", [(MergelabError("suite failed"), 2), (KeyboardInterrupt(), 130)])
+def test_reproduce_failing_midway_removes_what_it_created(tmp_path, monkeypatch, exc, code):
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    _failing_suite(monkeypatch, exc)
+    before = snapshot(tmp_path)
+    r = invoke(["reproduce", "fisher", "--out", "runs/deep/fisher"], tmp_path)
+    assert r.exit_code == code, (r.exit_code, r.stderr)
+    assert snapshot(tmp_path) == before
+
+
+def test_reproduce_failing_keeps_an_existing_output_folder_and_its_files(tmp_path, monkeypatch):
+    """--out names a folder that exists: a failure removes what the run added to it and
+    nothing that was there before (the folder, a file, the parent runs/)."""
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    (tmp_path / "runs" / "mine" / "notes.txt").write_text("keep")
+    _failing_suite(monkeypatch, MergelabError("suite failed"))
+    before = snapshot(tmp_path)
+    r = invoke(["reproduce", "fisher", "--out", "runs/mine"], tmp_path)
+    assert r.exit_code == 2
+    assert snapshot(tmp_path) == before
+
+
 def test_api_save_state_refuses_to_write_over_the_checkpoint_it_reads(tmp_path):
     (paths, _) = toy_family(tmp_path)
     before = snapshot(tmp_path)

@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import string
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -386,28 +387,63 @@ class Output:
             raise MergelabError(f"{option} {path}: cannot create files in {out.parent} (permission denied)")
         self.lock = out.parent / f".{out.name}.{LOCK}"
         self._mine = False
+        self._made: list[Path] = []
+        self._had: set[str] | None = None
         self.existed = os.path.lexists(out) and not (out.is_dir() and not _nonempty(out))
 
     # -- the lock for the whole run
     def __enter__(self) -> "Output":
+        self._made = []  # folders this run created (parents, then the output folder): gone on failure
         if self.parents and not self.path.parent.is_dir():
+            self._made = [q for q in [self.path.parent, *self.path.parent.parents] if not os.path.lexists(q)]
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
+                self._unmake()
                 raise os_error(self.option, self.path, e, "creating the folders of") from None
-        self._mine = _acquire(self.lock, self.option, self.path)
+        try:
+            self._mine = _acquire(self.lock, self.option, self.path)
+        except BaseException:
+            self._unmake()
+            raise
         try:
             if self._mine:
                 clean_stale(self.path)
         except BaseException:
-            self.__exit__(None, None, None)
+            self.__exit__(*sys.exc_info())
             raise
+        self._had = None  # names in an existing folder the run adds files into
+        if self.kind == "folder" and not self.replaces:
+            if not os.path.lexists(self.path):
+                self._made.insert(0, self.path)  # the run adds files into a folder it creates
+            elif self.path.is_dir():
+                self._had = set(os.listdir(self.path))
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and self._mine:  # a failed run: what it added goes (the lock kept others out)
+            if self._made and self._made[0] == self.path:
+                _remove(self.path)
+            elif self._had is not None and self.path.is_dir():
+                for n in set(os.listdir(self.path)) - self._had:
+                    _remove(self.path / n)
         _release(self.lock)
         self._mine = False
+        if exc_type is not None:
+            self._unmake()
+        self._made = []
         return False
+
+    def _unmake(self) -> None:
+        """Remove the folders this run created, deepest first, while they are empty."""
+        for q in self._made:
+            try:
+                os.rmdir(q)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break  # not empty (another run's files): leave it and what holds it
+        self._made = []
 
     # -- checks with numbers known after planning
     def check_space(self, nbytes: int) -> None:
