@@ -56,31 +56,63 @@ class Interrupted(KeyboardInterrupt):
 
 
 _interrupting = False
+_pending: int | None = None   # the first handled signal of this command, even if its exception was lost
+_hooked = False
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _handler(signum, frame):
-    global _interrupting
+    global _interrupting, _pending
+    if _pending is None:
+        _pending = int(signum)
     if _interrupting:  # a second signal while the first one unwinds: let the cleanup finish
         return
     _interrupting = True
     raise Interrupted(signum)
 
 
+def _unraisable(u) -> None:
+    """Python runs the handler wherever the main thread is, also inside a ``__del__``, a weakref
+    finaliser or an atexit callback, where the raised :class:`Interrupted` is printed as
+    "Exception ignored" and dropped. Drop it silently instead: the signal stays recorded in
+    ``_pending`` (no commit happens after it, the command exits 128 + signum) and the next
+    signal raises again."""
+    global _interrupting
+    if isinstance(u.exc_value, Interrupted):
+        _interrupting = False
+        return
+    _previous_unraisablehook(u)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
 def install_signal_handlers() -> None:
     """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` once (main thread only)."""
+    global _interrupting, _pending, _hooked, _previous_unraisablehook
     if threading.current_thread() is not threading.main_thread():
         return
+    _interrupting, _pending = False, None
+    if not _hooked:
+        _previous_unraisablehook, sys.unraisablehook, _hooked = sys.unraisablehook, _unraisable, True
     for s in HANDLED_SIGNALS:
         signal.signal(s, _handler)
 
 
+def raise_if_interrupted() -> None:
+    """Raise :class:`Interrupted` if a handled signal arrived and its exception was lost."""
+    if _pending is not None:
+        raise Interrupted(_pending)
+
+
 @contextmanager
 def signals_blocked() -> Iterator[None]:
-    """Defer the handled signals (main thread) over a few renames that must not be split."""
+    """Defer the handled signals (main thread) over a few renames that must not be split; a
+    signal that arrived before (even one whose exception was lost) prevents them."""
     main = threading.current_thread() is threading.main_thread()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS) if main else None
     try:
+        raise_if_interrupted()
         yield
     finally:
         if old is not None:
@@ -497,6 +529,6 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | No
     return Path(path)
 
 
-__all__ = ["Output", "Interrupted", "install_signal_handlers", "signals_blocked", "check_not_input",
+__all__ = ["Output", "Interrupted", "install_signal_handlers", "signals_blocked", "raise_if_interrupted", "check_not_input",
            "clean_stale", "atomic_file", "rename_noreplace", "os_error", "model_code_path", "free_bytes",
            "sibling", "WRITE_ERRNOS", "as_os_error", "save_safetensors"]
