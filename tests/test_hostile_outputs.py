@@ -600,7 +600,14 @@ def test_two_concurrent_merges_one_output(big):
 def test_ctrl_c_during_start_up_is_quiet(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "mergelab", "merge", "r.yaml", "-o", "x"], cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)   # python is importing torch
+    deadline = time.monotonic() + 120
+    while p.poll() is None and time.monotonic() < deadline:   # until python is loading torch's library
+        try:
+            if "libtorch" in Path(f"/proc/{p.pid}/maps").read_text():
+                break
+        except OSError:
+            break
+        time.sleep(0.005)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     # 130, or -SIGINT when Python itself re-raises the signal on its way out: quiet either way

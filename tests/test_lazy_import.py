@@ -84,7 +84,7 @@ def test_unknown_name_is_an_attribute_error():
 
 
 # Modules a plain merge (safetensors in, no align/repair/tact section) has no use for; each
-# cost start-up time before it was deferred (measured in docs/engine.md, "Start-up").
+# cost start-up time before it was deferred.
 _NOT_FOR_A_PLAIN_MERGE = (
     "mergelab.stats.activations", "mergelab.stats.fisher", "mergelab.stats.gram",
     "mergelab.stats.sites", "mergelab.repair.correct", "mergelab.repair.repair",

@@ -71,6 +71,7 @@ class _Group(click.Group):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             raise_if_interrupted()  # a signal whose exception Python dropped (in a __del__, ...)
+            _settle_signals()       # inside the try: a signal just before it is still an interruption
         except click.exceptions.NoArgsIsHelpError as e:
             _settle_signals()
             e.show()
