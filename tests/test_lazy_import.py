@@ -81,3 +81,41 @@ def test_unknown_name_is_an_attribute_error():
         mergelab.no_such_name  # noqa: B018
     with pytest.raises(ImportError):
         exec("from mergelab import no_such_name", {})
+
+
+# Modules a plain merge (safetensors in, no align/repair/tact section) has no use for; each
+# cost start-up time before it was deferred.
+_NOT_FOR_A_PLAIN_MERGE = (
+    "mergelab.stats.activations", "mergelab.stats.fisher", "mergelab.stats.gram",
+    "mergelab.stats.sites", "mergelab.repair.correct", "mergelab.repair.repair",
+    "mergelab.repair.tact", "mergelab.align", "mergelab.experiments", "transformers", "scipy",
+    "ctypes.util",
+)
+
+
+def test_a_plain_merge_imports_only_what_it_uses(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    for n in ("a", "b"):
+        save_file({"w": torch.randn(4, 4, generator=g), "b": torch.randn(4, generator=g)},
+                  str(tmp_path / f"{n}.safetensors"))
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a.safetensors'}\n"
+        f"  - model: {tmp_path / 'b.safetensors'}\n")
+    r = _run(f"""
+        import runpy, sys
+        sys.argv = ["mergelab", "merge", {str(tmp_path / 'r.yaml')!r}, "-o", {str(tmp_path / 'out')!r}, "-q"]
+        try:
+            runpy.run_module("mergelab", run_name="__main__")
+        except SystemExit as e:
+            assert e.code in (0, None), e.code
+        loaded = sorted(m for m in {_NOT_FOR_A_PLAIN_MERGE!r} if m in sys.modules)
+        assert not loaded, loaded
+        assert "torch" in sys.modules and "mergelab.stats.distributed" in sys.modules
+        print("ok")
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -7,10 +7,6 @@ repair``, ...). ``mergelab --help`` therefore never loads torch.
 """
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-
 __version__ = "0.1.0"
 
 # public name -> the module (relative to this package) that defines it
@@ -39,33 +35,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from ._startup import quiet_interrupt
+from ._lazy import lazy_names  # noqa: E402
 
-    with quiet_interrupt():  # the mergelab command: Ctrl-C while torch loads exits quietly
-        value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later look-ups are plain attribute reads
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """Two public functions share their name with a submodule (``mergelab.merge``,
-    ``mergelab.repair``). Importing such a submodule makes Python bind it on the package;
-    the public name keeps meaning the function, as it did when the names were imported
-    eagerly."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if (name in _LAZY and isinstance(value, types.ModuleType)
-                and value.__name__ == f"{__name__}.{name}"):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+lazy_names(__name__, _LAZY)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
-from typing import Iterator
 
 
 def started_as_cli() -> bool:
@@ -23,7 +22,7 @@ def started_as_cli() -> bool:
 
 
 @contextmanager
-def quiet_interrupt() -> Iterator[None]:
+def quiet_interrupt() -> "Iterator[None]":  # noqa: F821  (no typing import: start-up)
     try:
         yield
     except KeyboardInterrupt:

@@ -44,9 +44,15 @@ def _settle_signals() -> None:
 
     from ._startup import started_as_cli
 
-    for s, h in list(_saved_handlers.items()):
-        signal.signal(s, signal.SIG_IGN if started_as_cli() else h)
-    _saved_handlers.clear()
+    held = list(_saved_handlers)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held) if held else None
+    try:  # blocked: a signal now waits, then meets SIG_IGN (or the caller's own handler)
+        for s, h in list(_saved_handlers.items()):
+            signal.signal(s, signal.SIG_IGN if started_as_cli() else h)
+        _saved_handlers.clear()
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _Group(click.Group):
@@ -58,12 +64,14 @@ class _Group(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         import signal
 
-        from .io.outputs import HANDLED_SIGNALS, install_signal_handlers
+        from .io.outputs import HANDLED_SIGNALS, install_signal_handlers, raise_if_interrupted
 
         _saved_handlers.update({s: signal.getsignal(s) for s in HANDLED_SIGNALS})
         install_signal_handlers()
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            raise_if_interrupted()  # a signal whose exception Python dropped (in a __del__, ...)
+            _settle_signals()       # inside the try: a signal just before it is still an interruption
         except click.exceptions.NoArgsIsHelpError as e:
             _settle_signals()
             e.show()

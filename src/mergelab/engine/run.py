@@ -70,10 +70,9 @@ def tune_malloc() -> None:
         return
     _MALLOC_TUNED = True
     try:
-        import ctypes
-        import ctypes.util
+        from .._libc import libc as _c
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _c()
         libc.mallopt(-3, 64 << 20)   # M_MMAP_THRESHOLD
         libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune

@@ -21,16 +21,14 @@ outputs, a file for file outputs), renamed into place at the end.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
 import re
-import secrets
 import shutil
 import signal
 import string
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,31 +56,63 @@ class Interrupted(KeyboardInterrupt):
 
 
 _interrupting = False
+_pending: int | None = None   # the first handled signal of this command, even if its exception was lost
+_hooked = False
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _handler(signum, frame):
-    global _interrupting
+    global _interrupting, _pending
+    if _pending is None:
+        _pending = int(signum)
     if _interrupting:  # a second signal while the first one unwinds: let the cleanup finish
         return
     _interrupting = True
     raise Interrupted(signum)
 
 
+def _unraisable(u) -> None:
+    """Python runs the handler wherever the main thread is, also inside a ``__del__``, a weakref
+    finaliser or an atexit callback, where the raised :class:`Interrupted` is printed as
+    "Exception ignored" and dropped. Drop it silently instead: the signal stays recorded in
+    ``_pending`` (no commit happens after it, the command exits 128 + signum) and the next
+    signal raises again."""
+    global _interrupting
+    if isinstance(u.exc_value, Interrupted):
+        _interrupting = False
+        return
+    _previous_unraisablehook(u)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
 def install_signal_handlers() -> None:
     """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` once (main thread only)."""
+    global _interrupting, _pending, _hooked, _previous_unraisablehook
     if threading.current_thread() is not threading.main_thread():
         return
+    _interrupting, _pending = False, None
+    if not _hooked:
+        _previous_unraisablehook, sys.unraisablehook, _hooked = sys.unraisablehook, _unraisable, True
     for s in HANDLED_SIGNALS:
         signal.signal(s, _handler)
 
 
+def raise_if_interrupted() -> None:
+    """Raise :class:`Interrupted` if a handled signal arrived and its exception was lost."""
+    if _pending is not None:
+        raise Interrupted(_pending)
+
+
 @contextmanager
 def signals_blocked() -> Iterator[None]:
-    """Defer the handled signals (main thread) over a few renames that must not be split."""
+    """Defer the handled signals (main thread) over a few renames that must not be split; a
+    signal that arrived before (even one whose exception was lost) prevents them."""
     main = threading.current_thread() is threading.main_thread()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS) if main else None
     try:
+        raise_if_interrupted()
         yield
     finally:
         if old is not None:
@@ -191,18 +221,10 @@ def as_os_error(e: BaseException) -> OSError | None:
 
 
 # ------------------------------------------------------------------ rename without replacing
-_libc = None
-
-
 def _renameat2():
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            _libc.renameat2  # noqa: B018  (glibc >= 2.28)
-        except (OSError, AttributeError):
-            _libc = False
-    return _libc.renameat2 if _libc else None
+    from .._libc import libc
+
+    return getattr(libc(), "renameat2", None)  # glibc >= 2.28
 
 
 def rename_noreplace(src: Path, dst: Path) -> None:
@@ -213,7 +235,9 @@ def rename_noreplace(src: Path, dst: Path) -> None:
         AT_FDCWD, RENAME_NOREPLACE = -100, 1
         if f(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE) == 0:
             return
-        err = ctypes.get_errno()
+        from .._libc import get_errno
+
+        err = get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS):  # the file system lacks the flag: fall back
             raise OSError(err, os.strerror(err), str(dst))
     if os.path.lexists(dst):
@@ -277,10 +301,20 @@ def _release(lock: Path) -> None:
     os.close(ent[0])
 
 
+def _random_suffix(n: int) -> str:
+    """``n`` uniform characters of ``_ALNUM`` from ``os.urandom`` (rejection sampling; the
+    ``secrets`` module would cost an import on every command's start-up)."""
+    out: list[str] = []
+    limit = 256 - 256 % len(_ALNUM)
+    while len(out) < n:
+        out += [_ALNUM[b % len(_ALNUM)] for b in os.urandom(n) if b < limit]
+    return "".join(out[:n])
+
+
 def sibling(out: Path, kind: str) -> Path:
     """A fresh ``.<name>.<kind>-XXXXXXXX`` path beside ``out`` (not created)."""
     while True:
-        p = out.parent / f".{out.name}.{kind}-{''.join(secrets.choice(_ALNUM) for _ in range(8))}"
+        p = out.parent / f".{out.name}.{kind}-{_random_suffix(8)}"
         if not os.path.lexists(p):
             return p
 
@@ -385,28 +419,63 @@ class Output:
             raise MergelabError(f"{option} {path}: cannot create files in {out.parent} (permission denied)")
         self.lock = out.parent / f".{out.name}.{LOCK}"
         self._mine = False
+        self._made: list[Path] = []
+        self._had: set[str] | None = None
         self.existed = os.path.lexists(out) and not (out.is_dir() and not _nonempty(out))
 
     # -- the lock for the whole run
     def __enter__(self) -> "Output":
+        self._made = []  # folders this run created (parents, then the output folder): gone on failure
         if self.parents and not self.path.parent.is_dir():
+            self._made = [q for q in [self.path.parent, *self.path.parent.parents] if not os.path.lexists(q)]
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
+                self._unmake()
                 raise os_error(self.option, self.path, e, "creating the folders of") from None
-        self._mine = _acquire(self.lock, self.option, self.path)
+        try:
+            self._mine = _acquire(self.lock, self.option, self.path)
+        except BaseException:
+            self._unmake()
+            raise
         try:
             if self._mine:
                 clean_stale(self.path)
         except BaseException:
-            self.__exit__(None, None, None)
+            self.__exit__(*sys.exc_info())
             raise
+        self._had = None  # names in an existing folder the run adds files into
+        if self.kind == "folder" and not self.replaces:
+            if not os.path.lexists(self.path):
+                self._made.insert(0, self.path)  # the run adds files into a folder it creates
+            elif self.path.is_dir():
+                self._had = set(os.listdir(self.path))
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and self._mine:  # a failed run: what it added goes (the lock kept others out)
+            if self._made and self._made[0] == self.path:
+                _remove(self.path)
+            elif self._had is not None and self.path.is_dir():
+                for n in set(os.listdir(self.path)) - self._had:
+                    _remove(self.path / n)
         _release(self.lock)
         self._mine = False
+        if exc_type is not None:
+            self._unmake()
+        self._made = []
         return False
+
+    def _unmake(self) -> None:
+        """Remove the folders this run created, deepest first, while they are empty."""
+        for q in self._made:
+            try:
+                os.rmdir(q)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break  # not empty (another run's files): leave it and what holds it
+        self._made = []
 
     # -- checks with numbers known after planning
     def check_space(self, nbytes: int) -> None:
@@ -460,6 +529,6 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | No
     return Path(path)
 
 
-__all__ = ["Output", "Interrupted", "install_signal_handlers", "signals_blocked", "check_not_input",
+__all__ = ["Output", "Interrupted", "install_signal_handlers", "signals_blocked", "raise_if_interrupted", "check_not_input",
            "clean_stale", "atomic_file", "rename_noreplace", "os_error", "model_code_path", "free_bytes",
            "sibling", "WRITE_ERRNOS", "as_os_error", "save_safetensors"]
