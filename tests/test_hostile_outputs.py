@@ -516,9 +516,12 @@ def _check_interrupted(root, out, proc, signum, inputs, reference="reference"):
         return "finished"
     assert proc.returncode == 128 + signum, (proc.returncode, err)
     assert len(lines) == 1 and lines[0].startswith("error: interrupted"), err
-    if (root / out).exists():
+    if (root / out).exists():  # the signal came after the final rename: the line says it was kept
+        assert "complete and kept: " in lines[0] and lines[0].split("complete and kept: ")[1].startswith(
+            str(root / out)), err
         assert_same_output(root / out, root / reference)
         return "finished"
+    assert lines[0].endswith("; temporary output removed") and "kept" not in lines[0], err
     return "interrupted"
 
 

@@ -24,6 +24,11 @@ def _interrupted(e: BaseException) -> None:
 
     signum = e.signum if isinstance(e, Interrupted) else 2
     name = {2: "Ctrl-C", 15: "SIGTERM", 1: "SIGHUP"}.get(signum, f"signal {signum}")
+    from .io.outputs import COMMITTED
+
+    if COMMITTED:  # the signal came after the output was complete and in place: it is kept
+        done = ", ".join(str(p) for p in COMMITTED)
+        _fail(f"interrupted ({name}); complete and kept: {done}; any temporary output removed", 128 + signum)
     _fail(f"interrupted ({name}); temporary output removed", 128 + signum)
 
 

@@ -227,6 +227,11 @@ def _renameat2():
     return getattr(libc(), "renameat2", None)  # glibc >= 2.28
 
 
+# outputs put in place by this process (the final renames), so an interrupt that arrives after
+# one is reported as such and not as "temporary output removed"
+COMMITTED: list[Path] = []
+
+
 def rename_noreplace(src: Path, dst: Path) -> None:
     """``rename(src, dst)`` that fails with ``FileExistsError`` when ``dst`` exists (even an
     empty folder, which plain ``rename`` would silently replace)."""
@@ -510,6 +515,7 @@ def atomic_file(path: str | os.PathLike, *, option: str = "-o") -> Iterator[Path
         yield tmp
         with signals_blocked():
             os.replace(tmp, out)
+            COMMITTED.append(out)
     except BaseException as e:
         _remove(tmp)
         oe = as_os_error(e)

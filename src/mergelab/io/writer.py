@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 
 from ..errors import MergelabError
-from .outputs import OLD, TMP, Output, as_os_error, check_not_input, os_error, rename_noreplace, sibling, signals_blocked
+from .outputs import COMMITTED, OLD, TMP, Output, as_os_error, check_not_input, os_error, rename_noreplace, sibling, signals_blocked
 from .reader import TORCH_TO_ST, open_checkpoint
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
@@ -144,6 +144,7 @@ class AtomicFolder:
                     os.rename(self.out, trash / "old")
                     try:
                         rename_noreplace(self.tmp, self.out)
+                        COMMITTED.append(self.out)
                     except BaseException:
                         os.rename(trash / "old", self.out)
                         shutil.rmtree(trash, ignore_errors=True)
@@ -156,6 +157,7 @@ class AtomicFolder:
                         except OSError:     # no longer empty: something appeared meanwhile
                             raise FileExistsError(errno.EEXIST, "exists", str(self.out)) from None
                     rename_noreplace(self.tmp, self.out)
+                    COMMITTED.append(self.out)
         except FileExistsError:
             self._abort()
             raise MergelabError(f"{self.output.option} {self.output.given}: appeared while this run was writing it "
