@@ -117,3 +117,29 @@ def test_errors_are_one_line():
         weight_matching_streamed(spec, sa, sb, order="zigzag")
     with pytest.raises(MergelabError, match="order must be"):
         ml.weight_matching(spec, sa, sb, order="zigzag")
+
+
+def test_align_checkpoints_streamed_or_in_memory_same_permutation(tmp_path):
+    """``mergelab align`` on save_pretrained folders: the streamed path and the in-memory
+    path (both in the "local" unit order) give the same permutation; the CLI's --stream."""
+    import subprocess
+
+    from mergelab.align.pipeline import align_checkpoints
+    from mergelab.align.apply import load_permutation
+    m, _ = llama()
+    a, b = copy.deepcopy(m), copy.deepcopy(m)
+    _reinit(a, 1)
+    _reinit(b, 2)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    on = align_checkpoints(tmp_path / "a", [tmp_path / "b"], stream=True)
+    off = align_checkpoints(tmp_path / "a", [tmp_path / "b"], stream=False)
+    auto = align_checkpoints(tmp_path / "a", [tmp_path / "b"])          # small: in memory
+    for r in (off, auto):
+        assert all(torch.equal(on.permutations[0][g], r.permutations[0][g]) for g in on.permutations[0])
+    assert not all(torch.equal(v, torch.arange(len(v))) for v in on.permutations[0].values())
+    r = subprocess.run([sys.executable, "-m", "mergelab", "align", str(tmp_path / "a"), str(tmp_path / "b"),
+                        "-o", str(tmp_path / "out"), "--stream", "on", "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = load_permutation(tmp_path / "out" / "b.permutation.safetensors")
+    assert all(torch.equal(got[g], on.permutations[0][g]) for g in got)
