@@ -52,17 +52,9 @@ def config(args) -> dict:
 
 
 def shapes(c: dict) -> list:
-    h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
-    out = [("model.embed_tokens.weight", (v, h))]
-    for layer in range(c["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
-                (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
-                (p + "self_attn.o_proj.weight", (h, h)), (p + "post_attention_layernorm.weight", (h,)),
-                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                (p + "mlp.down_proj.weight", (h, i))]
-    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    sys.path.insert(0, str(Path(__file__).parent))
+    from merge_throughput import llama_shapes
+    return llama_shapes(c)
 
 
 # ----------------------------------------------------------------------------- children

@@ -140,6 +140,17 @@ class _Units:
                 continue
             self.units.append(("joint", n, inner[n]) if n in inner else ("plain", n, []))
 
+    def solve_each(self, costs: dict) -> dict:
+        """Every unit solved once from the identity, on its groups' matrices in ``costs``
+        (costs that do not depend on the other groups: signatures, activation correlations)."""
+        perm = dict(self.spec.identity())
+        for u in self.units:
+            cs = {n: costs[n] for n in (u[1], *u[2]) if n in costs}
+            if cs:
+                new, _ = self.solve(u, cs, perm)
+                perm.update(new)
+        return perm
+
     def solve(self, unit, costs: dict, perm: dict):
         """Best permutation(s) for one unit given cost matrices; returns (new dict, gain)."""
         kind, n, inners = unit
@@ -297,14 +308,7 @@ def _signature_match(spec: PermutationSpec, pa: list, pb: list, q: int = 64) -> 
             sa, sb = _signatures(xa, k, q), _signatures(xb, k, q)
             c = (2 * sa @ sb.T - (sa * sa).sum(1)[:, None] - (sb * sb).sum(1)[None, :]).numpy()
             costs[g] = costs[g] + c if g in costs else c
-    perm = dict(spec.identity())
-    units = _Units(spec)
-    for u in units.units:
-        cs = {n: costs[n] for n in (u[1], *u[2]) if n in costs}
-        if cs:
-            new, _ = units.solve(u, cs, perm)
-            perm.update(new)
-    return spec.check(perm)
+    return spec.check(_Units(spec).solve_each(costs))
 
 
 def _head_of(spec: PermutationSpec, g: str) -> str:
@@ -551,13 +555,8 @@ def _activation_matching(spec, reference_model, other_model, data, input_fn, max
             c = cov / (sda[:, None] * sdb[None, :])
             c = torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0).cpu().numpy()
             corr[g] = corr[g] + c if g in corr else c
-    perm = dict(spec.identity())
     units = _Units(spec)
-    for u in units.units:
-        costs = {n: corr[n] for n in (u[1], *u[2]) if n in corr}
-        if costs:
-            new, _ = units.solve(u, costs, perm)
-            perm.update(new)
+    perm = units.solve_each(corr)
     unmatched = [u[1] for u in units.units if not any(n in corr for n in (u[1], *u[2]))]
     history = []
     if unmatched:

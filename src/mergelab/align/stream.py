@@ -144,14 +144,14 @@ def _trace(costs: dict, perm) -> float:
     return sum(float(c[np.arange(len(c)), perm[g].numpy()].sum()) for g, c in costs.items())
 
 
-def _signature_start(spec, units, order, axes, touches, ra, rb, device, q, block_rows) -> dict:
+def _signature_start(spec, solver, order, touches, ra, rb, device, q, block_rows) -> dict:
     """:func:`signature_match` with each tensor read once: units in ``order``; a unit is solved
     as soon as every tensor touching it has been read (its signature costs are then complete)."""
     perm = dict(spec.identity())
     acc: dict[str, np.ndarray] = {}
     seen = set()
     for ui in order:
-        u = units[ui]
+        u = solver.units[ui]
         for name in spec.axes:
             if ui not in touches[name] or name in seen:
                 continue
@@ -166,7 +166,7 @@ def _signature_start(spec, units, order, axes, touches, ra, rb, device, q, block
                                                - nb).cpu().numpy(), sa.shape[0], block_rows)
         cs = {n: acc.pop(n) for n in (u[1], *u[2]) if n in acc}
         if cs:
-            new, _ = _Units(spec).solve(u, cs, perm)
+            new, _ = solver.solve(u, cs, perm)
             perm.update(new)
     return perm
 
@@ -202,7 +202,7 @@ def weight_matching_streamed(spec: PermutationSpec, reference: Any, other: Any, 
     if init is None or (isinstance(init, str) and init == "identity"):
         perm = dict(spec.identity())
     elif isinstance(init, str) and init == "signature":
-        perm = _signature_start(spec, todo, local, axes, touches, ra, rb, dev, q, block_rows)
+        perm = _signature_start(spec, units, local, touches, ra, rb, dev, q, block_rows)
     elif isinstance(init, str):
         raise MergelabError(f"weight_matching: init must be 'signature', 'identity' or a permutation, "
                             f"found {init!r}")
