@@ -123,8 +123,13 @@ def child_match(spec_path: str, a: str, b: str, truth: str, limit_gib: float, ma
 def run_child(args_list, env=None):
     t = time.time()
     proc = subprocess.Popen([sys.executable, __file__, *args_list], stdout=subprocess.PIPE, text=True, env=env)
-    out = proc.stdout.read()
-    _, status, ru = os.wait4(proc.pid, 0)
+    try:
+        out = proc.stdout.read()
+        _, status, ru = os.wait4(proc.pid, 0)
+    except BaseException:        # interrupted (SIGTERM/SIGINT): the child goes too
+        proc.kill()
+        proc.wait()
+        raise
     lines = out.strip().splitlines()
     for ln in lines[:-1]:
         print("   ", ln)
@@ -175,6 +180,8 @@ def main():
     ap.add_argument("--max-iter", type=int, default=100)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # so that the work folder is deleted
     import torch
 
     from mergelab.align.apply import save_permutation
