@@ -6,6 +6,7 @@ implementation) and its example inputs.  ``ZOO[name]() -> (model, inputs)``.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
@@ -168,6 +169,49 @@ def wav2vec2():
     return tf.Wav2Vec2ForSequenceClassification(cfg).eval(), x
 
 
+class Fire(nn.Module):
+    """SqueezeNet's Fire module: a 1x1 "squeeze" conv, then 1x1 and 3x3 "expand" convs whose
+    outputs are concatenated on the channel axis."""
+
+    def __init__(self, c_in, squeeze, expand1, expand3):
+        super().__init__()
+        self.squeeze = nn.Conv2d(c_in, squeeze, 1)
+        self.expand1x1 = nn.Conv2d(squeeze, expand1, 1)
+        self.expand3x3 = nn.Conv2d(squeeze, expand3, 3, padding=1)
+
+    def forward(self, x):
+        s = torch.relu(self.squeeze(x))
+        return torch.cat([torch.relu(self.expand1x1(s)), torch.relu(self.expand3x3(s))], 1)
+
+
+class SqueezeNet11(nn.Module):
+    """SqueezeNet 1.1 (Iandola et al. 2016; v1.1: 3x3 stem of 64 channels, pooling after
+    fire 3 and fire 5): stem conv 3x3/2 + max-pool 3/2, fires (squeeze, expand 1x1, expand
+    3x3) 16-64-64 x2, pool, 32-128-128 x2, pool, 48-192-192 x2, 64-256-256 x2, then dropout,
+    a 1x1 conv to the classes, ReLU and global average pooling."""
+
+    FIRES = ((64, 16, 64, 64), (128, 16, 64, 64), "pool", (128, 32, 128, 128), (256, 32, 128, 128), "pool",
+             (256, 48, 192, 192), (384, 48, 192, 192), (384, 64, 256, 256), (512, 64, 256, 256))
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        layers = [nn.Conv2d(3, 64, 3, stride=2), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True)]
+        for f in self.FIRES:
+            layers.append(nn.MaxPool2d(3, 2, ceil_mode=True) if f == "pool" else Fire(*f))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(512, num_classes, 1), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, pixel_values):
+        return self.classifier(self.features(pixel_values)).flatten(1)
+
+
+def squeezenet():
+    """Written here (torchvision's CPU wheel does not load against this torch); 1.24M parameters."""
+    torch.manual_seed(0)
+    return SqueezeNet11().eval(), _pix()
+
+
 ZOO = {f.__name__: f for f in (llama, mistral, qwen2, gpt2, t5, bert, roberta, distilbert, vit, clip_vision,
                                swin, convnext, mobilenet_v2, efficientnet, regnet, resnet, whisper_encoder,
-                               wav2vec2)}
+                               wav2vec2, squeezenet)}

@@ -256,16 +256,20 @@ def _shape(ctx, param, value):
 @click.option("--force", is_flag=True, help="Replace existing outputs.")
 @click.option("--device", default="cpu", show_default=True,
               help="Where cost matrices / activations are computed: cpu, cuda or cuda:N.")
+@click.option("--stream", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Weight matching: read the checkpoints tensor by tensor (on), hold both in float32 (off), "
+                   "or stream when that would exceed 2 GiB (auto). Same permutations either way.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def align_cmd(reference, others, out, model_code, method, data, batch_size, input_shape, transfer_to, checkpoints,
-              max_iter, seed, shard_size, force, device, quiet):
+              max_iter, seed, shard_size, force, device, stream, quiet):
     """Permute each OTHER checkpoint's hidden units to match REFERENCE (weight or activation matching)."""
     from .align.pipeline import run_align
 
     res, written = run_align(reference, list(others), out, model_code=model_code, method=method, data=data,
                              input_shape=input_shape, batch_size=batch_size, max_iter=max_iter, seed=seed,
                              transfer_to=list(transfer_to), checkpoints=checkpoints, force=force,
-                             shard_size=shard_size, device=device)
+                             shard_size=shard_size, device=device,
+                             stream={"auto": None, "on": True, "off": False}[stream])
     if not quiet:
         click.echo(res.summary())
         for w in written:

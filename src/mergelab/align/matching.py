@@ -29,6 +29,7 @@ from ..device import module_device, placed, resolve_device, to_device
 from ..errors import MergelabError
 from .apply import permute
 from .spec import Permutation, PermutationSpec, compose_heads, expr_size, run_recorded
+from .spec.rules import expr_groups
 
 
 def _lap(c: np.ndarray) -> np.ndarray:
@@ -139,6 +140,17 @@ class _Units:
                 continue
             self.units.append(("joint", n, inner[n]) if n in inner else ("plain", n, []))
 
+    def solve_each(self, costs: dict) -> dict:
+        """Every unit solved once from the identity, on its groups' matrices in ``costs``
+        (costs that do not depend on the other groups: signatures, activation correlations)."""
+        perm = dict(self.spec.identity())
+        for u in self.units:
+            cs = {n: costs[n] for n in (u[1], *u[2]) if n in costs}
+            if cs:
+                new, _ = self.solve(u, cs, perm)
+                perm.update(new)
+        return perm
+
     def solve(self, unit, costs: dict, perm: dict):
         """Best permutation(s) for one unit given cost matrices; returns (new dict, gain)."""
         kind, n, inners = unit
@@ -192,6 +204,27 @@ class _Units:
                     tl[s] = cur[h] - s * d
                 out[i] = compose_heads(out[n], tl, d)
         return out, new - old
+
+
+def unit_order(spec: PermutationSpec, units: list, kind: str, rng: np.random.Generator) -> list[int]:
+    """The order in which one sweep of coordinate descent visits ``units``.
+
+    ``"random"``: a fresh random order per sweep (Git Re-Basin; drawn from ``rng``).
+    ``"local"``: a fixed order, units touched by few tensors first and the hubs (residual
+    streams, touched by every block) last, ties in spec order.  With it, each tensor is read
+    once per sweep by the streamed matcher and only the hubs hold a cost matrix across units
+    (see :func:`mergelab.align.stream.weight_matching_streamed`)."""
+    if kind == "random":
+        return [int(u) for u in rng.permutation(len(units))]
+    if kind != "local":
+        raise MergelabError(f"weight_matching: order must be 'random' or 'local', found {kind!r}")
+    count = [0] * len(units)
+    where = {g: i for i, u in enumerate(units) for g in (u[1], *u[2])}
+    for rules in spec.axes.values():
+        touched = {where[g] for r in rules for g in expr_groups(r.expr) if g in where}
+        for i in touched:
+            count[i] += 1
+    return sorted(range(len(units)), key=lambda i: (count[i], i))
 
 
 class _Entry:
@@ -275,14 +308,7 @@ def _signature_match(spec: PermutationSpec, pa: list, pb: list, q: int = 64) -> 
             sa, sb = _signatures(xa, k, q), _signatures(xb, k, q)
             c = (2 * sa @ sb.T - (sa * sa).sum(1)[:, None] - (sb * sb).sum(1)[None, :]).numpy()
             costs[g] = costs[g] + c if g in costs else c
-    perm = dict(spec.identity())
-    units = _Units(spec)
-    for u in units.units:
-        cs = {n: costs[n] for n in (u[1], *u[2]) if n in costs}
-        if cs:
-            new, _ = units.solve(u, cs, perm)
-            perm.update(new)
-    return spec.check(perm)
+    return spec.check(_Units(spec).solve_each(costs))
 
 
 def _head_of(spec: PermutationSpec, g: str) -> str:
@@ -298,7 +324,7 @@ def weight_matching(spec: PermutationSpec, reference_state: Mapping[str, torch.T
                     other_state: Mapping[str, torch.Tensor], max_iter: int = 100, seed: int = 0,
                     init: "Mapping[str, torch.Tensor] | str" = "signature", verbose: bool = False,
                     groups: Sequence[str] | None = None,
-                    device: str | torch.device | None = None) -> Permutation:
+                    device: str | torch.device | None = None, order: str = "random") -> Permutation:
     """Permutation of ``other_state`` that best matches ``reference_state`` (Git Re-Basin).
 
     Starts from ``init``: ``"signature"`` (default: :func:`signature_match`, a one-shot match
@@ -320,7 +346,13 @@ def weight_matching(spec: PermutationSpec, reference_state: Mapping[str, torch.T
 
     ``device``: where the cost matrices are computed (default: the reference tensors'
     device); the linear assignments run on the CPU (scipy) on float64 copies.
+
+    ``order``: the order of the units in a sweep, ``"random"`` (default) or ``"local"`` (hubs
+    last; :func:`unit_order`).  :func:`mergelab.align.stream.weight_matching_streamed` reads
+    checkpoints from disk instead and gives the same permutations for the same ``order``.
     """
+    if order not in ("random", "local"):
+        raise MergelabError(f"weight_matching: order must be 'random' or 'local', found {order!r}")
     dev = resolve_device(device, "weight_matching device")
     if isinstance(reference_state, nn.Module):
         reference_state = reference_state.state_dict()
@@ -387,8 +419,7 @@ def weight_matching(spec: PermutationSpec, reference_state: Mapping[str, torch.T
     solved_at: dict[int, tuple] = {}
     for sweep in range(max_iter):
         improved = False
-        for ui in rng.permutation(len(todo)):
-            ui = int(ui)
+        for ui in unit_order(spec, todo, order, rng):
             key = tuple(e.versions(ver) for e in by_unit[ui])
             if solved_at.get(ui) == key:
                 continue          # same costs as at its last solve: same answer
@@ -524,13 +555,8 @@ def _activation_matching(spec, reference_model, other_model, data, input_fn, max
             c = cov / (sda[:, None] * sdb[None, :])
             c = torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0).cpu().numpy()
             corr[g] = corr[g] + c if g in corr else c
-    perm = dict(spec.identity())
     units = _Units(spec)
-    for u in units.units:
-        costs = {n: corr[n] for n in (u[1], *u[2]) if n in corr}
-        if costs:
-            new, _ = units.solve(u, costs, perm)
-            perm.update(new)
+    perm = units.solve_each(corr)
     unmatched = [u[1] for u in units.units if not any(n in corr for n in (u[1], *u[2]))]
     history = []
     if unmatched:

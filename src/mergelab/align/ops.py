@@ -377,16 +377,20 @@ def softmax(c, op):
     _same(c, op.args[0], op.outs[0])
 
 
-@handles("aten.cumsum", "aten.cumprod")
-def cumsum(c, op):
-    x, y = op.args[0], op.outs[0]
-    d = _dim(op.args[1], x.dim())
+def _pin_one_axis(c, x, y, d: int, why: str):
+    """``y`` follows ``x`` on every axis but ``d``, which is pinned in both."""
     for i in range(x.dim()):
         if i == d:
-            c.freeze(c.ax(x, i), f"{op.name} runs along this axis")
-            c.freeze(c.ax(y, i), f"{op.name} runs along this axis")
+            c.freeze(c.ax(x, i), why)
+            c.freeze(c.ax(y, i), why)
         else:
             c.link(c.ax(x, i), c.ax(y, i))
+
+
+@handles("aten.cumsum", "aten.cumprod")
+def cumsum(c, op):
+    x = op.args[0]
+    _pin_one_axis(c, x, op.outs[0], _dim(op.args[1], x.dim()), f"{op.name} runs along this axis")
 
 
 # ------------------------------------------------------------------ linear algebra
@@ -681,14 +685,8 @@ def index(c, op):
 
 @handles("aten.index_select")
 def index_select(c, op):
-    x, y = op.args[0], op.outs[0]
-    d = _dim(op.args[1], x.dim())
-    for i in range(x.dim()):
-        if i == d:
-            c.freeze(c.ax(x, i), f"{op.name} addresses entries by position")
-            c.freeze(c.ax(y, i), f"{op.name} addresses entries by position")
-        else:
-            c.link(c.ax(x, i), c.ax(y, i))
+    x = op.args[0]
+    _pin_one_axis(c, x, op.outs[0], _dim(op.args[1], x.dim()), f"{op.name} addresses entries by position")
     for a in range(op.args[2].dim()):
         c.freeze(c.ax(op.args[2], a), f"{op.name} index")
 

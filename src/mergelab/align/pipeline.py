@@ -27,6 +27,7 @@ from ..io.models import build_model, check_fit, checkpoint_names, is_hf_folder, 
 from ..io.outputs import Output, check_not_input, model_code_path
 from .apply import PermutedCheckpoint, rename_spec, save_permutation
 from .matching import activation_matching, weight_matching
+from .stream import weight_matching_streamed
 from .spec import Permutation, PermutationSpec, permutation_spec
 
 
@@ -104,13 +105,32 @@ def _label(ckpt) -> str:
     return str(getattr(ckpt, "path", None) or type(ckpt).__name__)
 
 
-def spec_state(spec: PermutationSpec, ckpt, label: str) -> dict[str, torch.Tensor]:
-    """The tensors of ``ckpt`` that the spec permutes (only those are read)."""
+def spec_state_check(spec: PermutationSpec, ckpt, label: str) -> None:
+    """Refuse a checkpoint that lacks a tensor the spec permutes (nothing is read)."""
     missing = [n for n in spec.axes if n not in ckpt]
     if missing:
         raise MergelabError(f"{label}: has no tensor {missing[0]!r} that the reference architecture permutes "
                             "(another architecture?)")
+
+
+def spec_state(spec: PermutationSpec, ckpt, label: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``ckpt`` that the spec permutes (only those are read)."""
+    spec_state_check(spec, ckpt, label)
     return {n: ckpt.get(n) for n in spec.axes}
+
+
+# weight matching streams the checkpoints from disk (align.stream) when both models' permuted
+# tensors in float32 exceed this; below it the in-memory matcher (cached products) is used
+STREAM_ABOVE_BYTES = 2 << 30
+
+
+def _numel(ckpt, name: str) -> int:
+    if hasattr(ckpt, "shape") and callable(ckpt.shape):
+        n = 1
+        for s in ckpt.shape(name):
+            n *= int(s)
+        return n
+    return int(ckpt[name].numel())
 
 
 @dataclass
@@ -131,14 +151,18 @@ class AlignResult:
 
 def align_checkpoints(reference, others: Sequence, *, model_code: str | None = None, method: str = "weight",
                       data=None, input_shape: Sequence[int] | None = None, batch_size: int = 32,
-                      max_iter: int = 100, seed: int = 0, device: str | None = None) -> AlignResult:
+                      max_iter: int = 100, seed: int = 0, device: str | None = None,
+                      stream: bool | None = None) -> AlignResult:
     """Permutations aligning each of ``others`` (paths or Checkpoint-like) to ``reference``.
 
     ``data`` (activation matching): a path for :func:`load_align_data` or an iterable of
     batches.  Example inputs for tracing: ``input_shape`` (float ``randn``), else the first
     data batch, else (Hugging Face) generated token ids / pixels.  ``device``: where the cost
     matrices (weight matching) or both models' passes (activation matching) run; tracing
-    stays on the CPU.
+    stays on the CPU.  ``stream`` (weight matching): read the checkpoints tensor by tensor
+    (:func:`mergelab.align.stream.weight_matching_streamed`) instead of holding both models in
+    float32; default: stream when that would exceed ``STREAM_ABOVE_BYTES`` (2 GiB).  Both paths
+    visit units in the ``"local"`` order and give the same permutations.
     """
     dev = resolve_device(device, "align device")
     if method not in ("weight", "activation"):
@@ -173,10 +197,20 @@ def align_checkpoints(reference, others: Sequence, *, model_code: str | None = N
     spec = rename_spec(model_spec, checkpoint_names(model, ref_ck.keys()))
     perms = []
     if method == "weight":
-        ref_state = spec_state(spec, ref_ck, _label(ref_ck))
-        for ck in oth_ck:
-            perms.append(weight_matching(spec, ref_state, spec_state(spec, ck, _label(ck)), max_iter=max_iter,
-                                         seed=seed, device=dev))
+        for ck in [ref_ck, *oth_ck]:
+            spec_state_check(spec, ck, _label(ck))
+        if stream is None:          # both models' permuted tensors in float32 over the budget
+            stream = 2 * 4 * sum(_numel(ref_ck, n) for n in spec.axes) > STREAM_ABOVE_BYTES
+        # the "local" unit order (hubs last) in both paths: the same permutations either way
+        if stream:
+            for ck in oth_ck:
+                perms.append(weight_matching_streamed(spec, ref_ck, ck, max_iter=max_iter, seed=seed,
+                                                      order="local", device=dev))
+        else:
+            ref_state = spec_state(spec, ref_ck, _label(ref_ck))
+            for ck in oth_ck:
+                perms.append(weight_matching(spec, ref_state, spec_state(spec, ck, _label(ck)), max_iter=max_iter,
+                                             seed=seed, device=dev, order="local"))
     else:
         ref_model = load_weights(model, ref_ck, _label(ref_ck))
         for ck in oth_ck:
@@ -200,7 +234,8 @@ def _unique_stems(paths: Sequence) -> list[str]:
 def run_align(reference, others: Sequence, out, *, model_code: str | None = None, method: str = "weight",
               data=None, input_shape: Sequence[int] | None = None, batch_size: int = 32, max_iter: int = 100,
               seed: int = 0, transfer_to: Sequence = (), checkpoints: bool = False, force: bool = False,
-              shard_size: str = "5GB", device: str | None = None) -> tuple[AlignResult, list[Path]]:
+              shard_size: str = "5GB", device: str | None = None,
+              stream: bool | None = None) -> tuple[AlignResult, list[Path]]:
     """Align ``others`` to ``reference`` and write into the folder ``out``:
 
     * ``<name>.permutation.safetensors`` per other model (``name``: its file stem / folder name);
@@ -238,7 +273,7 @@ def run_align(reference, others: Sequence, out, *, model_code: str | None = None
     with claim:
         res = align_checkpoints(reference, others, model_code=model_code, method=method, data=data,
                                 input_shape=input_shape, batch_size=batch_size, max_iter=max_iter, seed=seed,
-                                device=device)
+                                device=device, stream=stream)
         created = not out.exists()
         try:
             out.mkdir(exist_ok=True)
