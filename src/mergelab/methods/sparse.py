@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Annotated, Callable, Iterable, Iterator, Literal, Sequence
 
@@ -246,7 +248,8 @@ def _chunk_seed(seed: int, chunk: int) -> int:
     return derive_seed(seed, int(chunk))
 
 
-def dare_keep(start: int, stop: int, density: float, seed: int, device: torch.device | str | None = None) -> Tensor:
+def dare_keep(start: int, stop: int, density: float, seed: int, device: torch.device | str | None = None,
+              total: int | None = None) -> Tensor:
     """DARE's Bernoulli(density) keep-mask of the flat entries ``start:stop`` of a tensor, on ``device``.
 
     Entry j is kept when the ``(j mod 2^20)``-th draw of a CPU ``torch.Generator`` (Mersenne
@@ -255,9 +258,56 @@ def dare_keep(start: int, stop: int, density: float, seed: int, device: torch.de
     are always made on the CPU and the mask is moved to ``device`` (CUDA's Philox generator
     gives other numbers for the same seed, so drawing there would make GPU merges differ from
     CPU ones).  ``seed`` is :func:`tensor_seed` (``ctx.seed``, tensor name, model index).
+
+    ``total`` (the whole tensor's number of entries, optional) lets a call on a row block
+    draw its whole chunk once (up to the tensor's end) and keep its mask in a small cache
+    (:data:`_KEEP_CACHE`) for the other blocks of the same chunk: the generator cannot skip
+    ahead, so without it the k-th block of a chunk redraws the k - 1 blocks before it.  The
+    values are the same either way.
     """
-    keep = uniforms(start, stop, seed) < density
+    if total is None:
+        keep = uniforms(start, stop, seed) < density
+    else:
+        keep = torch.empty(max(0, stop - start), dtype=torch.bool)
+        pos = start
+        while pos < stop:
+            c = pos // CHUNK
+            end = min((c + 1) * CHUNK, total)
+            hi = min(stop, end)
+            if pos == c * CHUNK and hi == end:  # the whole chunk: nothing to share
+                keep[pos - start:hi - start] = uniforms(pos, hi, seed) < density
+            else:
+                keep[pos - start:hi - start] = _KEEP_CACHE.mask(seed, c, end - c * CHUNK, density)[pos - c * CHUNK:hi - c * CHUNK]
+            pos = hi
     return keep if device is None else keep.to(device)
+
+
+class _ChunkMasks:
+    """A small thread-safe LRU cache of whole-chunk DARE keep-masks (bool, at most ``size``
+    entries of 2^20 bytes): the blocks of one chunk are merged by neighbouring jobs."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.lock = threading.Lock()
+        self.items: OrderedDict[tuple, Tensor] = OrderedDict()
+
+    def mask(self, seed: int, chunk: int, n: int, density: float) -> Tensor:
+        key = (seed, chunk, n, density)
+        with self.lock:
+            m = self.items.get(key)
+            if m is not None:
+                self.items.move_to_end(key)
+                return m
+        m = uniforms(chunk * CHUNK, chunk * CHUNK + n, seed) < density  # outside the lock: draws in parallel
+        with self.lock:
+            self.items[key] = m
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return m
+
+
+_KEEP_CACHE = _ChunkMasks()
 
 
 def uniforms(start: int, stop: int, seed: int, device=None) -> Tensor:
@@ -287,7 +337,8 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
                       sparsify: str, consensus: bool, normalize: bool, majority: str = "mass",
                       rescale: bool = True, thresholds: Sequence[float] | None = None,
                       zero_sign: float = 1.0, name: str = "", seed: int = 0,
-                      trim: list | None = None, offset: int = 0, tie_break: str = "index") -> Tensor:
+                      trim: list | None = None, offset: int = 0, tie_break: str = "index",
+                      total_numel: int | None = None) -> Tensor:
     """The merged task vector ``τ_m`` of the generalized task-arithmetic family.
 
     ``sparsify``: ``"magnitude"`` (TIES trim; per tensor unless ``thresholds`` gives each
@@ -297,7 +348,8 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
     (divided by Σw when ``normalize``, as in mergekit).
 
     Called on a block of a bigger tensor: ``trim`` is the tensor's :func:`trim_states`
-    (consumed in flat order) and ``offset`` the block's first flat index (DARE's masks).
+    (consumed in flat order), ``offset`` the block's first flat index and ``total_numel`` the
+    whole tensor's number of entries (DARE's masks; see :func:`dare_keep`).
     """
     n_models = len(tensors)
     numel = base.numel()
@@ -324,7 +376,8 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
             elif thresholds is not None and thresholds[i] is not None:
                 tau.mul_(tau.abs() >= thresholds[i])
             elif dare_seeds[i] is not None:
-                tau.mul_(dare_keep(offset + s, offset + e, density[i], dare_seeds[i], tau.device))
+                tau.mul_(dare_keep(offset + s, offset + e, density[i], dare_seeds[i], tau.device,
+                                   total=total_numel))
                 if rescale:
                     tau.div_(density[i])
             if weight[i] != 1.0:
@@ -485,7 +538,8 @@ def dare_linear(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
     the tensor name and the model index: same inputs, same bytes."""
     tau = sparse_task_merge(tensors, base, weight=weight, density=density, sparsify="random",
                             consensus=False, normalize=normalize, rescale=rescale,
-                            name=ctx.name, seed=ctx.seed, offset=ctx.offset)
+                            name=ctx.name, seed=ctx.seed, offset=ctx.offset,
+                            total_numel=ctx.numel if ctx.numel is not None else base.numel())
     return _finish(base, tau, lambda_)
 
 
@@ -498,7 +552,8 @@ def dare_ties(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
     defaults to false, a zero sign sum elects +)."""
     tau = sparse_task_merge(tensors, base, weight=weight, density=density, sparsify="random",
                             consensus=True, normalize=normalize, rescale=rescale, majority=majority,
-                            name=ctx.name, seed=ctx.seed, offset=ctx.offset)
+                            name=ctx.name, seed=ctx.seed, offset=ctx.offset,
+                            total_numel=ctx.numel if ctx.numel is not None else base.numel())
     return _finish(base, tau, lambda_)
 
 
