@@ -4,7 +4,8 @@ Building blocks (usable on their own):
 
 * :func:`kth_largest` — exact k-th largest of non-negative float32 values streamed in chunks,
   by a two-level radix select on the float32 bit pattern (65,536-bin histograms of the high
-  and then the low 16 bits), so memory does not grow with the number of values;
+  and then the low 16 bits), so memory does not grow with the number of values; with the
+  stream's length known, usually in ONE pass (:func:`kth_largest_many`);
 * :func:`trim_states` / :func:`trim_mask` — the TIES trim per tensor (mergekit: exactly
   max(1, ⌊k·n⌋) entries survive), from a streaming pass over the tensor's chunks, so the
   engine can merge a big tensor in row blocks;
@@ -51,42 +52,74 @@ def _bits(x: Tensor) -> Tensor:
     return x.detach().reshape(-1).to(torch.float32).view(torch.int32)
 
 
+WINDOW = 4  # high-16-bit buckets on each side of the first chunk's estimate (±~3% in value)
+
+
 def kth_largest_many(chunks: Callable[[], Iterable[Sequence[Tensor]]],
-                     ranks: Sequence[int | None]) -> list[tuple[float, int] | None]:
+                     ranks: Sequence[int | None],
+                     sizes: Sequence[int | None] | None = None) -> list[tuple[float, int] | None]:
     """For S streams at once: the ``ranks[s]``-th largest (1-based) non-negative float32 value
     of stream s and how many values are strictly greater; ``None`` ranks are skipped.
 
-    ``chunks()`` (called twice: two streaming passes) yields, per step, one chunk of every
+    ``chunks()`` (called once or twice: streaming passes) yields, per step, one chunk of every
     stream (``None`` for a skipped stream).  Non-negative IEEE floats order like their bit
     patterns read as integers, so pass 1 histograms the high 16 bits, pass 2 the low 16 bits
     of the values in the selected high bucket; the result is exact.  A rank of 0 or larger
     than the stream's length is an error.
+
+    ``sizes[s]`` (the stream's length, optional) saves pass 2 in the common case: pass 1 also
+    histograms the low 16 bits of the values whose high bucket lies within ``WINDOW`` buckets
+    of the bucket the FIRST chunk puts at the same relative rank; when the whole stream's
+    bucket falls inside that window, its low histogram is already complete (every value of
+    the bucket was counted) and the stream needs no second pass.  Exact either way.
     """
     S = len(ranks)
     live = [s for s in range(S) if ranks[s] is not None]
     hi_counts: dict[int, Tensor] = {}  # on the values' device (made by bincount)
+    win_lo: dict[int, int] = {}        # first high bucket of the window
+    win_acc: dict[int, Tensor] = {}    # low-16 counts of the window's buckets, bucket-major
+    span = 2 * WINDOW + 1
     n = [0] * S
     for xs in chunks():
         for s in live:
             bits = _bits(xs[s])
-            c = torch.bincount(bits >> 16, minlength=1 << 16)
+            hb = bits >> 16
+            c = torch.bincount(hb, minlength=1 << 16)
             if s in hi_counts:
                 hi_counts[s] += c
             else:
                 hi_counts[s] = c
+                if sizes is not None and sizes[s] and bits.numel():  # place the window
+                    r = min(bits.numel(), max(1, round(ranks[s] / sizes[s] * bits.numel())))
+                    win_lo[s] = max(0, _bucket(c, r)[0] - WINDOW)
+                    win_acc[s] = torch.zeros(span << 16, dtype=torch.int64, device=bits.device)
             n[s] += bits.numel()
+            if s in win_lo:
+                sel = bits[(hb >= win_lo[s]) & (hb < win_lo[s] + span)]
+                if sel.numel():
+                    key = (sel - (win_lo[s] << 16)).long()
+                    win_acc[s].index_add_(0, key, torch.ones_like(key))
     hi, rank2 = {}, {}
     for s in live:
         if not 1 <= ranks[s] <= n[s]:
             raise ValueError(f"rank {ranks[s]} outside 1..{n[s]}")
         hi[s], rank2[s] = _bucket(hi_counts[s], ranks[s])
-    lo_counts = {s: torch.zeros_like(hi_counts[s]) for s in live}
-    for xs in chunks():
-        for s in live:
-            bits = _bits(xs[s])
-            sel = bits[(bits >> 16) == hi[s]]
-            if sel.numel():
-                lo_counts[s] += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
+    lo_counts = {}
+    for s in live:
+        if s in win_lo and win_lo[s] <= hi[s] < win_lo[s] + span:
+            k = hi[s] - win_lo[s]
+            lo_counts[s] = win_acc[s][k << 16:(k + 1) << 16]
+    del win_acc
+    again = [s for s in live if s not in lo_counts]
+    if again:
+        for s in again:
+            lo_counts[s] = torch.zeros_like(hi_counts[s])
+        for xs in chunks():
+            for s in again:
+                bits = _bits(xs[s])
+                sel = bits[(bits >> 16) == hi[s]]
+                if sel.numel():
+                    lo_counts[s] += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
     out: list[tuple[float, int] | None] = [None] * S
     for s in live:
         lo, _ = _bucket(lo_counts[s], rank2[s])
@@ -163,7 +196,7 @@ def trim_states(tau_chunks: Callable[[], Iterable[Sequence[Tensor]]], density: S
         for taus in tau_chunks():
             yield [taus[i].abs() if ranks[i] is not None else None for i in range(M)]
 
-    found = kth_largest_many(abs_chunks, ranks)
+    found = kth_largest_many(abs_chunks, ranks, [n] * M)
     return [None if f is None else Trim(f[0], ranks[i] - f[1]) for i, f in enumerate(found)]
 
 
