@@ -190,6 +190,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.repeat < 1:
         raise SystemExit(f"error: --repeat: expected a positive number, found {args.repeat}")
+    for method in args.methods.split(","):  # an unknown method: one line, before any work
+        recipe(method, Path("base"), Path("a"), Path("b"))
     mk = find_mergekit(args.mergekit)
     bw = memcpy_bandwidth()
     print(f"memcpy bandwidth: {bw / 1e9:.2f} GB/s; cpus: {os.cpu_count()}; load average: "
