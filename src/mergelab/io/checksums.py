@@ -5,7 +5,7 @@ sampling), reproducible with a standard tool:
 
 * ``blake3`` (default): BLAKE3, 256-bit, a cryptographic hash; ``b3sum FILE`` prints the
   same digest.  ~4 GB/s per core with AVX2/AVX-512 (the ``blake3`` package, Rust, releases
-  the GIL), read through a memory map 64 MiB at a time: no copy out of the page cache, and
+  the GIL), read through a memory map 16 MiB at a time: no copy out of the page cache, and
   the mapping never holds more than one window of the file (RSS, ``RLIMIT_AS``);
 * ``sha256``: SHA-256, what ``sha256sum FILE`` prints and what the Hugging Face Hub lists as a
   file's LFS sha256 (0.26 GB/s per core on a CPU without the x86 SHA extensions).
@@ -24,7 +24,7 @@ from ..errors import MergelabError
 ALGORITHMS = ("blake3", "sha256")
 TOOLS = {"blake3": "b3sum", "sha256": "sha256sum"}
 BLAKE3_PIN = "blake3==1.0.11"
-MAP_WINDOW = 64 << 20  # bytes of a file mapped at once (a multiple of mmap.ALLOCATIONGRANULARITY)
+MAP_WINDOW = 16 << 20  # bytes of a file mapped at once (a multiple of mmap.ALLOCATIONGRANULARITY)
 
 
 def _blake3():
