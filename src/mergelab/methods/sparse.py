@@ -303,7 +303,7 @@ def dare_keep(start: int, stop: int, density: float, seed: int, device: torch.de
     if total is None:
         keep = uniforms(start, stop, seed) < density
     else:
-        keep = torch.empty(max(0, stop - start), dtype=torch.bool)
+        keep = torch.empty(max(0, stop - start), dtype=torch.bool, device="cpu")  # drawn on the CPU
         pos = start
         while pos < stop:
             c = pos // CHUNK
