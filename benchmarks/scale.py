@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import merge_throughput as mt  # noqa: E402  (the checkpoint generator and the child runner)
+import merge_throughput as mt  # noqa: E402  (the checkpoint generator)
+from childproc import measure  # noqa: E402  (the timed child process, shared with merge_throughput.py)
 
 # Llama-2-7B shape: 32 layers x 202M + embeddings/head 2 x 131M = 6.74B parameters
 mt.SIZES.setdefault("7b", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -140,9 +141,8 @@ def main(argv=None):
                    "--no-checksums"] + (["--threads", str(args.threads)] if args.threads else [])
             if limit:
                 cmd = with_limit(cmd, limit)
-            shutil.rmtree(root / "out", ignore_errors=True)
-            wall, rss, rc, cpu = mt.run_child(cmd)
-            written = mt.weight_bytes(root / "out") if rc == 0 else 0
+            m = measure(cmd, root / "out")
+            wall, rss, rc, cpu, written = m["wall_s"], m["peak_rss"], 0 if m["ok"] else 1, m["cpu_s"], m["written"]
             row = {"size": args.size, "params": nparam, "method": method, "ok": rc == 0,
                    "limit_gib": round(limit / 2**30, 2), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                    "peak_rss_mib": round(rss / 2**20), "gb_per_s": round((reads + written) / wall / 1e9, 3),
@@ -151,7 +151,6 @@ def main(argv=None):
             rows.append(row)
             print(f"  {method:<16} wall {wall:7.1f} s  cpu {cpu:7.1f} s  peak RSS {rss / 2**20:6.0f} MiB  "
                   f"{row['gb_per_s']:.2f} GB/s{'' if rc == 0 else '  FAILED'}", flush=True)
-            shutil.rmtree(root / "out", ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print("\n| size | method | limit | wall (s) | CPU (s) | peak RSS (MiB) | read+write GB/s | disk read GB/s | copy GB/s | load |")

@@ -55,7 +55,8 @@ def test_weighted_sum_matches_eager_computation(tmp_path):
     assert (res.outputs[0] / "model.safetensors.index.json").is_file()
     card = (res.outputs[0] / "README.md").read_text()
     assert "merge_method: _core_wsum" in card and "mergelab 0.1.0" in card
-    assert hashlib.sha256((paths[1] / "model-00001-of-00002.safetensors").read_bytes()).hexdigest() in card
+    import blake3  # the default checksum (tests/test_checksums.py covers sha256 too)
+    assert blake3.blake3((paths[1] / "model-00001-of-00002.safetensors").read_bytes()).hexdigest() in card
     assert (res.outputs[0] / "config.json").is_file() and (res.outputs[0] / "tokenizer_config.json").is_file()
 
 

@@ -3,6 +3,7 @@ import hashlib
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from core_helpers import save_hf
 from mergelab.io import open_checkpoint
@@ -113,6 +114,18 @@ def test_dare_keep_of_a_range_is_a_slice_of_the_whole_mask():
     for a, b in ((0, 10), (sparse.CHUNK - 3, sparse.CHUNK + 4), (2 * sparse.CHUNK + 1, 3 * sparse.CHUNK + 5)):
         assert torch.equal(sparse.dare_keep(a, b, 0.3, 11), whole[a:b])
     assert abs(float(whole.float().mean()) - 0.3) < 0.01
+
+
+@settings(max_examples=30, deadline=None)
+@given(total=st.integers(1, 3 * sparse.CHUNK + 7), cuts=st.lists(st.floats(0, 1), max_size=6),
+       seed=st.integers(0, 2**63 - 1), density=st.sampled_from([0.1, 0.5, 0.9]))
+def test_dare_keep_with_the_chunk_cache_draws_the_same_mask(total, cuts, seed, density):
+    """dare_keep(..., total=n) (whole chunks drawn once, cached) gives the same entries as the
+    uncached draw, for any cut of the tensor into ranges, in any order."""
+    edges = sorted({0, total} | {int(c * total) for c in cuts})
+    ranges = list(zip(edges, edges[1:]))
+    for a, b in ranges[::-1] + ranges:  # backwards first: cache hits and misses in both orders
+        assert torch.equal(sparse.dare_keep(a, b, density, seed, total=total), sparse.dare_keep(a, b, density, seed)), (a, b)
 
 
 def test_ties_trim_keeps_exactly_k_even_when_the_threshold_is_tied_across_blocks():

@@ -55,6 +55,46 @@ def test_kth_largest_is_exact(data):
     assert kth_largest(chunks, rank) == float(torch.kthvalue(x, n - rank + 1).values)
 
 
+_EXTREMES = [0.0, 1e-45, 1.17549435e-38, 3.4028235e38, 1.0, 65504.0]  # zero, subnormal, tiny, max
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_kth_largest_many_one_pass_window_is_exact(data):
+    """With the streams' lengths (the one-pass window of the first chunk's estimate, else the
+    second pass): the same value and count of greater values as torch.kthvalue, on values
+    with many ties, zeros, subnormals and the float32 extremes, for any chunking, also when
+    the first chunk misleads the estimate (another scale than the rest)."""
+    S = data.draw(st.integers(1, 3))
+    xs, ranks = [], []
+    for _ in range(S):
+        n = data.draw(st.integers(1, 400))
+        pool = data.draw(st.lists(st.one_of(st.sampled_from(_EXTREMES), st.floats(0, 1e6, width=32)),
+                                  min_size=1, max_size=8))   # a small pool: ties everywhere
+        vals = data.draw(st.lists(st.sampled_from(pool) | st.floats(0, 10, width=32), min_size=n, max_size=n))
+        x = torch.tensor(vals, dtype=torch.float32)
+        if data.draw(st.booleans()):
+            x[: max(1, n // 5)] *= 1e-3   # the first chunk on another scale: the window misses
+        xs.append(x)
+        ranks.append(data.draw(st.none() | st.integers(1, n)))
+    step = data.draw(st.integers(1, 97))
+    chunked = [list(x.split(step)) for x in xs]
+    nchunks = max(len(c) for c in chunked)
+
+    def chunks():
+        for j in range(nchunks):
+            yield [c[j] if j < len(c) else torch.empty(0) for c in chunked]
+
+    got = sparse.kth_largest_many(chunks, ranks, [x.numel() for x in xs])
+    two = sparse.kth_largest_many(chunks, ranks)
+    for x, r, g, t in zip(xs, ranks, got, two):
+        if r is None:
+            assert g is None
+            continue
+        v = float(torch.kthvalue(x, x.numel() - r + 1).values)
+        assert g == t == (v, int((x > v).sum())), (g, t, v)
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_trim_keeps_exactly_floor_k_n_largest(data):

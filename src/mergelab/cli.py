@@ -137,7 +137,10 @@ def _merge_options(f):
         click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the tokenizer files of the base (else first) model."),
         click.option("--write-model-card/--no-write-model-card", default=True, show_default=True, help="Write README.md with the recipe and the inputs' checksums."),
         click.option("--lazy-unpickle/--no-lazy-unpickle", default=False, help="Accepted for mergekit compatibility; no effect (mergelab always reads lazily)."),
-        click.option("--no-checksums", is_flag=True, help="Skip the inputs' sha256 in the model card."),
+        click.option("--checksums", "checksums", type=click.Choice(["blake3", "sha256", "none"]), default=None,
+                     help="Algorithm of the inputs' checksums in the model card (default blake3: `b3sum`; "
+                          "sha256: `sha256sum` and the Hugging Face Hub's LFS digests)."),
+        click.option("--no-checksums", is_flag=True, help="No input checksums in the model card (= --checksums none)."),
         click.option("--block-size", default="1MiB", show_default=True,
                      help="float32 bytes of one input's row block for elementwise methods (memory, not results)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."),
@@ -148,7 +151,7 @@ def _merge_options(f):
 
 
 def _run_merge(recipe, out, force, dtype, shard_size, out_shard_size, device, cuda, threads, allow_nonfinite,
-               allow_crimes, random_seed, copy_tokenizer, write_model_card, lazy_unpickle, no_checksums,
+               allow_crimes, random_seed, copy_tokenizer, write_model_card, lazy_unpickle, checksums, no_checksums,
                block_size, quiet):
     from .io.writer import parse_mergekit_size
     from .merge import merge
@@ -159,8 +162,11 @@ def _run_merge(recipe, out, force, dtype, shard_size, out_shard_size, device, cu
     if cuda is not None and device is not None and device.startswith("cuda") != cuda:
         raise MergelabError(f"--device {device} contradicts --{'' if cuda else 'no-'}cuda")
     dev = device or ("cuda" if cuda else None)
+    if no_checksums and checksums not in (None, "none"):
+        raise MergelabError(f"--no-checksums contradicts --checksums {checksums}")
+    algo = "none" if no_checksums else (checksums or True)
     res = merge(recipe, out, force=force, dtype=dtype, shard_size=size, device=dev, threads=threads,
-                quiet=quiet, allow_nonfinite=allow_nonfinite, checksums=not no_checksums, block_size=block_size,
+                quiet=quiet, allow_nonfinite=allow_nonfinite, checksums=algo, block_size=block_size,
                 allow_crimes=allow_crimes, seed=random_seed, copy_tokenizer=copy_tokenizer,
                 model_card=write_model_card)
     if res.world > 1:          # under torchrun: each rank says what it did

@@ -64,10 +64,10 @@ class Outputs:
     def variants(self) -> list[str]:
         return sorted(self.writers)
 
-    def finish(self, sums: dict, done=lambda: None) -> None:
+    def finish(self, sums: dict, done=lambda: None, algorithm: str | None = None) -> None:
         """Copy the unmerged tensors, close the shards, add config files and the model card."""
         self.close(done)
-        self.describe(sums)
+        self.describe(sums, algorithm)
 
     def close(self, done=lambda: None) -> None:
         """Copy the unmerged tensors (of ``only``) and close the shards, without the index."""
@@ -84,7 +84,7 @@ class Outputs:
         for w in self.writers.values():
             w.close(index=False)
 
-    def describe(self, sums: dict) -> None:
+    def describe(self, sums: dict, algorithm: str | None = None) -> None:
         """The index, the config/tokenizer files and the model card of every variant."""
         p = self.p
         for w in self.writers.values():
@@ -103,7 +103,7 @@ class Outputs:
                 write_files(self.folder(v), r, [f for f in map(folder_of, p.readers) if f is not None])
             if self.model_card:
                 write_model_card(self.folder(v), recipe_yaml=getattr(r, "_card_yaml", None) or r.to_yaml(),
-                                 version=__version__, inputs=sums,
+                                 version=__version__, inputs=sums, algorithm=algorithm or "sha256",
                                  extra=(f"Variant `{v}` of method `{p.method.name}`." if v else ""))
 
     def abort(self) -> None:

@@ -18,7 +18,8 @@ from ..progress import progress
 
 from ..errors import MergelabError
 from ..io.outputs import Output
-from ..io.writer import DEFAULT_SHARD_SIZE, TensorSpec, check_shard_size, parse_size, sha256_file
+from ..io.checksums import file_digest, resolve_checksums
+from ..io.writer import DEFAULT_SHARD_SIZE, TensorSpec, check_shard_size, parse_size
 from ..recipe import Recipe
 from . import stages
 from .driver import DEFAULT_BLOCK_SIZE, Driver, numel
@@ -95,27 +96,26 @@ def trim_heap() -> None:
 
 
 class _Checksums:
-    """SHA-256 of every input file (what ``sha256sum`` and the Hugging Face Hub show for a
-    file), computed on background threads while the merge runs.
+    """The checksum (``algorithm``: BLAKE3 by default, or SHA-256; :mod:`mergelab.io.checksums`)
+    of every byte of every input file, computed on background threads while the merge runs.
 
-    The files are hashed in parallel, one file per thread, up to ``threads`` at once: a
-    plain SHA-256 of one file cannot be split, so the wall time of the hashing is the
-    largest file's rather than the sum over all inputs. A file shared by several inputs is
-    hashed once."""
+    The files are hashed in parallel, one file per thread, up to ``threads`` at once (the
+    hashes release the GIL), largest file first. A file shared by several inputs is hashed
+    once."""
 
-    def __init__(self, p: Plan, enabled: bool, threads: int = 1):
+    def __init__(self, p: Plan, algorithm: str | None, threads: int = 1):
         files: dict[str, list] = {}
         for inp in p.readers + [s for v in p.stats.values() for s in v]:
             fl = getattr(inp.ckpt, "files", None)
             if fl:
                 files[inp.label] = list(fl)
         unique = {os.path.realpath(f): f for fl in files.values() for f in fl}
-        self.files, self.pool, self.futs = files, None, {}
-        if enabled and unique:
+        self.files, self.pool, self.futs, self.algorithm = files, None, {}, algorithm
+        if algorithm is not None and unique:
             # largest first: the longest hash starts at once
             order = sorted(unique, key=lambda k: -_size(unique[k]))
-            self.pool = ThreadPoolExecutor(max(1, min(threads, len(order))), thread_name_prefix="mergelab-sha256")
-            self.futs = {k: self.pool.submit(sha256_file, unique[k]) for k in order}
+            self.pool = ThreadPoolExecutor(max(1, min(threads, len(order))), thread_name_prefix=f"mergelab-{algorithm}")
+            self.futs = {k: self.pool.submit(file_digest, unique[k], algorithm) for k in order}
 
     def result(self) -> dict:
         if self.pool is None:
@@ -144,7 +144,7 @@ def _threads(threads: int | None) -> int:
 def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: str | None = None,
           shard_size: int | str | None = None, device: str | None = None, threads: int | None = None,
           quiet: bool = False, allow_nonfinite: bool | None = None, inputs: dict | None = None,
-          checksums: bool = True, block_size: int | str | None = None, allow_crimes: bool = False,
+          checksums: bool | str = True, block_size: int | str | None = None, allow_crimes: bool = False,
           seed: int | None = None, copy_tokenizer: bool = True, model_card: bool = True) -> MergeResult:
     """Run a merge recipe (a YAML path, YAML text, dict or :class:`Recipe`) into the folder ``out``.
 
@@ -152,7 +152,9 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     the math device (``cpu``, ``cuda``, ``cuda:1``; default the recipe's ``device:``, else
     cpu; reading and writing stay streamed through the CPU); ``threads`` worker threads
     (default: all cores, at most 4); ``inputs`` maps model names used in the recipe to
-    Checkpoint-like objects (e.g. lazily permuted views).  ``block_size``: float32 bytes of
+    Checkpoint-like objects (e.g. lazily permuted views).  ``checksums``: the algorithm of the
+    input checksums in the model card, ``"blake3"`` (the default, ``True``), ``"sha256"``, or
+    ``False``/``"none"`` for none (:mod:`mergelab.io.checksums`).  ``block_size``: float32 bytes of
     one input's row block for elementwise methods (default ``1MiB``); the output does not
     depend on it.  Multi-output methods write one sub-folder of ``out`` per variant.
     ``allow_crimes`` merges checkpoints of different architectures (config.json
@@ -164,6 +166,7 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
     across the processes and the output is the same bytes (:mod:`mergelab.engine.ranks`).
     """
     r = Recipe.load(recipe)
+    checksums = resolve_checksums(checksums)  # an option value: checked before any work
     parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE, "--shard-size")  # option values
     parse_size(block_size if block_size is not None else DEFAULT_BLOCK_SIZE, "--block-size")  # before any work
     team = Team()
@@ -186,7 +189,7 @@ def merge(recipe: Any, out: str | os.PathLike, *, force: bool = False, dtype: st
 
 def _merge(recipe: Any, out: str | os.PathLike, team: Team, *, force: bool, dtype: str | None,
            shard_size: int | str | None, device: str | None, threads: int | None, quiet: bool,
-           allow_nonfinite: bool | None, inputs: dict | None, checksums: bool, block_size: int | str | None,
+           allow_nonfinite: bool | None, inputs: dict | None, checksums: str | None, block_size: int | str | None,
            allow_crimes: bool, seed: int | None, copy_tokenizer: bool, model_card: bool) -> MergeResult:
     t0 = time.perf_counter()
     p = plan(recipe, dtype=dtype, inputs=inputs, allow_crimes=allow_crimes)
@@ -215,7 +218,7 @@ def _merge(recipe: Any, out: str | os.PathLike, team: Team, *, force: bool, dtyp
         nbytes = {n: numel(p.shape(n)) * p.out_dtype[n].itemsize for n in p.names}
         mine = set(partition(p.names, nbytes, team.world)[team.rank])
         jobs = [j for j in jobs if j.name in mine]
-    sums = _Checksums(p, checksums and team.lead, nthreads)
+    sums = _Checksums(p, checksums if team.lead else None, nthreads)
     old_threads = torch.get_num_threads()
     # blocks are small: the worker threads use the cores, one intra-op thread each
     torch.set_num_threads(1 if d.blockable else max(1, min(nthreads, os.cpu_count() or 1)))
@@ -239,7 +242,7 @@ def _merge(recipe: Any, out: str | os.PathLike, team: Team, *, force: bool, dtyp
             outs.close(lambda: bar.update(1))
             team.barrier()            # every rank's tensors are written
             if team.lead:
-                outs.describe(sums.result())
+                outs.describe(sums.result(), sums.algorithm)
             team.barrier()            # the merged folder is complete: the stages read it
             stages.after_merge(p, tmp, shard_size=size, quiet=quiet or not team.lead)
     finally:

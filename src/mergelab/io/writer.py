@@ -9,7 +9,6 @@ renamed into place at the end (:class:`AtomicFolder`); an exception or Ctrl-C re
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from typing import Iterable
 import torch
 
 from ..errors import MergelabError
+from .checksums import sha256_file  # noqa: F401  (re-exported: its old home)
 from .outputs import COMMITTED, OLD, TMP, Output, as_os_error, check_not_input, os_error, rename_noreplace, sibling, signals_blocked
 from .reader import TORCH_TO_ST, open_checkpoint
 
@@ -360,22 +360,18 @@ def copy_model_files(src: str | os.PathLike | None, dst: str | os.PathLike, dtyp
     return copied
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(chunk)
-        mv = memoryview(buf)
-        while True:
-            k = f.readinto(buf)
-            if not k:
-                break
-            h.update(mv[:k])
-    return h.hexdigest()
+_CARD_TEXT = {
+    "sha256": "SHA-256 of each whole input file, as `sha256sum FILE` prints it (and as the "
+              "Hugging Face Hub lists a file's LFS sha256).",
+    "blake3": "BLAKE3 (256-bit) of each whole input file, as `b3sum FILE` prints it "
+              "(`python -c \"import blake3,sys; print(blake3.blake3().update_mmap(sys.argv[1]).hexdigest())\" FILE`).",
+}
 
 
 def write_model_card(folder: str | os.PathLike, *, recipe_yaml: str | None, version: str,
-                     inputs: dict[str, dict[str, str]], extra: str = "") -> None:
-    """README.md recording the recipe, the mergelab version and the inputs' sha256 checksums."""
+                     inputs: dict[str, dict[str, str]], extra: str = "", algorithm: str = "sha256") -> None:
+    """README.md recording the recipe, the mergelab version and the inputs' checksums
+    (``algorithm``: ``sha256`` or ``blake3``, named in the section title)."""
     lines = ["---", "library_name: transformers", "tags:", "- mergelab", "- merge", "---", "",
              "# Merged model", "", f"Made with mergelab {version}.", ""]
     if extra:
@@ -383,9 +379,7 @@ def write_model_card(folder: str | os.PathLike, *, recipe_yaml: str | None, vers
     if recipe_yaml is not None:
         lines += ["## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     if inputs:
-        lines += ["## Inputs (sha256)", "",
-                  "SHA-256 of each whole input file, as `sha256sum FILE` prints it (and as the "
-                  "Hugging Face Hub lists a file's LFS sha256).", ""]
+        lines += [f"## Inputs ({algorithm})", "", _CARD_TEXT[algorithm], ""]
         for label, files in inputs.items():
             lines.append(f"- `{label}`")
             for fn, digest in files.items():

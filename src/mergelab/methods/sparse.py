@@ -4,7 +4,8 @@ Building blocks (usable on their own):
 
 * :func:`kth_largest` — exact k-th largest of non-negative float32 values streamed in chunks,
   by a two-level radix select on the float32 bit pattern (65,536-bin histograms of the high
-  and then the low 16 bits), so memory does not grow with the number of values;
+  and then the low 16 bits), so memory does not grow with the number of values; with the
+  stream's length known, usually in ONE pass (:func:`kth_largest_many`);
 * :func:`trim_states` / :func:`trim_mask` — the TIES trim per tensor (mergekit: exactly
   max(1, ⌊k·n⌋) entries survive), from a streaming pass over the tensor's chunks, so the
   engine can merge a big tensor in row blocks;
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Annotated, Callable, Iterable, Iterator, Literal, Sequence
 
@@ -49,42 +52,76 @@ def _bits(x: Tensor) -> Tensor:
     return x.detach().reshape(-1).to(torch.float32).view(torch.int32)
 
 
+WINDOW = 2  # high-16-bit buckets on each side of the first chunk's estimate (about ±1.5% in value)
+
+
 def kth_largest_many(chunks: Callable[[], Iterable[Sequence[Tensor]]],
-                     ranks: Sequence[int | None]) -> list[tuple[float, int] | None]:
+                     ranks: Sequence[int | None],
+                     sizes: Sequence[int | None] | None = None) -> list[tuple[float, int] | None]:
     """For S streams at once: the ``ranks[s]``-th largest (1-based) non-negative float32 value
     of stream s and how many values are strictly greater; ``None`` ranks are skipped.
 
-    ``chunks()`` (called twice: two streaming passes) yields, per step, one chunk of every
+    ``chunks()`` (called once or twice: streaming passes) yields, per step, one chunk of every
     stream (``None`` for a skipped stream).  Non-negative IEEE floats order like their bit
     patterns read as integers, so pass 1 histograms the high 16 bits, pass 2 the low 16 bits
     of the values in the selected high bucket; the result is exact.  A rank of 0 or larger
     than the stream's length is an error.
+
+    ``sizes[s]`` (the stream's length, optional) saves pass 2 in the common case: pass 1 also
+    histograms the low 16 bits of the values whose high bucket lies within ``WINDOW`` buckets
+    of the bucket the FIRST chunk puts at the same relative rank; when the whole stream's
+    bucket falls inside that window, its low histogram is already complete (every value of
+    the bucket was counted) and the stream needs no second pass.  Exact either way.
     """
     S = len(ranks)
     live = [s for s in range(S) if ranks[s] is not None]
     hi_counts: dict[int, Tensor] = {}  # on the values' device (made by bincount)
+    win_lo: dict[int, int] = {}        # first high bucket of the window
+    win_acc: dict[int, Tensor] = {}    # low-16 counts of the window's buckets, bucket-major
+    span = 2 * WINDOW + 1
     n = [0] * S
     for xs in chunks():
         for s in live:
             bits = _bits(xs[s])
-            c = torch.bincount(bits >> 16, minlength=1 << 16)
+            hb = bits >> 16
+            c = torch.bincount(hb, minlength=1 << 16)
             if s in hi_counts:
                 hi_counts[s] += c
             else:
                 hi_counts[s] = c
+                if sizes is not None and sizes[s] and bits.numel():  # place the window
+                    r = min(bits.numel(), max(1, round(ranks[s] / sizes[s] * bits.numel())))
+                    win_lo[s] = max(0, _bucket(c, r)[0] - WINDOW)
+                    # int32 counts (1.25 MiB) unless a bucket could hold 2^31 values
+                    wide = torch.int64 if sizes[s] >= 2**31 else torch.int32
+                    win_acc[s] = torch.zeros(span << 16, dtype=wide, device=bits.device)
             n[s] += bits.numel()
+            if s in win_lo:
+                sel = bits[(hb >= win_lo[s]) & (hb < win_lo[s] + span)]
+                if sel.numel():
+                    key = (sel - (win_lo[s] << 16)).long()
+                    win_acc[s].index_add_(0, key, torch.ones(key.numel(), dtype=win_acc[s].dtype, device=key.device))
     hi, rank2 = {}, {}
     for s in live:
         if not 1 <= ranks[s] <= n[s]:
             raise ValueError(f"rank {ranks[s]} outside 1..{n[s]}")
         hi[s], rank2[s] = _bucket(hi_counts[s], ranks[s])
-    lo_counts = {s: torch.zeros_like(hi_counts[s]) for s in live}
-    for xs in chunks():
-        for s in live:
-            bits = _bits(xs[s])
-            sel = bits[(bits >> 16) == hi[s]]
-            if sel.numel():
-                lo_counts[s] += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
+    lo_counts = {}
+    for s in live:
+        if s in win_lo and win_lo[s] <= hi[s] < win_lo[s] + span:
+            k = hi[s] - win_lo[s]
+            lo_counts[s] = win_acc[s][k << 16:(k + 1) << 16]
+    del win_acc
+    again = [s for s in live if s not in lo_counts]
+    if again:
+        for s in again:
+            lo_counts[s] = torch.zeros_like(hi_counts[s])
+        for xs in chunks():
+            for s in again:
+                bits = _bits(xs[s])
+                sel = bits[(bits >> 16) == hi[s]]
+                if sel.numel():
+                    lo_counts[s] += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
     out: list[tuple[float, int] | None] = [None] * S
     for s in live:
         lo, _ = _bucket(lo_counts[s], rank2[s])
@@ -161,7 +198,7 @@ def trim_states(tau_chunks: Callable[[], Iterable[Sequence[Tensor]]], density: S
         for taus in tau_chunks():
             yield [taus[i].abs() if ranks[i] is not None else None for i in range(M)]
 
-    found = kth_largest_many(abs_chunks, ranks)
+    found = kth_largest_many(abs_chunks, ranks, [n] * M)
     return [None if f is None else Trim(f[0], ranks[i] - f[1]) for i, f in enumerate(found)]
 
 
@@ -246,7 +283,8 @@ def _chunk_seed(seed: int, chunk: int) -> int:
     return derive_seed(seed, int(chunk))
 
 
-def dare_keep(start: int, stop: int, density: float, seed: int, device: torch.device | str | None = None) -> Tensor:
+def dare_keep(start: int, stop: int, density: float, seed: int, device: torch.device | str | None = None,
+              total: int | None = None) -> Tensor:
     """DARE's Bernoulli(density) keep-mask of the flat entries ``start:stop`` of a tensor, on ``device``.
 
     Entry j is kept when the ``(j mod 2^20)``-th draw of a CPU ``torch.Generator`` (Mersenne
@@ -255,9 +293,56 @@ def dare_keep(start: int, stop: int, density: float, seed: int, device: torch.de
     are always made on the CPU and the mask is moved to ``device`` (CUDA's Philox generator
     gives other numbers for the same seed, so drawing there would make GPU merges differ from
     CPU ones).  ``seed`` is :func:`tensor_seed` (``ctx.seed``, tensor name, model index).
+
+    ``total`` (the whole tensor's number of entries, optional) lets a call on a row block
+    draw its whole chunk once (up to the tensor's end) and keep its mask in a small cache
+    (:data:`_KEEP_CACHE`) for the other blocks of the same chunk: the generator cannot skip
+    ahead, so without it the k-th block of a chunk redraws the k - 1 blocks before it.  The
+    values are the same either way.
     """
-    keep = uniforms(start, stop, seed) < density
+    if total is None:
+        keep = uniforms(start, stop, seed) < density
+    else:
+        keep = torch.empty(max(0, stop - start), dtype=torch.bool, device="cpu")  # drawn on the CPU
+        pos = start
+        while pos < stop:
+            c = pos // CHUNK
+            end = min((c + 1) * CHUNK, total)
+            hi = min(stop, end)
+            if pos == c * CHUNK and hi == end:  # the whole chunk: nothing to share
+                keep[pos - start:hi - start] = uniforms(pos, hi, seed) < density
+            else:
+                keep[pos - start:hi - start] = _KEEP_CACHE.mask(seed, c, end - c * CHUNK, density)[pos - c * CHUNK:hi - c * CHUNK]
+            pos = hi
     return keep if device is None else keep.to(device)
+
+
+class _ChunkMasks:
+    """A small thread-safe LRU cache of whole-chunk DARE keep-masks (bool, at most ``size``
+    entries of 2^20 bytes): the blocks of one chunk are merged by neighbouring jobs."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.lock = threading.Lock()
+        self.items: OrderedDict[tuple, Tensor] = OrderedDict()
+
+    def mask(self, seed: int, chunk: int, n: int, density: float) -> Tensor:
+        key = (seed, chunk, n, density)
+        with self.lock:
+            m = self.items.get(key)
+            if m is not None:
+                self.items.move_to_end(key)
+                return m
+        m = uniforms(chunk * CHUNK, chunk * CHUNK + n, seed) < density  # outside the lock: draws in parallel
+        with self.lock:
+            self.items[key] = m
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return m
+
+
+_KEEP_CACHE = _ChunkMasks()
 
 
 def uniforms(start: int, stop: int, seed: int, device=None) -> Tensor:
@@ -287,7 +372,8 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
                       sparsify: str, consensus: bool, normalize: bool, majority: str = "mass",
                       rescale: bool = True, thresholds: Sequence[float] | None = None,
                       zero_sign: float = 1.0, name: str = "", seed: int = 0,
-                      trim: list | None = None, offset: int = 0, tie_break: str = "index") -> Tensor:
+                      trim: list | None = None, offset: int = 0, tie_break: str = "index",
+                      total_numel: int | None = None) -> Tensor:
     """The merged task vector ``τ_m`` of the generalized task-arithmetic family.
 
     ``sparsify``: ``"magnitude"`` (TIES trim; per tensor unless ``thresholds`` gives each
@@ -297,7 +383,8 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
     (divided by Σw when ``normalize``, as in mergekit).
 
     Called on a block of a bigger tensor: ``trim`` is the tensor's :func:`trim_states`
-    (consumed in flat order) and ``offset`` the block's first flat index (DARE's masks).
+    (consumed in flat order), ``offset`` the block's first flat index and ``total_numel`` the
+    whole tensor's number of entries (DARE's masks; see :func:`dare_keep`).
     """
     n_models = len(tensors)
     numel = base.numel()
@@ -324,7 +411,8 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
             elif thresholds is not None and thresholds[i] is not None:
                 tau.mul_(tau.abs() >= thresholds[i])
             elif dare_seeds[i] is not None:
-                tau.mul_(dare_keep(offset + s, offset + e, density[i], dare_seeds[i], tau.device))
+                tau.mul_(dare_keep(offset + s, offset + e, density[i], dare_seeds[i], tau.device,
+                                   total=total_numel))
                 if rescale:
                     tau.div_(density[i])
             if weight[i] != 1.0:
@@ -485,7 +573,8 @@ def dare_linear(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
     the tensor name and the model index: same inputs, same bytes."""
     tau = sparse_task_merge(tensors, base, weight=weight, density=density, sparsify="random",
                             consensus=False, normalize=normalize, rescale=rescale,
-                            name=ctx.name, seed=ctx.seed, offset=ctx.offset)
+                            name=ctx.name, seed=ctx.seed, offset=ctx.offset,
+                            total_numel=ctx.numel if ctx.numel is not None else base.numel())
     return _finish(base, tau, lambda_)
 
 
@@ -498,7 +587,8 @@ def dare_ties(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
     defaults to false, a zero sign sum elects +)."""
     tau = sparse_task_merge(tensors, base, weight=weight, density=density, sparsify="random",
                             consensus=True, normalize=normalize, rescale=rescale, majority=majority,
-                            name=ctx.name, seed=ctx.seed, offset=ctx.offset)
+                            name=ctx.name, seed=ctx.seed, offset=ctx.offset,
+                            total_numel=ctx.numel if ctx.numel is not None else base.numel())
     return _finish(base, tau, lambda_)
 
 
