@@ -189,7 +189,9 @@ def fusion_quantile(x: Tensor, q: float) -> float:
     ``⌊q·(n − 1)⌋`` (product in float32, as mergekit's float32 ``q`` tensor), no interpolation
     (so the median is the lower middle value and the quartiles are order statistics)."""
     n = x.numel()
-    idx = int((torch.tensor(q, dtype=torch.float32) * torch.tensor(n - 1, dtype=torch.float32)).item())
+    # a float32 product on the host, rounded as mergekit's float32 q tensor
+    idx = int((torch.tensor(q, dtype=torch.float32, device="cpu")
+               * torch.tensor(n - 1, dtype=torch.float32, device="cpu")).item())
     return _kth(x, idx + 1)
 
 
@@ -205,8 +207,9 @@ def arcee_fusion(tensors: list[Tensor], base: Tensor) -> Tensor:
         return theta.clone()
     imp = fusion_importance(theta, base)
     flat = imp.reshape(-1).float()
-    q1, median, q3 = (torch.tensor(fusion_quantile(flat, q), dtype=torch.float32) for q in (0.25, 0.5, 0.75))
-    mask = imp >= (median + 1.5 * (q3 - q1)).to(imp.device)
+    q1, median, q3 = (torch.tensor(fusion_quantile(flat, q), dtype=torch.float32, device=imp.device)
+                      for q in (0.25, 0.5, 0.75))
+    mask = imp >= median + 1.5 * (q3 - q1)
     return base + (theta - base) * mask
 
 
