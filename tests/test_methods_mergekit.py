@@ -265,7 +265,7 @@ def ref_model_stock(base, xs, filter_wise):
         cs = [np.clip(d[i] @ d[j] / max(np.linalg.norm(d[i]) * np.linalg.norm(d[j]), 1e-6), -1, 1)
               for i in range(n) for j in range(i + 1, n)]
         c = np.mean(cs)
-        t = n * c / (1 + (n - 1) * c)
+        t = 0.0 if abs(1 + (n - 1) * c) < 1e-6 else n * c / (1 + (n - 1) * c)
         out[r] = t * np.mean([w[r] for w in ws], axis=0) + (1 - t) * rows[r]
     return out.reshape(base.shape)
 
@@ -285,6 +285,16 @@ def test_model_stock_two_orthogonal_models_gives_the_base_plus_nothing():
     base = torch.zeros(4)
     out = run("model_stock", [torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 1.0, 0, 0])], base)
     assert torch.equal(out, base)  # cos = 0 -> t = 0
+
+
+@pytest.mark.parametrize("fw", [False, True])
+def test_model_stock_opposing_offsets_keep_the_base(fw):
+    # N = 2 with d_2 = -d_1: cos = -1, 1 + (N-1) cos = 0: no finite t, the base is kept (mergekit)
+    base = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    d = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    out = run("model_stock", [base + d, base - d], base, g={"filter_wise": fw})
+    assert torch.isfinite(out).all()
+    close(out, np64(base), tol=1e-6)
 
 
 # ------------------------------------------------------------------ nuslerp / slerp family

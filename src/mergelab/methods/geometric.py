@@ -312,7 +312,8 @@ def karcher(tensors: list[Tensor], base: Tensor | None, *, ctx: TensorContext,
 def model_stock_t(G: Tensor) -> Tensor:
     """Model Stock's interpolation factor from the Gram matrices (..., N, N) of the offsets:
     ``N c/(1 + (N − 1) c)``, c the mean pairwise cosine (norm products clamped at 1e-6,
-    cosines to [−1, 1])."""
+    cosines to [−1, 1]); 0 where ``|1 + (N − 1) c| < 1e-6`` (opposing offsets: no finite
+    estimate, so the base is kept, as mergekit does)."""
     n = G.shape[-1]
     norms = torch.sqrt(torch.diagonal(G, dim1=-2, dim2=-1).clamp(min=0))
     cos = []
@@ -320,7 +321,9 @@ def model_stock_t(G: Tensor) -> Tensor:
         for j in range(i + 1, n):
             cos.append((G[..., i, j] / (norms[..., i] * norms[..., j]).clamp(min=1e-6)).clamp(-1, 1))
     c = torch.stack(cos).mean(0)
-    return (n * c) / (1 + (n - 1) * c)
+    den = 1 + (n - 1) * c
+    singular = den.abs() < 1e-6
+    return torch.where(singular, torch.zeros_like(c), (n * c) / torch.where(singular, torch.ones_like(den), den))
 
 
 @merge_method("model_stock", needs_base=True, min_models=2, elementwise=True,
@@ -329,15 +332,23 @@ def model_stock(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext, filt
     """Model Stock (Jang et al. 2024): with offsets ``d_i = θ_i − θ_0`` and ``cos θ`` the mean
     pairwise cosine of the offsets (norm products clamped below at 1e-6, cosines to
     [−1, 1]), ``t = N cos θ / (1 + (N − 1) cos θ)`` and the result
-    ``t·mean(θ_i) + (1 − t)·θ_0``.  ``filter_wise``: one ``t`` per row (a vector is one row)."""
-    ds = _vectors(tensors, base, True)
-    n = len(ds)
+    ``t·mean(θ_i) + (1 − t)·θ_0``.  ``filter_wise``: one ``t`` per row (a vector is one row).
+
+    ``t`` comes from the float64 Gram matrix; the combination is computed in the inputs' dtype
+    in mergekit's order (``t·mean + (1 − t)·θ_0``, ``t`` rounded to that dtype), so with the
+    same ``t`` the bytes equal mergekit's (a float64 combination cost 18× the time for
+    nothing the stored bfloat16/float32 result can hold)."""
+    n = len(tensors)
     if filter_wise and base.dim() >= 2:
-        rows = [d.double().reshape(d.shape[0], -1) for d in ds]
+        rows = [d.double().reshape(d.shape[0], -1) for d in _vectors(tensors, base, True)]
         G = torch.stack([torch.stack([(a * b).sum(1) for b in rows], -1) for a in rows], -2)  # (R, N, N)
         t = model_stock_t(G).reshape((-1,) + (1,) * (base.dim() - 1))
     else:
-        G = ctx.tensor_state if ctx.tensor_state is not None else gram(ds)
+        G = ctx.tensor_state if ctx.tensor_state is not None else gram(_vectors(tensors, base, True))
         t = model_stock_t(G)
-    mean = sum(d.double() for d in ds) / n
-    return (base.double() + t * mean).to(base.dtype)
+    t = t.to(device=base.device, dtype=base.dtype)
+    avg = tensors[0].clone()
+    for x in tensors[1:]:
+        avg.add_(x)
+    avg.div_(n)
+    return avg.mul_(t).add_(base * (1 - t))
