@@ -205,6 +205,25 @@ def _attach(stage: _Stage, prefix: str, sub: nn.Module) -> None:
     parent.add_module(parts[-1], sub)
 
 
+def record_layers(model: nn.Module, base: nn.Module, originals: list[nn.Module], inputs: dict,
+                  last: int, what: str) -> list:
+    """The model's forward up to decoder layer ``last`` (``base.layers`` swapped for recorders
+    meanwhile): ``[(layer input, args, kwargs), ...]`` of layers 0..last; ``what`` names the
+    caller in the error when the forward does not reach them all."""
+    box: list = []
+    base.layers = nn.ModuleList([_Recorder(i, last, originals[i], box)
+                                 for i in range(len(originals))])
+    try:
+        model(**inputs, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        base.layers = nn.ModuleList(originals)
+    if len(box) != last + 1:
+        raise MergelabError(f"{what}: the forward reached {len(box)} of {last + 1} decoder layers")
+    return box
+
+
 def layered_stats(folder: str | Path, data: Iterable[Any], kind: str, *,
                   layers: Sequence[str] | None = None, sites: Sequence[str | Site] | None = None,
                   head: str | None = "auto", progress: bool = False) -> Grams | Stats:
@@ -226,18 +245,7 @@ def layered_stats(folder: str | Path, data: Iterable[Any], kind: str, *,
             inputs, _, mask = split_batch(batch)
             if not isinstance(inputs, dict) or "input_ids" not in inputs:
                 raise MergelabError("layered stats: expected token batches (dicts with input_ids)")
-            box: list = []
-            base.layers = nn.ModuleList([_Recorder(i, n_layers - 1, originals[i], box)
-                                         for i in range(n_layers)])
-            try:
-                model(**inputs, use_cache=False)
-            except _Stop:
-                pass
-            finally:
-                base.layers = nn.ModuleList(originals)
-            if len(box) != n_layers:
-                raise MergelabError(f"layered stats: the forward reached {len(box)} of {n_layers} "
-                                    f"decoder layers")
+            box = record_layers(model, base, originals, inputs, n_layers - 1, "layered stats")
             m = mask if mask is not None else torch.ones_like(inputs["input_ids"])
             masks.append(m)
             hidden.append(box[0][0])

@@ -56,7 +56,7 @@ from ..progress import progress as progress_bar
 from . import causal, distributed, persample
 from .batch import batch_len, logits_of, split_batch, take
 from .fisher import MODES, Fisher
-from .layered import _Loader, _parts, _Recorder, _release, _Stop, skeleton
+from .layered import _Loader, _parts, _release, record_layers, skeleton
 
 LAYERED_MODES = ("empirical", "sampled")
 BLOCK = 1 << 23        # floats of per-sequence Linear weight gradients formed at once (32 MiB)
@@ -98,24 +98,6 @@ class _HeadStub(nn.Module):
     def forward(self, *args, **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPast
         return BaseModelOutputWithPast(last_hidden_state=self.norm(self.h))
-
-
-def _record(model: nn.Module, base: nn.Module, originals: list[nn.Module], inputs: dict,
-            last: int) -> list:
-    """The model's forward up to decoder layer ``last``: ``[(layer 0 input, args, kwargs), ...]``."""
-    box: list = []
-    base.layers = nn.ModuleList([_Recorder(i, last, originals[i], box)
-                                 for i in range(len(originals))])
-    try:
-        model(**inputs, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        base.layers = nn.ModuleList(originals)
-    if len(box) != last + 1:
-        raise MergelabError(f"fisher --layered: the forward reached {len(box)} of {last + 1} "
-                            f"decoder layers")
-    return box
 
 
 def _backward(out: Tensor, grad_out: Tensor | None, calls, extra: list[Tensor],
@@ -305,7 +287,7 @@ def _run(model, prefix, base, folder, data, mode, n_examples, seed, chunk, spill
                 raise MergelabError(f"fisher: a batch of {n} tokens is longer than the model's "
                                     f"{limit} positions (max_position_embeddings); truncate the "
                                     f"text (max_length)")
-            box = _record(model, base, originals, inputs, n_layers - 1)
+            box = record_layers(model, base, originals, inputs, n_layers - 1, "fisher --layered")
             k = len(batches)
             spill.put(f"in_{k}", inputs)
             spill.put(f"h0_{k}", box[0][0])
@@ -393,7 +375,7 @@ def _run(model, prefix, base, folder, data, mode, n_examples, seed, chunk, spill
             inputs = spill.get(f"in_{k}")
             with torch.enable_grad(), _grad_on([part], k == 0):
                 with persample.Recorder(part.modules, b) as rec:
-                    h0 = _record(model, base, originals, inputs, 0)[0][0]
+                    h0 = record_layers(model, base, originals, inputs, 0, "fisher --layered")[0][0]
                 grads, _ = _backward(h0, spill.get(f"g0_{k}"), rec.calls, [], [part], k == 0, chunk)
             del h0
             if part.tied_acc is not None:
