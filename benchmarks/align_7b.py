@@ -32,18 +32,17 @@ import sys
 import time
 from pathlib import Path
 
-SIZES = {
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
-    "110m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=12, vocab_size=16000),
-}
+SIZES = ("7b", "1b", "110m")  # the shapes: merge_throughput.SIZES
+
+
+def _mt():
+    sys.path.insert(0, str(Path(__file__).parent))
+    import merge_throughput  # imported late: it imports torch, which this parent does not need
+    return merge_throughput
 
 
 def config(args) -> dict:
-    c = dict(SIZES[args.size])
+    c = dict(_mt().SIZES[args.size])
     if args.layers:
         c["num_hidden_layers"] = args.layers
     if args.kv:
@@ -52,9 +51,7 @@ def config(args) -> dict:
 
 
 def shapes(c: dict) -> list:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from merge_throughput import llama_shapes
-    return llama_shapes(c)
+    return _mt().llama_shapes(c)
 
 
 # ----------------------------------------------------------------------------- children
@@ -170,7 +167,7 @@ def generate(folder: Path, c: dict, spec, perm, noise: float, seed: int, base: P
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="110m", choices=list(SIZES))
+    ap.add_argument("--size", default="110m", choices=SIZES)
     ap.add_argument("--layers", type=int, default=0)
     ap.add_argument("--kv", type=int, default=0)
     ap.add_argument("--workdir", default="/work/tmp_align7b")

@@ -35,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from childproc import measure, run_child, summarise, weight_bytes  # noqa: E402,F401  (run_child: re-exported)
 
 SIZES = {
+    # Llama-2-7B shape: 32 layers x 202M + embeddings/head 2 x 131M = 6.74B parameters
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
     # ~110M: 12 layers x 7.1M + embeddings/head 2 x 12.3M
     "110m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=12, vocab_size=16000),

@@ -29,9 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merge_throughput as mt  # noqa: E402  (the checkpoint generator)
 from childproc import measure  # noqa: E402  (the timed child process, shared with merge_throughput.py)
 
-# Llama-2-7B shape: 32 layers x 202M + embeddings/head 2 x 131M = 6.74B parameters
-mt.SIZES.setdefault("7b", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                               num_attention_heads=32, num_key_value_heads=32, vocab_size=32000))
 SIZES = ("7b", "1b", "110m", "tiny")
 
 
