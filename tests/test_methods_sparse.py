@@ -95,6 +95,36 @@ def test_kth_largest_many_one_pass_window_is_exact(data):
         assert g == t == (v, int((x > v).sum())), (g, t, v)
 
 
+@pytest.mark.parametrize("mislead", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kth_largest_many_on_engine_sized_chunks_is_exact(seed, mislead):
+    """Chunks of 2^18 and more values take the bincount path of the one-pass window (smaller
+    ones the masked selection): both exact, with ties, zeros, subnormals and extremes."""
+    g = torch.Generator().manual_seed(seed)
+    n = 3 * (1 << 18) + 12345
+    pool = torch.tensor(_EXTREMES + [0.5, 0.25, 2.0], dtype=torch.float32)
+    x = torch.where(torch.rand(n, generator=g) < 0.3, pool[torch.randint(0, pool.numel(), (n,), generator=g)],
+                    torch.rand(n, generator=g).to(torch.bfloat16).float())
+    if mislead:
+        x[: 1 << 18] *= 1e-3   # the first chunk on another scale: the window misses, second pass
+    y = x[: (1 << 18) + 7].flip(0).contiguous()  # a second stream: one big chunk, then a small one
+    sizes = [(1 << 18), (1 << 18) + 7, 1 << 17]
+
+    def chunks():
+        a = 0
+        for k in range(6):
+            step = sizes[k % 3]
+            yield [x[a:a + step], y[a:a + step] if a < y.numel() else torch.empty(0)]
+            a += step
+        yield [x[a:], torch.empty(0)]
+
+    for ranks in ([1, 1], [n // 2, y.numel() // 3], [n, y.numel()], [12345, 77]):
+        got = sparse.kth_largest_many(chunks, ranks, [n, y.numel()])
+        for v, r, (val, greater) in zip((x, y), ranks, got):
+            want = float(torch.kthvalue(v, v.numel() - r + 1).values)
+            assert (val, greater) == (want, int((v > want).sum()))
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_trim_keeps_exactly_floor_k_n_largest(data):
