@@ -164,6 +164,23 @@ def test_della_keep_probabilities_follow_rank(fam, d, e):
     close(della_probs(tau, d, e), ref_della_probs(np64(tau), d, e), tol=1e-6)
 
 
+@settings(**SETTINGS)
+@given(shape=st.sampled_from([(7,), (5, 9), (3, 4, 6), (2, 3, 2, 5), (1, 2049)]), data=st.data())
+def test_della_row_ranks_break_ties_by_index(shape, data):
+    """The CPU rank path (a NumPy sort of unique keys) equals torch's stable sort: ties (a small
+    pool of values, +0.0 and -0.0 among them) ranked by index, rows along dim 1 of any rank."""
+    from mergelab.methods.sparsify import _row_ranks
+
+    n = math.prod(shape)
+    pool = data.draw(st.lists(st.sampled_from([0.0, -0.0, 1e-45, 0.5, -0.5, 3.0, 1e30]), min_size=1, max_size=4))
+    vals = data.draw(st.lists(st.sampled_from(pool) | st.floats(-4, 4, width=32), min_size=n, max_size=n))
+    tau = torch.tensor(vals, dtype=torch.float32).reshape(shape)
+    x = tau.reshape(1, -1) if tau.dim() < 2 else tau.movedim(1, -1)
+    order = torch.sort(x.abs(), dim=-1, stable=True).indices
+    want = torch.empty_like(order).scatter_(-1, order, torch.arange(x.shape[-1]).expand_as(order))
+    assert torch.equal(_row_ranks(x.abs()), want.float())
+
+
 def test_della_rescaled_drop_keeps_the_expectation_and_the_density():
     tau = torch.ones(200, 200)  # equal magnitudes: ranks by index, mean probability = density
     d, e = 0.4, 0.15

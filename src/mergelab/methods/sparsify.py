@@ -40,8 +40,8 @@ from torch import Tensor
 
 from ..errors import MergelabError
 from .registry import Range, TensorContext, merge_method
-from .sparse import (CHUNK, Density, Trim, uniforms, disjoint_merge, elect_sign, kth_largest_many, tensor_seed,
-                     trim_keep)
+from .sparse import (CHUNK, UNIFORM_CACHE, Density, Trim, chunk_draws, disjoint_merge, elect_sign,
+                     kth_largest_many, tensor_seed, trim_keep, uniforms)
 
 Frac = Annotated[list[float], Range(0, 1)]
 
@@ -235,36 +235,62 @@ def breadcrumbs_ties(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext,
 
 # ------------------------------------------------------------------ DELLA
 
+def _row_ranks(a: Tensor) -> Tensor:
+    """The rank (0 = smallest, ties by index) of every entry of ``a`` (≥ 0, float32) within its
+    row (the last dimension), as float32.  On the CPU: one sort of unique int64 keys
+    ``bits(a) << b | index`` in NumPy (its vectorised sort) and a float32 scatter of the ranks:
+    6 ms against 39 ms for torch's stable sort + int64 scatter per 2^18 entries in rows of
+    2048; elsewhere torch's stable sort.  Same ranks either way (tested)."""
+    m = a.shape[-1]
+    if a.device.type == "cpu" and 1 < m <= 1 << 24 and a.numel():
+        import numpy as np
+
+        b = (m - 1).bit_length()  # abs bits < 2^31: keys < 2^(31 + b), unique
+        keys = (a.contiguous().numpy().view(np.int32).astype(np.int64) << b) | np.arange(m, dtype=np.int64)
+        keys.sort(axis=-1)
+        order = torch.from_numpy(keys & ((1 << b) - 1))
+    else:
+        order = torch.sort(a, dim=-1, stable=True).indices
+    ar = torch.arange(m, device=a.device, dtype=torch.int64 if m > 1 << 24 else torch.float32)
+    return torch.empty(order.shape, dtype=ar.dtype, device=a.device).scatter_(-1, order, ar.expand_as(order)).float()
+
+
 def della_probs(tau: Tensor, density: float, epsilon: float) -> Tensor:
     """Keep probabilities of MagPrune: per row, ``density − ε + 2ε·(rank − 1)/(m − 1)``, the rank
     (1 = smallest |τ|, ties by index) among the row's ``m`` entries; a vector is one row."""
     x = tau.reshape(1, -1) if tau.dim() < 2 else tau.movedim(1, -1)  # rows: dim 1 of a matrix or more
     m = x.shape[-1]
-    order = torch.sort(x.abs(), dim=-1, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(m, device=tau.device).expand_as(order))
-    r = ranks.to(torch.float32) / (m - 1) if m > 1 else torch.zeros_like(x)
+    r = _row_ranks(x.abs()) / (m - 1) if m > 1 else torch.zeros_like(x)
     p = (density - epsilon) + r * (2 * epsilon)
     return p.reshape(tau.shape) if tau.dim() < 2 else p.movedim(-1, 1)
 
 
 def della_keep(tau: Tensor, density: float, epsilon: float, seed: int, start: int = 0,
-               probs: Tensor | None = None) -> Tensor:
+               probs: Tensor | None = None, total: int | None = None) -> Tensor:
     """MagPrune's keep-mask of one task vector (or a row block of it, flat index ``start``);
     ``seed`` fixes the draws; ``probs``: the keep probabilities when they are not computed from
-    ``tau`` itself (a block of a vector)."""
+    ``tau`` itself (a block of a vector); ``total``: the whole tensor's number of entries, when
+    ``tau`` is a row block (its chunks' draws are then shared between blocks: the same values,
+    drawn once; see :func:`~mergelab.methods.sparse.chunk_draws`)."""
     p = della_probs(tau, density, epsilon) if probs is None else probs
-    return uniforms(start, start + tau.numel(), seed, tau.device).reshape(tau.shape) < p
+    stop = start + tau.numel()
+    if total is None or (start == 0 and stop == total):
+        u = uniforms(start, stop, seed)
+    else:
+        u = chunk_draws(start, stop, total, seed, UNIFORM_CACHE, (), lambda lo, hi: uniforms(lo, hi, seed),
+                        torch.float32)
+    return u.to(tau.device).reshape(tau.shape) < p
 
 
 def della_sparsify(tau: Tensor, density: float, epsilon: float, rescale: bool, seed: int,
-                   start: int = 0, probs: Tensor | None = None, scale: float | None = None) -> Tensor:
+                   start: int = 0, probs: Tensor | None = None, scale: float | None = None,
+                   total: int | None = None) -> Tensor:
     """One task vector (or a row block of it) through MagPrune (see the module doc and
     :func:`della_keep`).  With ``rescale`` the kept entries are multiplied by ``scale``, the
     tensor's L1 factor ``‖τ‖₁ / ‖m ⊙ τ‖₁`` (computed here when None: ``tau`` is the whole tensor)."""
     if density >= 1.0:
         return tau
-    out = tau * della_keep(tau, density, epsilon, seed, start, probs)
+    out = tau * della_keep(tau, density, epsilon, seed, start, probs, total)
     if rescale:
         if scale is None:
             scale = _l1_factor([_rows_abs_sum(tau)], [_rows_abs_sum(out)])
@@ -309,7 +335,7 @@ def della_prepass(params: dict, blocks) -> dict | None:
                     continue
                 tau = t - base
                 p = None if probs is None else probs[i][pos:pos + tau.numel()]
-                keep = della_keep(tau, d, e, tensor_seed(ctx.seed, ctx.name, i), pos, p)
+                keep = della_keep(tau, d, e, tensor_seed(ctx.seed, ctx.name, i), pos, p, ctx.numel)
                 before[i].append(_rows_abs_sum(tau))
                 after[i].append(_rows_abs_sum(tau * keep))
             pos += base.numel()
@@ -333,7 +359,8 @@ def _della(ctx, tensors, base, weight, density, epsilon, lambda_, normalize, res
                 f" (density {d:g})")
         p = None if probs is None or probs[i] is None else probs[i][ctx.offset:ctx.offset + t.numel()]
         taus.append(della_sparsify(t - base, d, e, rescale, tensor_seed(ctx.seed, ctx.name, i),
-                                   start=ctx.offset, probs=p, scale=None if scales is None else scales[i]))
+                                   start=ctx.offset, probs=p, scale=None if scales is None else scales[i],
+                                   total=ctx.numel))
     return _finish(base, combine(taus, weight, consensus, normalize), lambda_)
 
 
