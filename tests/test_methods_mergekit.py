@@ -250,6 +250,19 @@ def ref_sce(base, xs, topk, var=None):
     return base + num / np.where(den == 0, 1.0, den)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("shape", [(1 << 16,), (96, 33), (4, 5, 6)])
+def test_sce_variance_equals_torch_var_bit_for_bit(n, shape):
+    from mergelab.methods.select import _sce_var
+
+    g = torch.Generator().manual_seed(n)
+    for scale in (1e-3, 1.0, 1e3):
+        d = ((torch.randn((n,) + shape, generator=g) * scale).to(torch.bfloat16).float()
+             - (torch.randn((n,) + shape, generator=g) * scale).to(torch.bfloat16).float())
+        d[..., :3] = 0.0  # equal entries: zero variance
+        assert torch.equal(_sce_var(d), d.var(dim=0, unbiased=False))
+
+
 @settings(**SETTINGS)
 @given(fam=family(n_min=1, n_max=4), topk=st.sampled_from([1.0, 0.5, 0.2]))
 def test_sce_matches_reference(fam, topk):

@@ -46,7 +46,19 @@ def nearswap(tensors: list[Tensor], base: Tensor, *, t: Positive) -> Tensor:
 # ------------------------------------------------------------------ SCE
 
 def _sce_var(deltas: Tensor) -> Tensor:
-    return deltas.var(dim=0, unbiased=False)
+    """``deltas.var(dim=0, unbiased=False)`` (mergekit's), bit for bit: torch's Welford update in
+    float64, written out with elementwise ops, because torch's CPU reduction over a leading
+    dimension of 2-5 models is 20x slower (92 vs 4.5 ms per 2^18 entries; it made SCE the
+    slowest method, 1390 CPU s at 1.1B).  Equality with torch.var is tested."""
+    n = deltas.shape[0]
+    mean = deltas[0].double()
+    m2 = torch.zeros_like(mean)
+    for k in range(1, n):
+        x = deltas[k].double()
+        delta = x - mean
+        mean = mean + delta / (k + 1)
+        m2 = m2 + delta * (x - mean)  # not addcmul: torch's kernel does not fuse (tested)
+    return (m2 / n).float()
 
 
 def _row_sq_sums(x: Tensor) -> list[float]:
