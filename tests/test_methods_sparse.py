@@ -98,8 +98,8 @@ def test_kth_largest_many_one_pass_window_is_exact(data):
 @pytest.mark.parametrize("mislead", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kth_largest_many_on_engine_sized_chunks_is_exact(seed, mislead):
-    """Chunks of 2^18 and more values take the bincount path of the one-pass window (smaller
-    ones the masked selection): both exact, with ties, zeros, subnormals and extremes."""
+    """The one-pass window on chunks of the engine's size (2^18 values and more, mixed with
+    smaller ones): exact, with ties, zeros, subnormals and extremes."""
     g = torch.Generator().manual_seed(seed)
     n = 3 * (1 << 18) + 12345
     pool = torch.tensor(_EXTREMES + [0.5, 0.25, 2.0], dtype=torch.float32)
