@@ -34,8 +34,8 @@ def linear(tensors: list[Tensor], base: Tensor | None, *, ctx: TensorContext,
     c = total / d
     if c == 1.0 and len(tensors) == 2 and weight[1] != 0.0:
         # the same formula, θ_1 + (w_2/d)(θ_2 − θ_1), in one fused pass (torch.lerp; for a
-        # weight ≥ 0.5 it computes θ_2 − (1 − w)(θ_2 − θ_1), as accurate): a third of the
-        # time of clone + sub + add on a 1 MiB block (0.30 vs 0.71 s per 1,500 blocks)
+        # weight ≥ 0.5 it computes θ_2 − (1 − w)(θ_2 − θ_1), as accurate) instead of
+        # clone + sub + add (benchmarks/method_kernels.py)
         return torch.lerp(first, tensors[1], weight[1] / d)
     out = first.clone() if c == 1.0 else first * c
     diff = None  # one scratch buffer for every θ_i − θ_1

@@ -336,8 +336,8 @@ def model_stock(tensors: list[Tensor], base: Tensor, *, ctx: TensorContext, filt
 
     ``t`` comes from the float64 Gram matrix; the combination is computed in the inputs' dtype
     in mergekit's order (``t·mean + (1 − t)·θ_0``, ``t`` rounded to that dtype), so with the
-    same ``t`` the bytes equal mergekit's (a float64 combination cost 18× the time for
-    nothing the stored bfloat16/float32 result can hold)."""
+    same ``t`` the bytes equal mergekit's (a float64 combination costs several times more,
+    benchmarks/method_kernels.py, for nothing the stored bfloat16/float32 result can hold)."""
     n = len(tensors)
     if filter_wise and base.dim() >= 2:
         rows = [d.double().reshape(d.shape[0], -1) for d in _vectors(tensors, base, True)]

@@ -48,8 +48,8 @@ def nearswap(tensors: list[Tensor], base: Tensor, *, t: Positive) -> Tensor:
 def _sce_var(deltas: Tensor) -> Tensor:
     """``deltas.var(dim=0, unbiased=False)`` (mergekit's), bit for bit: torch's Welford update in
     float64, written out with elementwise ops, because torch's CPU reduction over a leading
-    dimension of 2-5 models is 20x slower (92 vs 4.5 ms per 2^18 entries; it made SCE the
-    slowest method, 1390 CPU s at 1.1B).  Equality with torch.var is tested."""
+    dimension of 2-5 models is several times slower (benchmarks/method_kernels.py; it made SCE
+    the slowest method, 1390 CPU s at 1.1B).  Equality with torch.var is tested."""
     n = deltas.shape[0]
     mean = deltas[0].double()
     m2 = torch.zeros_like(mean)
