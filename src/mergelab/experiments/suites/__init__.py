@@ -9,9 +9,10 @@ from typing import Sequence
 
 from ...errors import MergelabError
 
-SUITES = ("nonlocal-vision", "local-text", "fisher")
+SUITES = ("nonlocal-vision", "local-text", "fisher", "pretrained-vision")
 PROFILES = ("smoke", "quick", "full")
-_MODULES = {"nonlocal-vision": "nonlocal_vision", "local-text": "local_text", "fisher": "fisher"}
+_MODULES = {"nonlocal-vision": "nonlocal_vision", "local-text": "local_text", "fisher": "fisher",
+            "pretrained-vision": "pretrained_vision"}
 
 
 def run_suite(name: str, profile: str = "smoke", out: str | Path | None = None, quiet: bool = False,

@@ -426,16 +426,19 @@ def _groups(bodies: dict[str, dict]) -> list[list[str]]:
 
 
 def _run_method(results, setting, alignment, method, states, base, experts, data, p, timer, shared):
+    """Merge ``states`` (``{task: body state}``, the tasks in order) with ``method`` at the
+    coefficient chosen on validation, correct (REPAIR / TACT) and evaluate every task."""
+    tasks = list(states)
     stat_cache: dict = {}
-    aligned = {t: _with_state(experts[t], states[t], experts[t]) for t in TASKS}
+    aligned = {t: _with_state(experts[t], states[t], experts[t]) for t in tasks}
 
     def models_for(bodies):
         # every task: the merged body with the (aligned) expert's own head and buffers
-        return {t: _with_state(experts[t], {**states[t], **bodies[t]}, experts[t]) for t in TASKS}
+        return {t: _with_state(experts[t], {**states[t], **bodies[t]}, experts[t]) for t in tasks}
 
     def val_score(coef):
         ms = models_for(_merged_bodies(method, coef, states, base, experts, data, p, stat_cache, shared))
-        return float(np.mean([T.evaluate(ms[t], data.loader(t, "val", 512))["acc"] for t in TASKS]))
+        return float(np.mean([T.evaluate(ms[t], data.loader(t, "val", 512))["acc"] for t in tasks]))
 
     coef, scores = choose(_grid(method, p), val_score)
     bodies = _merged_bodies(method, coef, states, base, experts, data, p, stat_cache, shared)
@@ -450,9 +453,9 @@ def _run_method(results, setting, alignment, method, states, base, experts, data
             for group in _groups(bodies):
                 if corr == "repair":
                     # one shared correction per body, measured on one pooled batch of every task
-                    xs, ys = zip(*[data.loader(t, "train", p["repair_per_task"], 1)[0] for t in TASKS])
+                    xs, ys = zip(*[data.loader(t, "train", p["repair_per_task"], 1)[0] for t in tasks])
                     pooled = [(torch.cat(xs), torch.cat(ys))]
-                    fixed = _repair(merged[group[0]], [aligned[t] for t in TASKS], pooled)
+                    fixed = _repair(merged[group[0]], [aligned[t] for t in tasks], pooled)
                     for t in group:
                         m = copy.deepcopy(fixed)
                         m.head = copy.deepcopy(aligned[t].head)   # heads are never merged
@@ -462,23 +465,23 @@ def _run_method(results, setting, alignment, method, states, base, experts, data
                         merged[group[0]], {t: aligned[t] for t in group},
                         {t: data.loader(t, "train", p["calib_examples"], 1) for t in group}))
     for corr, ms in corrected.items():
-        acc = {t: T.evaluate(ms[t], data.loader(t, "test", 512))["acc"] for t in TASKS}
+        acc = {t: T.evaluate(ms[t], data.loader(t, "test", 512))["acc"] for t in tasks}
         results["runs"].append({"setting": setting, "method": method, "alignment": alignment, "correction": corr,
                                 "coef": coef_rec, "acc": acc})
     vc_method = "ties_tall" if "ties_tall" in p["methods"] else p["methods"][0]
     if method == vc_method:
-        _variance_collapse(results, setting, alignment, method, corrected, aligned, data, p)
+        _variance_collapse(results, setting, alignment, method, corrected, aligned, data, p, tasks)
 
 
-def _variance_collapse(results, setting, alignment, method, corrected, aligned, data, p):
+def _variance_collapse(results, setting, alignment, method, corrected, aligned, data, p, tasks):
     """Per correction site: the merged model's activation std summed over channels / the expert's
     (a ratio of channel sums, so channels a ReLU left dead in the expert cannot blow it up), on
     each task's validation images (one batch), averaged over tasks."""
-    sites = _sites(aligned[TASKS[0]])
+    sites = _sites(aligned[tasks[0]])
     ratios: dict[str, list[float]] = {}
     for corr, ms in corrected.items():
         per_task = []
-        for t in TASKS:
+        for t in tasks:
             dl = data.loader(t, "val", p["calib_examples"], 1)
             ex = _site_std(aligned[t], dl, sites)
             mg = _site_std(ms[t], dl, sites)
