@@ -265,12 +265,31 @@ class _Entry:
         return self.value
 
 
+def _sorted_rows(moved: torch.Tensor) -> torch.Tensor:
+    """``moved`` (the unit axis first) flattened to (units, rest), each row sorted ascending.
+
+    On the CPU: one float32 (float64 for float64 input) copy, sorted in place by NumPy's
+    vectorised sort. torch's CPU sort does 8 M float32 values/s on this 2-core VM against
+    NumPy's 92 M (an 11008 x 4096 matrix: 5.5 s vs 0.49 s), and a 7B model's signatures sort
+    54 G values. The sorted values are the same (NaN last in both; -0.0 and 0.0 may trade
+    places, which no signature cost can see)."""
+    n = moved.shape[0]
+    m = 1
+    for d in moved.shape[1:]:
+        m *= int(d)
+    if moved.device.type != "cpu":
+        return moved.reshape(n, m).sort(dim=1).values
+    out = torch.empty((n, m), dtype=torch.float64 if moved.dtype == torch.float64 else torch.float32)
+    out.view(moved.shape).copy_(moved.detach())   # layout and dtype in one copy (exact for bf16/fp16)
+    out.numpy().sort(axis=1)
+    return out
+
+
 def _signatures(x: torch.Tensor, k: int, q: int = 64) -> torch.Tensor:
     """Per-unit signature along axis ``k``: the unit's row (every other axis) sorted, sampled
     at ``q`` evenly spaced ranks.  Sorting makes it invariant to any permutation of the other
     axes, so a unit keeps its signature whatever the other groups do."""
-    n = x.shape[k]
-    rows = x.movedim(k, 0).reshape(n, -1).sort(dim=1).values
+    rows = _sorted_rows(x.movedim(k, 0))
     L = rows.shape[1]
     if L > q:
         rows = rows[:, torch.linspace(0, L - 1, q).round().long()]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import MergelabError
-from .matching import _Entry, _pieces, _signatures, _Units, unit_order
+from .matching import _pieces, _signatures, _Units, unit_order
 from .spec import Permutation, PermutationSpec
 
 
@@ -113,30 +113,54 @@ def _add(acc: dict, g: str, block_fn, n: int, block_rows: int):
         c[i:j] += block_fn(i, j)
 
 
+def _term_b(xb: torch.Tensor, k: int, ax, perm) -> torch.Tensor:
+    """B's piece with every other group axis permuted, axis ``k`` first, flattened to (n, rest),
+    float32 contiguous: the matrix of ``matching._Entry`` (``b`` permuted and reshaped), built
+    with the permutations applied in the stored dtype and one converting copy."""
+    b = xb
+    for j, og in enumerate(ax):
+        if j != k and og is not None:
+            b = b.index_select(j, perm[og].to(b.device))
+    b = b.movedim(k, 0)
+    out = torch.empty((b.shape[0], b[0].numel() if b.shape[0] else 0), dtype=torch.float32, device=b.device)
+    out.view(b.shape).copy_(b)
+    return out
+
+
 def _add_terms(acc: dict, pieces: list, groups: set, perm, block_rows: int):
-    """Weight-matching terms of one tensor's pieces for the groups of one unit."""
+    """Weight-matching terms of one tensor's pieces for the groups of one unit: the products of
+    ``matching._Entry`` (same float32 matrices, same products), with A converted a block of rows
+    at a time, so that a tensor costs one float32 copy (B's) beside the stored ones."""
     for (xa, ax), (xb, _) in pieces:
         for k, g in enumerate(ax):
             if g is None or g not in groups:
                 continue
-            e = _Entry(g, _f32(xa), _f32(xb), k, ax)
-            b = e.b
-            for pos, og in e.others:
-                b = b.index_select(pos, perm[og].to(b.device))
-            b = b.reshape(b.shape[0], -1)
-            n = e.a.shape[0]
-            _add(acc, g, lambda i, j: (e.a[i:j] @ b.T).cpu().numpy().astype(np.float64), n, block_rows)
+            b = _term_b(xb, k, ax, perm)
+            am = xa.movedim(k, 0)
+            n = am.shape[0]
+
+            def block(i, j, am=am, b=b):
+                blk = torch.empty((j - i, b.shape[1]), dtype=torch.float32, device=b.device)
+                blk.view(am[i:j].shape).copy_(am[i:j])
+                return (blk @ b.T).cpu().numpy().astype(np.float64)
+            _add(acc, g, block, n, block_rows)
+            del b
 
 
-def _piece_value(pieces: list, perm) -> float:
-    """sum over the pieces of <A, pi(B)> (every permuted axis of B permuted)."""
+def _piece_value(pieces: list, perm, block_rows: int = 2048) -> float:
+    """sum over the pieces of <A, pi(B)> (every permuted axis of B permuted); float32 products
+    summed in float64, a block of rows at a time."""
     tot = 0.0
     for (xa, ax), (xb, _) in pieces:
-        b = _f32(xb)
+        b = xb
         for k, g in enumerate(ax):
             if g is not None:
                 b = b.index_select(k, perm[g].to(b.device))
-        tot += float((_f32(xa) * b).sum(dtype=torch.float64))
+        if xa.dim() == 0:
+            tot += float((_f32(xa) * _f32(b)).sum(dtype=torch.float64))
+            continue
+        for i in range(0, xa.shape[0], block_rows):
+            tot += float((_f32(xa[i:i + block_rows]) * _f32(b[i:i + block_rows])).sum(dtype=torch.float64))
     return tot
 
 
@@ -160,7 +184,7 @@ def _signature_start(spec, solver, order, touches, ra, rb, device, q, block_rows
                 for k, g in enumerate(ax):
                     if g is None:
                         continue
-                    sa, sb = _signatures(_f32(xa), k, q), _signatures(_f32(xb), k, q)
+                    sa, sb = _signatures(xa, k, q), _signatures(xb, k, q)
                     nb = (sb * sb).sum(1)[None, :]
                     _add(acc, g, lambda i, j: (2 * sa[i:j] @ sb.T - (sa[i:j] * sa[i:j]).sum(1)[:, None]
                                                - nb).cpu().numpy(), sa.shape[0], block_rows)
