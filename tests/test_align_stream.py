@@ -143,3 +143,47 @@ def test_align_checkpoints_streamed_or_in_memory_same_permutation(tmp_path):
     assert r.returncode == 0, r.stderr
     got = load_permutation(tmp_path / "out" / "b.permutation.safetensors")
     assert all(torch.equal(got[g], on.permutations[0][g]) for g in got)
+
+
+@pytest.mark.parametrize("kv", [4, 2])
+def test_large_hf_model_is_aligned_from_a_reduced_copy(tmp_path, monkeypatch, kv):
+    """Over REDUCED_SPEC_ABOVE_BYTES, align_checkpoints never builds the model: the spec is
+    traced on a 2-layer copy and extended (meta model); the permutation recovers a permuted
+    4-layer Llama exactly and equals the one from the whole model's spec."""
+    import transformers as tf
+
+    from mergelab.align import pipeline
+    from mergelab.align.apply import invert
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=32)
+    m = tf.LlamaForCausalLM(cfg).eval()
+    for p in m.parameters():            # spread the weights so that units are well separated
+        p.data.normal_(0, 0.5)
+    m.save_pretrained(tmp_path / "a")
+    x = pipeline.hf_example_inputs(m)
+    spec = ml.permutation_spec(m, x)
+    truth = spec.random_permutation(seed=3)
+    m2 = tf.LlamaForCausalLM(cfg).eval()
+    m2.load_state_dict(ml.permute(spec, m.state_dict(), truth))
+    m2.save_pretrained(tmp_path / "b")
+
+    built = []
+    real_build = pipeline.build_model
+
+    def spy(path, model_code=None, **kw):
+        built.append(kw)
+        return real_build(path, model_code, **kw)
+    monkeypatch.setattr(pipeline, "build_model", spy)
+    monkeypatch.setattr(pipeline, "REDUCED_SPEC_ABOVE_BYTES", 0)
+    small = pipeline.align_checkpoints(tmp_path / "a", [tmp_path / "b"], method="weight")
+    assert built == [{"meta": True}, {"layers": 2}]
+    assert small.spec.trace is None
+    monkeypatch.setattr(pipeline, "REDUCED_SPEC_ABOVE_BYTES", 1 << 60)
+    whole = pipeline.align_checkpoints(tmp_path / "a", [tmp_path / "b"], method="weight")
+    assert sorted(small.spec.groups) == sorted(whole.spec.groups)
+    want = invert(spec, truth)
+    for g in whole.spec.groups:
+        assert torch.equal(small.permutations[0][g], whole.permutations[0][g]), g
+        assert torch.equal(whole.permutations[0][g], want[g]), g

@@ -122,6 +122,9 @@ def spec_state(spec: PermutationSpec, ckpt, label: str) -> dict[str, torch.Tenso
 # weight matching streams the checkpoints from disk (align.stream) when both models' permuted
 # tensors in float32 exceed this; below it the in-memory matcher (cached products) is used
 STREAM_ABOVE_BYTES = 2 << 30
+# weight matching of a Hugging Face model over this size in float32 traces a reduced copy
+REDUCED_SPEC_ABOVE_BYTES = 4 << 30
+REDUCED_LAYERS = 2
 
 
 def _numel(ckpt, name: str) -> int:
@@ -162,7 +165,10 @@ def align_checkpoints(reference, others: Sequence, *, model_code: str | None = N
     stays on the CPU.  ``stream`` (weight matching): read the checkpoints tensor by tensor
     (:func:`mergelab.align.stream.weight_matching_streamed`) instead of holding both models in
     float32; default: stream when that would exceed ``STREAM_ABOVE_BYTES`` (2 GiB).  Both paths
-    visit units in the ``"local"`` order and give the same permutations.
+    visit units in the ``"local"`` order and give the same permutations.  A Hugging Face
+    model over ``REDUCED_SPEC_ABOVE_BYTES`` (4 GiB in float32) is not built for weight
+    matching: its spec is traced on a ``REDUCED_LAYERS``-layer copy and extended
+    (``permutation_spec(reduced=...)``), the model itself on the meta device.
     """
     dev = resolve_device(device, "align device")
     if method not in ("weight", "activation"):
@@ -172,7 +178,20 @@ def align_checkpoints(reference, others: Sequence, *, model_code: str | None = N
     ref_ck = _open(reference)
     oth_ck = [_open(o) for o in others]
     ref_path = Path(getattr(ref_ck, "path", "") or "")
-    model = build_model(ref_path, model_code)
+    # a large Hugging Face model (over REDUCED_SPEC_ABOVE_BYTES in float32) is never built
+    # whole: it lives on the meta device, its spec is traced on a REDUCED_LAYERS-layer copy and
+    # extended block by block (permutation_spec(reduced=...)); weight matching needs no more
+    reduced = None
+    if (method == "weight" and model_code is None and is_hf_folder(ref_path)
+            and 4 * sum(_numel(ref_ck, n) for n in ref_ck.keys()) > REDUCED_SPEC_ABOVE_BYTES):
+        model = build_model(ref_path, meta=True)
+        depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        if isinstance(depth, int) and depth > REDUCED_LAYERS:
+            reduced = build_model(ref_path, layers=REDUCED_LAYERS)
+        else:
+            model = build_model(ref_path, model_code)
+    else:
+        model = build_model(ref_path, model_code)
     for ck in [ref_ck, *oth_ck]:  # a permutation of a model that is not this one means nothing
         check_fit(model, ck, _label(ck))
     batches = None
@@ -189,10 +208,11 @@ def align_checkpoints(reference, others: Sequence, *, model_code: str | None = N
     elif batches is not None:
         x = _first_batch_input(batches)
     elif is_hf_folder(ref_path) and model_code is None:
-        x = hf_example_inputs(model)
+        x = hf_example_inputs(reduced if reduced is not None else model)
     else:
         raise MergelabError("align: cannot make example inputs for tracing; give --input-shape (e.g. 1,3,32,32)")
-    model_spec = permutation_spec(model, x, seed=seed)
+    model_spec = permutation_spec(model, x, seed=seed, reduced=reduced)
+    del reduced
     # the spec in the checkpoint's own tensor names (legacy names, tied tensors stored once)
     spec = rename_spec(model_spec, checkpoint_names(model, ref_ck.keys()))
     perms = []

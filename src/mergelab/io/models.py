@@ -13,6 +13,7 @@ and ``mergelab stats`` (model with weights and tokenizer).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ..errors import CheckpointError, MergelabError
@@ -58,8 +60,13 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / "config.json").is_file()
 
 
-def build_model(path: str | os.PathLike, model_code: str | None = None) -> nn.Module:
-    """The architecture of the checkpoint at ``path`` (weights NOT loaded), in eval mode."""
+def build_model(path: str | os.PathLike, model_code: str | None = None, *, meta: bool = False,
+                layers: int | None = None) -> nn.Module:
+    """The architecture of the checkpoint at ``path`` (weights NOT loaded), in eval mode.
+
+    Hugging Face folders only: ``meta`` builds it on the meta device (shapes, no memory: a 7B
+    model that could not be held); ``layers`` builds it with ``num_hidden_layers`` set to that
+    (the reduced-depth copy a large model's spec is traced on)."""
     p = Path(path)
     if model_code is not None:
         f = load_factory(model_code)
@@ -77,13 +84,16 @@ def build_model(path: str | os.PathLike, model_code: str | None = None) -> nn.Mo
             cfg = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
         except Exception as e:
             raise CheckpointError(f"{p}/config.json: transformers cannot read it: {type(e).__name__}: {e}") from None
+        if layers is not None:
+            cfg.num_hidden_layers = int(layers)
         arch = (getattr(cfg, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
         if arch is not None and cls is None:
             raise CheckpointError(f"{p}/config.json: architecture {arch!r} is not a class of this transformers"
                                   f" ({transformers.__version__}); give --model-code MODULE:FACTORY")
         try:
-            model = cls(cfg) if cls is not None else transformers.AutoModel.from_config(cfg)
+            with torch.device("meta") if meta else contextlib.nullcontext():
+                model = cls(cfg) if cls is not None else transformers.AutoModel.from_config(cfg)
         except Exception as e:
             raise CheckpointError(f"{p}/config.json: cannot build {arch or 'AutoModel'}: {type(e).__name__}: {e}") from None
         return model.eval()
