@@ -63,10 +63,11 @@ PROFILES: dict[str, dict[str, Any]] = {
     # steps 500 / 30+150 / 300, 400 test images) measured 1278 CPU s: ~60 % training, ~25 %
     # evaluation (test + validation grids), ~12 % TACT + REPAIR. A conv width of 24 (0.71x a
     # training step, 0.66x an evaluated image, measured), 0.85x the steps, 250 test / 200
-    # validation images per task and half the calibration images: ~0.55x
-    # (docs/reproduce.md has the measurement)
+    # validation images per task and half the calibration images: ~0.55x; seed 0 of that
+    # measured 311.7 CPU s (3 seeds ~15.6 min), so foundations 450 -> 400 and from-scratch
+    # experts 250 -> 200 steps (training -11 %) (docs/reproduce.md has the measurements)
     "quick": dict(model={"arch": "vgg", "cfg": ("M", 24, "M", 48, 48), "dense": (48,), "norm": "ln"},
-                  pre_steps=450, probe_steps=25, ft_steps=125, scratch_steps=250,
+                  pre_steps=400, probe_steps=25, ft_steps=125, scratch_steps=200,
                   batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=200, test_limit=250,
                   stat_batches=4, stat_batch=128, fisher_examples=128, calib_examples=128,
                   repair_per_task=16,
