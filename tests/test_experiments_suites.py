@@ -22,7 +22,7 @@ def _cli(*args):
 def test_reproduce_unknown_suite_is_one_line_error():
     r = _cli("reproduce", "nope")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["error: unknown suite 'nope' (known: nonlocal-vision, local-text, fisher)"]
+    assert r.stderr.strip().splitlines() == ["error: unknown suite 'nope' (known: nonlocal-vision, local-text, fisher, pretrained-vision)"]
 
 
 def test_choose_picks_best_first_on_ties():
