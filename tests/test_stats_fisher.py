@@ -209,6 +209,60 @@ class SneakyNet(nn.Module):
         return self.out(torch.tanh(self.fc(h)) + F.linear(h, self.fc.weight))
 
 
+class SamePadConv(nn.Conv2d):
+    """TF "SAME" padding (asymmetric, stride-dependent) applied in its own forward."""
+
+    def forward(self, x):
+        k, st = self.kernel_size[0], self.stride[0]
+        pad = max((-(-x.shape[-1] // st) - 1) * st + k - x.shape[-1], 0)
+        return super().forward(F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)))
+
+
+class ScaledConv(nn.Conv2d):
+    """Post-processes the convolution's output in its own forward."""
+
+    def forward(self, x):
+        return 0.5 * torch.tanh(self._conv_forward(x, self.weight, self.bias))
+
+
+class WSConv(nn.Conv2d):
+    """Weight standardisation: convolves with a function of its weight (not exact in hooks)."""
+
+    def forward(self, x):
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+class TwiceConv(nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(x, self.weight, self.bias) + self._conv_forward(x.flip(-1), self.weight, self.bias)
+
+
+class SameNet(nn.Module):
+    """Conv subclasses with their own forward (SAME padding, stride 2, depthwise; a
+    post-processing one) and 1x1 convs whose output map is one position (the outer-product
+    path), then a head; ``conv=`` swaps the middle conv's class for the error cases."""
+
+    def __init__(self, conv=ScaledConv):
+        super().__init__()
+        torch.manual_seed(5)
+        self.c0 = SamePadConv(3, 6, 3, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.dw = SamePadConv(6, 6, 5, stride=2, groups=6)
+        self.mid = conv(6, 8, 3, padding=1)
+        self.one = nn.Conv2d(8, 7, 1)                  # on the pooled 1x1 map
+        self.one_strided = nn.Conv2d(8, 5, 1, stride=3, bias=False)   # 3x3 -> 1x1: reads (0, 0)
+        self.head = nn.Linear(12, 4)
+        nn.init.uniform_(self.bn.weight, 0.5, 1.5)
+        self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        h = self.mid(F.relu(self.dw(F.relu(self.bn(self.c0(x))))))      # (B, 8, 3, 3)
+        a = self.one(h.mean((2, 3), keepdim=True)).flatten(1)
+        b = self.one_strided(h).flatten(1)
+        return self.head(torch.tanh(torch.cat([a, b], 1)))
+
+
 def _token_batches():
     return token_batches(2, bs=4, vocab=9, n_classes=9)
 
@@ -217,6 +271,7 @@ HOOK_CASES = {
     "rescnn": (ResCNN, lambda: image_batches(2, bs=5, hw=10)),
     "tokens": (TokenNet, _token_batches),
     "twice": (TwiceNet, lambda: vector_batches(2, bs=5)),
+    "same-conv": (SameNet, lambda: image_batches(2, bs=5, hw=11)),
 }
 
 
@@ -272,6 +327,21 @@ def test_fisher_auto_check_catches_parameter_used_outside_its_module():
     # forcing hooks gives a wrong answer here: the check is what protects "auto"
     wrong = diagonal_fisher(net, data, mode="expected", progress=False, backend="hooks")
     assert float((wrong["fc.weight"] - f["fc.weight"]).abs().max()) > 1e-3 * float(f["fc.weight"].abs().max())
+
+
+@pytest.mark.parametrize("conv, why", [(WSConv, "other than its own weight"),
+                                       (TwiceConv, "called _conv_forward 2 times")])
+def test_fisher_conv_subclass_that_hooks_cannot_serve(conv, why):
+    """A conv subclass recorded at _conv_forward must convolve once with its own weight: else
+    "hooks" refuses in one line and "auto" falls back to vmap with the exact answer."""
+    net, data = SameNet(conv), image_batches(2, bs=4, hw=11)
+    with pytest.raises(MergelabError, match=f"fisher backend 'hooks': .*{why}"):
+        diagonal_fisher(net, data, progress=False, backend="hooks")
+    assert "_conv_forward" not in vars(net.mid)      # the instance's method is restored
+    with pytest.warns(UserWarning, match=why):
+        f = diagonal_fisher(net, data, mode="sampled", seed=1, progress=False)
+    assert f.backend == "vmap"
+    assert_rel(f, brute_force(net, data, "sampled", seed=1))
 
 
 def test_fisher_backend_errors():

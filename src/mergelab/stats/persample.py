@@ -12,7 +12,8 @@ form:
   squared sum is ``(g²)ᵀ(a²)``, never materialising per-example gradients);
 * ``nn.Conv1d`` / ``nn.Conv2d`` (zeros padding, any stride/padding/dilation/groups): a grouped
   weight-gradient convolution with the batch folded into the groups, or unfold + batched
-  matmul for small maps;
+  matmul for small maps; a subclass with its own ``forward`` (e.g. TF "SAME" padding applied
+  before the convolution) is recorded at ``_conv_forward``, the convolution's real input;
 * BatchNorm (eval: ``x̂`` from the running statistics), LayerNorm, GroupNorm: ``Σ g·x̂`` and
   ``Σ g`` over the non-example axes;
 * ``nn.Embedding``: per-example row sums keyed by unique ``(example, index)`` pairs, never a
@@ -53,7 +54,7 @@ def unsupported_reason(m: nn.Module, generic: bool = False) -> str | None:
         if generic and not any(True for _ in m.children()):
             return None
         return f"{type(m).__name__} is not a supported module type"
-    if type(m).forward is not kind.forward:
+    if type(m).forward is not kind.forward and not _records_conv_forward(m, kind):
         return f"{type(m).__name__} overrides {kind.__name__}.forward"
     if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding_mode != "zeros":
         return f"{type(m).__name__} with padding_mode='{m.padding_mode}'"
@@ -62,6 +63,15 @@ def unsupported_reason(m: nn.Module, generic: bool = False) -> str | None:
     if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq):
         return "Embedding with max_norm or scale_grad_by_freq"
     return None
+
+
+def _records_conv_forward(m: nn.Module, kind: type) -> bool:
+    """A Conv1d/Conv2d subclass with its own ``forward`` (TF "SAME" padding, a pre- or
+    post-processing step) but ``Conv._conv_forward`` kept: the convolution's real input is what
+    ``_conv_forward`` receives, so it is recorded there (:class:`Recorder`), and a forward that
+    does not call it exactly once with the module's own weight and bias raises
+    :class:`Unsupported`."""
+    return kind in (nn.Conv1d, nn.Conv2d) and type(m)._conv_forward is kind._conv_forward
 
 
 def owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -131,15 +141,48 @@ class Recorder:
         self.calls.append(Call(module, x, out))
         return out.clone()
 
+    def _at_conv_forward(self, m: nn.Module) -> None:
+        """Record ``m`` (a conv whose ``forward`` is its own) where the convolution runs: its
+        ``_conv_forward`` is wrapped on the instance for the pass; hooks around ``forward``
+        check it ran exactly once per call, on the module's own parameters."""
+        conv = type(m)._conv_forward
+        count = [0]
+
+        def wrapped(x, weight, bias):
+            if weight is not m.weight or bias is not m.bias:
+                raise Unsupported(f"{type(m).__name__}.forward convolves with a tensor other than "
+                                  f"its own weight/bias (a reparametrisation)")
+            count[0] += 1
+            return self._hook(m, (x,), {}, conv(m, x, weight, bias))
+
+        def before(module, args):
+            count[0] = 0
+
+        def after(module, args, out):
+            if count[0] != 1:
+                raise Unsupported(f"{type(m).__name__}.forward called _conv_forward {count[0]} times "
+                                  f"in one call (expected once)")
+
+        m._conv_forward = wrapped
+        self.patched.append(m)
+        self.handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
+
     def __enter__(self) -> "Recorder":
-        self.calls = []
-        self.handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.modules]
+        self.calls, self.handles, self.patched = [], [], []
+        for m in self.modules:
+            kind = next((k for k in (nn.Conv1d, nn.Conv2d) if isinstance(m, k)), None)
+            if kind is not None and type(m).forward is not kind.forward:
+                self._at_conv_forward(m)
+            else:
+                self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self.handles:
             h.remove()
-        self.handles = []
+        for m in self.patched:
+            del m._conv_forward   # the class's method again
+        self.handles, self.patched = [], []
 
 
 # ---------------------------------------------------------------- per-example gradients
@@ -304,6 +347,16 @@ def _at_least_float32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def _single_position_conv(c: Call, g: Tensor) -> bool:
+    """A 1x1, ungrouped, unpadded conv with a one-position output map: its output reads the
+    input at the origin only, so the example's weight gradient is ``g ⊗ x[..., 0, 0]``."""
+    m = c.module
+    return (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1
+            and all(k == 1 for k in m.kernel_size) and not isinstance(m.padding, str)
+            and all(p == 0 for p in m.padding) and g.ndim == c.input.ndim >= 3
+            and all(d == 1 for d in g.shape[2:]))
+
+
 class Accumulator:
     """Groups a backward's per-call output gradients by parameter and adds Σ_n g_n² to sums."""
 
@@ -359,6 +412,17 @@ class Accumulator:
                         sums[n] += g.square().t() @ x.square()
                     else:
                         sums[n] += g.square().sum(0)
+                    continue
+                if _single_position_conv(c, g):
+                    # a 1x1 conv whose output map is one position (a late stage at a small
+                    # resolution): each example's gradient is an outer product, as for Linear
+                    _check_batch(c, g, b)
+                    g2 = _at_least_float32(g.reshape(b, -1))
+                    if a == "weight":
+                        x = _at_least_float32(c.input.reshape(b, c.input.shape[1], -1)[:, :, 0])
+                        sums[n] += (g2.square().t() @ x.square()).view(sums[n].shape)
+                    else:
+                        sums[n] += g2.square().sum(0)
                     continue
                 if (self.block is not None and isinstance(c.module, nn.Linear) and a == "weight"
                         and c.input.ndim >= 3):
