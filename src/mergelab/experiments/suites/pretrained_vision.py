@@ -49,16 +49,19 @@ PROFILES: dict[str, dict[str, Any]] = {
     # quick: <= 15 CPU-min for 3 seeds. Measured (cold, 2026-11-27) with 10 + 40 steps, 200 / 250
     # validation / test images and 4-point grids: 400 CPU s a seed (training 169, merges,
     # corrections and evaluation 227), and the validation picked the smallest coefficient of
-    # both grids. So 10 + 30 steps, 150 / 200 images, 3-point grids reaching lower: ~290 s
+    # both grids. Then 10 + 30 steps, 150 / 200 images, 3-point grids: 350 CPU s a seed (merge
+    # phase 212, of which Fisher ~110 s: its hooks backend fell back to vmap on the SAME-padded
+    # convs, 15x slower; fixed in stats/persample.py), and the smallest coefficient again won in
+    # every seed, so the grids now reach 0.01 / 0.05
     "quick": dict(_COMMON, resolution=32, tasks=list(TASKS), probe_steps=10, ft_steps=30, ft_lr=0.01,
                   train_limit=None, val_limit=150, test_limit=200, stat_batches=2, fisher_examples=64,
-                  calib_examples=128, repair_per_task=16, grid_ta=[0.05, 0.1, 0.2],
-                  grid_ties=[0.15, 0.3, 0.5]),
+                  calib_examples=128, repair_per_task=16, grid_ta=[0.01, 0.02, 0.05, 0.1, 0.2],
+                  grid_ties=[0.05, 0.1, 0.15, 0.3, 0.5]),
     # full: 20 + 100 steps, 600 test images per task (~8 CPU-min a seed estimated)
     "full": dict(_COMMON, resolution=32, tasks=list(TASKS), probe_steps=20, ft_steps=100, ft_lr=0.01,
                  train_limit=None, val_limit=300, test_limit=600, stat_batches=4, fisher_examples=128,
-                 calib_examples=256, repair_per_task=32, grid_ta=[0.03, 0.05, 0.1, 0.2],
-                 grid_ties=[0.1, 0.2, 0.3, 0.5]),
+                 calib_examples=256, repair_per_task=32, grid_ta=[0.01, 0.02, 0.05, 0.1, 0.2],
+                 grid_ties=[0.05, 0.1, 0.15, 0.3, 0.5]),
 }
 
 
