@@ -52,11 +52,13 @@ PROFILES: dict[str, dict[str, Any]] = {
     # 20newsgroups expert stayed near chance in two seeds (test 0.21 / 0.20 / 0.47), so merges
     # "beat" it and normalised accuracies read 1.07 +- 0.35. A 40-step probe at 1e-2 gives
     # 0.54 / 0.44 on two seeds (10 steps at 3e-3: 0.88 / 0.34; 80 steps: 0.54 / 0.45), ~4 CPU s
-    # an expert more; 250 test texts pay for it (~15 min for 3 seeds in one process)
+    # an expert more; 250 test texts pay for it. 3 seeds in one process then measured 931 CPU s
+    # (15.5 min at load 3: Fisher 92, RegMean grams 74, TACT 74 of it), so Fisher on 64 examples
+    # and REPAIR/TACT/RegMean statistics on 3 batches of 32 (~-80 s)
     "quick": dict(max_len=64, first_trainable=5, probe_steps=40, steps=80, batch=32, group_by_length=8,
                   lr=1e-4, probe_lr=1e-2,
-                  train_limit=1500, val_limit=150, test_limit=250, stat_batches=4, stat_batch=32,
-                  fisher_examples=128, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
+                  train_limit=1500, val_limit=150, test_limit=250, stat_batches=3, stat_batch=32,
+                  fisher_examples=64, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
                   grid_ta=[0.3, 0.5, 0.7], grid_ties=[1.0, 1.5], grid_tall=[1.0],
                   ties_density=0.5, regmean_alpha=[0.9], tact_sites="norms"),
     # full: ~40 CPU-min for 3 seeds (of the 90 for all full suites). The 1-seed full measured
