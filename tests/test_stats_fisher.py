@@ -347,9 +347,22 @@ def test_fisher_conv_subclass_that_hooks_cannot_serve(conv, why):
 def test_fisher_backend_errors():
     with pytest.raises(MergelabError, match="fisher backend: expected one of auto, hooks, vmap"):
         diagonal_fisher(mlp(), vector_batches(1), progress=False, backend="jax")
-    from _stats_models import LayerNorm2d  # overrides LayerNorm.forward: not a supported leaf
-    net = cnn(norm="ln")
+    net = RawParamNet()   # a parameter of a module with submodules: no hooks
+    with pytest.raises(MergelabError, match="fisher backend 'hooks': parameter 'scale': RawParamNet is not a "
+                                            "supported module type; expected Linear"):
+        diagonal_fisher(net, vector_batches(1), progress=False, backend="hooks")
+
+
+def test_fisher_hooks_serve_a_norm_with_its_own_forward():
+    """A LayerNorm subclass over NCHW channels (its own forward, so not the closed form):
+    hooks take its per-example gradients from the module's own code (vmap over that leaf)."""
+    from _stats_models import LayerNorm2d
+    net, data = cnn(norm="ln"), image_batches(2, bs=4)
     assert isinstance(net[1], LayerNorm2d)
-    with pytest.raises(MergelabError, match="overrides LayerNorm.forward"):
-        diagonal_fisher(net, image_batches(1), progress=False, backend="hooks")
-    assert diagonal_fisher(net, image_batches(1, bs=3), progress=False).backend == "vmap"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fisher")
+        f = diagonal_fisher(net, data, mode="expected", progress=False)
+    assert f.backend == "hooks"
+    assert_rel(f, brute_force(net, data, "expected"))
+    assert_rel(diagonal_fisher(net, data, mode="empirical", progress=False, backend="hooks"),
+               brute_force(net, data, "empirical"))

@@ -273,7 +273,7 @@ class _Hooks:
         self.on = backend != "vmap"
         self.checked = backend == "hooks"          # an explicit choice is not second-guessed
         if self.on:
-            self.modules, why = persample.plan(model, names)
+            self.modules, why = persample.plan(model, names, generic=True)
             if why is not None:
                 if backend == "hooks":
                     raise MergelabError(f"fisher backend 'hooks': {why}; expected Linear, Conv1d/2d, "

@@ -50,11 +50,11 @@ def unsupported_reason(m: nn.Module, generic: bool = False) -> str | None:
     """Why ``m``'s own parameters cannot get per-example gradients from hooks (None: they can).
     ``generic``: accept any leaf module (no submodules) through :func:`_generic_grad`."""
     kind = next((k for k in _KINDS if isinstance(m, k)), None)
-    if kind is None:
+    if kind is None or not closed_form(m):
         if generic and not any(True for _ in m.children()):
             return None
-        return f"{type(m).__name__} is not a supported module type"
-    if type(m).forward is not kind.forward and not _records_conv_forward(m, kind):
+        if kind is None:
+            return f"{type(m).__name__} is not a supported module type"
         return f"{type(m).__name__} overrides {kind.__name__}.forward"
     if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding_mode != "zeros":
         return f"{type(m).__name__} with padding_mode='{m.padding_mode}'"
@@ -63,6 +63,15 @@ def unsupported_reason(m: nn.Module, generic: bool = False) -> str | None:
     if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq):
         return "Embedding with max_norm or scale_grad_by_freq"
     return None
+
+
+def closed_form(m: nn.Module) -> bool:
+    """Whether ``m``'s per-example gradients follow from the formulas below: one of the
+    supported kinds with that kind's own ``forward`` (or a conv recorded at ``_conv_forward``).
+    Other leaf modules (a norm subclass with its own forward, e.g. a channels-first LayerNorm;
+    an RMSNorm class) go through :func:`_generic_grad` where ``generic`` allows them."""
+    kind = next((k for k in _KINDS if isinstance(m, k)), None)
+    return kind is not None and (type(m).forward is kind.forward or _records_conv_forward(m, kind))
 
 
 def _records_conv_forward(m: nn.Module, kind: type) -> bool:
@@ -129,7 +138,7 @@ class Recorder:
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
         if not args or not isinstance(args[0], Tensor) or not isinstance(out, Tensor):
             raise Unsupported(f"{type(module).__name__} called without a tensor input/output")
-        if not isinstance(module, _KINDS) and (len(args) != 1 or kwargs):
+        if not closed_form(module) and (len(args) != 1 or kwargs):
             raise Unsupported(f"{type(module).__name__} called with more than one input (the "
                               f"generic per-example gradient needs the module of one tensor)")
         if not out.requires_grad:   # e.g. a frozen module on the raw input: make it a graph leaf
@@ -171,7 +180,7 @@ class Recorder:
         self.calls, self.handles, self.patched = [], [], []
         for m in self.modules:
             kind = next((k for k in (nn.Conv1d, nn.Conv2d) if isinstance(m, k)), None)
-            if kind is not None and type(m).forward is not kind.forward:
+            if kind is not None and type(m).forward is not kind.forward and _records_conv_forward(m, kind):
                 self._at_conv_forward(m)
             else:
                 self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
@@ -284,7 +293,7 @@ def per_example(call: Call, g: Tensor, b: int, want: str) -> Tensor | Rows:
     m, x = call.module, call.input
     _check_batch(call, g, b)
     out: dict[str, Tensor | Rows] = {}
-    if not isinstance(m, _KINDS):
+    if not closed_form(m):
         if m._parameters.get(want) is None:
             raise Unsupported(f"{type(m).__name__} has no parameter '{want}'")
         return _generic_grad(m, x, g, want)
@@ -351,7 +360,7 @@ def _single_position_conv(c: Call, g: Tensor) -> bool:
     """A 1x1, ungrouped, unpadded conv with a one-position output map: its output reads the
     input at the origin only, so the example's weight gradient is ``g ⊗ x[..., 0, 0]``."""
     m = c.module
-    return (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1
+    return (isinstance(m, (nn.Conv1d, nn.Conv2d)) and closed_form(m) and m.groups == 1
             and all(k == 1 for k in m.kernel_size) and not isinstance(m.padding, str)
             and all(p == 0 for p in m.padding) and g.ndim == c.input.ndim >= 3
             and all(d == 1 for d in g.shape[2:]))
@@ -405,7 +414,7 @@ class Accumulator:
                 continue
             if len(parts) == 1:
                 c, g, a = parts[0]
-                if isinstance(c.module, nn.Linear) and c.input.ndim == 2 and g.ndim == 2:
+                if closed_form(c.module) and isinstance(c.module, nn.Linear) and c.input.ndim == 2 and g.ndim == 2:
                     _check_batch(c, g, b)
                     g, x = _at_least_float32(g), _at_least_float32(c.input)
                     if a == "weight":     # Σ_n (g_n a_nᵀ)² = (g²)ᵀ(a²): no per-example tensor
@@ -424,7 +433,7 @@ class Accumulator:
                     else:
                         sums[n] += g2.square().sum(0)
                     continue
-                if (self.block is not None and isinstance(c.module, nn.Linear) and a == "weight"
+                if (self.block is not None and closed_form(c.module) and isinstance(c.module, nn.Linear) and a == "weight"
                         and c.input.ndim >= 3):
                     _check_batch(c, g, b)
                     x3 = _at_least_float32(c.input.reshape(b, -1, c.input.shape[-1]))
