@@ -61,12 +61,13 @@ PROFILES: dict[str, dict[str, Any]] = {
                   fisher_examples=64, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
                   grid_ta=[0.3, 0.5, 0.7], grid_ties=[1.0, 1.5], grid_tall=[1.0],
                   ties_density=0.5, regmean_alpha=[0.9], tact_sites="norms"),
-    # full: ~40 CPU-min for 3 seeds (of the 90 for all full suites). The 1-seed full measured
-    # data 293 CPU s (once), training 652 s, methods 611 s. Here 20 + 100 steps (0.48x),
-    # 200 validation / 400 test texts and 4/3/2-point grids (~0.6x of the methods): ~700 CPU s
-    # a seed estimated, 293 + 3 x 700 s ~ 40 min (not measured yet)
-    "full": dict(max_len=64, first_trainable=4, probe_steps=20, steps=100, batch=32, group_by_length=8,
-                 lr=1e-4, probe_lr=3e-3,
+    # full: ~22 CPU-min for 3 seeds (of the 90 for all four full suites). With layers 4-5
+    # trained, 20 + 100 steps, 200 / 400 texts, 2 seeds measured (2026-11-27) 248 CPU s data +
+    # ~687 s a seed (training 310): 38.5 min for 3, so only the top layer trains, as in quick
+    # (about half of training, statistics and evaluation; encoding through one more frozen
+    # layer), with quick's 40-step probe at 1e-2 (the 20-class expert needs it, see quick)
+    "full": dict(max_len=64, first_trainable=5, probe_steps=40, steps=100, batch=32, group_by_length=8,
+                 lr=1e-4, probe_lr=1e-2,
                  train_limit=4000, val_limit=200, test_limit=400, stat_batches=6, stat_batch=32,
                  fisher_examples=192, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
                  grid_ta=[0.3, 0.5, 0.7, 1.0], grid_ties=[1.0, 1.5, 2.0],
