@@ -58,8 +58,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                   calib_examples=128, repair_per_task=16, grid_ta=[0.01, 0.02, 0.05, 0.1, 0.2],
                   grid_ties=[0.05, 0.1, 0.15, 0.3, 0.5]),
     # full: ~16 CPU-min for 3 seeds (of the 90 for all four full suites): quick's training
-    # (10 + 30 steps), twice the
-    # test images, 200 validation images, Fisher on 128 examples, 256 calibration images
+    # (10 + 30 steps), twice the test images, 200 validation images, Fisher on 128 examples,
+    # 256 calibration images
     "full": dict(_COMMON, resolution=32, tasks=list(TASKS), probe_steps=10, ft_steps=30, ft_lr=0.01,
                  train_limit=None, val_limit=200, test_limit=400, stat_batches=2, fisher_examples=128,
                  calib_examples=256, repair_per_task=24, grid_ta=[0.01, 0.02, 0.05, 0.1, 0.2],
