@@ -318,3 +318,7 @@ def test_hooks_backend_on_a_causal_lm_equals_brute_force():
     assert f.backend == "hooks"
     want = brute_fisher(m, b, lambda i, x: x[0, 1:])
     assert_close_dicts(f, {k: want[k] for k in names})
+    # every parameter: Llama's RMSNorm (not a closed-form kind) through the module's own code
+    f = diagonal_fisher(m, [b], mode="empirical", progress=False)
+    assert f.backend == "hooks" and any(k.endswith("norm.weight") for k in f)
+    assert_close_dicts(f, want)
