@@ -229,13 +229,16 @@ class WSConv(nn.Conv2d):
     """Weight standardisation: convolves with a function of its weight (not exact in hooks)."""
 
     def forward(self, x):
-        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
-        return self._conv_forward(x, w, self.bias)
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w / (w.std((1, 2, 3), keepdim=True) + 1e-5), self.bias)
 
 
 class TwiceConv(nn.Conv2d):
+    """Convolves twice in one forward (hooks record one input per call)."""
+
     def forward(self, x):
-        return self._conv_forward(x, self.weight, self.bias) + self._conv_forward(x.flip(-1), self.weight, self.bias)
+        conv = self._conv_forward
+        return conv(x, self.weight, self.bias) + conv(x.flip(-1), self.weight, self.bias)
 
 
 class SameNet(nn.Module):

@@ -414,7 +414,8 @@ class Accumulator:
                 continue
             if len(parts) == 1:
                 c, g, a = parts[0]
-                if closed_form(c.module) and isinstance(c.module, nn.Linear) and c.input.ndim == 2 and g.ndim == 2:
+                linear = closed_form(c.module) and isinstance(c.module, nn.Linear)
+                if linear and c.input.ndim == 2 and g.ndim == 2:
                     _check_batch(c, g, b)
                     g, x = _at_least_float32(g), _at_least_float32(c.input)
                     if a == "weight":     # Σ_n (g_n a_nᵀ)² = (g²)ᵀ(a²): no per-example tensor
@@ -433,8 +434,7 @@ class Accumulator:
                     else:
                         sums[n] += g2.square().sum(0)
                     continue
-                if (self.block is not None and closed_form(c.module) and isinstance(c.module, nn.Linear) and a == "weight"
-                        and c.input.ndim >= 3):
+                if self.block is not None and linear and a == "weight" and c.input.ndim >= 3:
                     _check_batch(c, g, b)
                     x3 = _at_least_float32(c.input.reshape(b, -1, c.input.shape[-1]))
                     g3 = _at_least_float32(g.reshape(b, -1, g.shape[-1]))
