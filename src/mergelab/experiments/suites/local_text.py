@@ -54,14 +54,14 @@ PROFILES: dict[str, dict[str, Any]] = {
     # 0.54 / 0.44 on two seeds (10 steps at 3e-3: 0.88 / 0.34; 80 steps: 0.54 / 0.45), ~4 CPU s
     # an expert more; 250 test texts pay for it. 3 seeds in one process then measured 931 CPU s
     # (15.5 min at load 3: Fisher 92, RegMean grams 74, TACT 74 of it), so Fisher on 64 examples
-    # and REPAIR/TACT/RegMean statistics on 3 batches of 32 (~-80 s)
+    # and REPAIR/TACT/RegMean statistics on 3 batches of 32: 840 CPU s measured (14.0 min)
     "quick": dict(max_len=64, first_trainable=5, probe_steps=40, steps=80, batch=32, group_by_length=8,
                   lr=1e-4, probe_lr=1e-2,
                   train_limit=1500, val_limit=150, test_limit=250, stat_batches=3, stat_batch=32,
                   fisher_examples=64, fisher_mode="sampled", methods=METHODS, corrections=["none", "tact"],
                   grid_ta=[0.3, 0.5, 0.7], grid_ties=[1.0, 1.5], grid_tall=[1.0],
                   ties_density=0.5, regmean_alpha=[0.9], tact_sites="norms"),
-    # full: ~22 CPU-min for 3 seeds (of the 90 for all four full suites). With layers 4-5
+    # full: 22.4 CPU-min for 3 seeds measured (of the 90 for all four full suites). With layers 4-5
     # trained, 20 + 100 steps, 200 / 400 texts, 2 seeds measured (2026-11-27) 248 CPU s data +
     # ~687 s a seed (training 310): 38.5 min for 3, so only the top layer trains, as in quick
     # (about half of training, statistics and evaluation; encoding through one more frozen

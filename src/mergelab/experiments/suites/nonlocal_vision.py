@@ -74,12 +74,12 @@ PROFILES: dict[str, dict[str, Any]] = {
                   settings=list(SETTINGS), methods=list(METHODS), alignments=list(ALIGNMENTS),
                   corrections=list(CORRECTIONS), grid_ta=[0.1, 0.17, 0.25, 0.4],
                   grid_ties=[0.3, 0.45, 0.65, 0.9], ties_density=0.5, barrier_points=11),
-    # full: the four full suites with 3 seeds <= 90 CPU-min, this one ~43. The 1-seed full
+    # full: the four full suites with 3 seeds <= 90 CPU-min, this one 41. The 1-seed full
     # measured 1803 CPU s (55 % training); widths 40/80 instead of 48/96 (0.69x a step), 0.83x
     # the steps, half the calibration and test images: 3 seeds then measured 2906 CPU s (48.4
     # min; a seed: training 575, merges 370, TACT 67, REPAIR 58). Now foundations 700, experts
     # 40 + 210, from-scratch experts 430 steps (0.86x the training), 384 calibration images for
-    # TACT and 48 a task for REPAIR (0.75x): ~860 s a seed estimated
+    # TACT and 48 a task for REPAIR (0.75x): 819 / 824 / 810 CPU s a seed measured (40.9 min)
     "full": dict(model={"arch": "vgg", "cfg": ("M", 40, "M", 80, 80), "dense": (80,), "norm": "ln"},
                  pre_steps=700, probe_steps=40, ft_steps=210, scratch_steps=430,
                  batch=128, lr=0.05, ft_lr=0.02, train_limit=None, val_limit=400, test_limit=800,

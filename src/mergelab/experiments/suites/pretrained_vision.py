@@ -52,12 +52,12 @@ PROFILES: dict[str, dict[str, Any]] = {
     # both grids. Then 10 + 30 steps, 150 / 200 images, 3-point grids: 350 CPU s a seed (merge
     # phase 212, of which Fisher ~110 s: its hooks backend fell back to vmap on the SAME-padded
     # convs, 15x slower; fixed in stats/persample.py), and the smallest coefficient again won in
-    # every seed, so the grids now reach 0.01 / 0.05
+    # every seed, so the grids now reach 0.01 / 0.05: 811 CPU s for 3 seeds measured (13.5 min)
     "quick": dict(_COMMON, resolution=32, tasks=list(TASKS), probe_steps=10, ft_steps=30, ft_lr=0.01,
                   train_limit=None, val_limit=150, test_limit=200, stat_batches=2, fisher_examples=64,
                   calib_examples=128, repair_per_task=16, grid_ta=[0.01, 0.02, 0.05, 0.1, 0.2],
                   grid_ties=[0.05, 0.1, 0.15, 0.3, 0.5]),
-    # full: ~16 CPU-min for 3 seeds (of the 90 for all four full suites): quick's training
+    # full: 17.8 CPU-min for 3 seeds measured (of the 90 for all four full suites): quick's training
     # (10 + 30 steps), twice the test images, 200 validation images, Fisher on 128 examples,
     # 256 calibration images
     "full": dict(_COMMON, resolution=32, tasks=list(TASKS), probe_steps=10, ft_steps=30, ft_lr=0.01,
