@@ -352,7 +352,8 @@ def test_fisher_backend_errors():
         diagonal_fisher(mlp(), vector_batches(1), progress=False, backend="jax")
     net = RawParamNet()   # a parameter of a module with submodules: no hooks
     with pytest.raises(MergelabError, match="fisher backend 'hooks': parameter 'scale': RawParamNet is not a "
-                                            "supported module type; expected Linear"):
+                                            "supported module type; expected parameters of modules "
+                                            "without submodules"):
         diagonal_fisher(net, vector_batches(1), progress=False, backend="hooks")
 
 

@@ -276,9 +276,9 @@ class _Hooks:
             self.modules, why = persample.plan(model, names, generic=True)
             if why is not None:
                 if backend == "hooks":
-                    raise MergelabError(f"fisher backend 'hooks': {why}; expected Linear, Conv1d/2d, "
-                                        f"BatchNorm, LayerNorm, GroupNorm or Embedding parameters "
-                                        f"(use backend='vmap' or 'auto')")
+                    raise MergelabError(f"fisher backend 'hooks': {why}; expected parameters of "
+                                        f"modules without submodules (Linear, Conv, norms, Embedding, "
+                                        f"or any leaf) (use backend='vmap' or 'auto')")
                 self.on = False
         self.acc = persample.Accumulator(model, names) if self.on else None
 
