@@ -51,7 +51,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # corrections and evaluation 227), and the validation picked the smallest coefficient of
     # both grids. Then 10 + 30 steps, 150 / 200 images, 3-point grids: 350 CPU s a seed (merge
     # phase 212, of which Fisher ~110 s: its hooks backend fell back to vmap on the SAME-padded
-    # convs, 15x slower; fixed in stats/persample.py), and the smallest coefficient again won in
+    # convs, 3.8x slower; fixed in stats/persample.py), and the smallest coefficient again won in
     # every seed, so the grids now reach 0.01 / 0.05: 811 CPU s for 3 seeds measured (13.5 min)
     "quick": dict(_COMMON, resolution=32, tasks=list(TASKS), probe_steps=10, ft_steps=30, ft_lr=0.01,
                   train_limit=None, val_limit=150, test_limit=200, stat_batches=2, fisher_examples=64,
