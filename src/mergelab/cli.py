@@ -153,8 +153,20 @@ def _merge_options(f):
 def _run_merge(recipe, out, force, dtype, shard_size, out_shard_size, device, cuda, threads, allow_nonfinite,
                allow_crimes, random_seed, copy_tokenizer, write_model_card, lazy_unpickle, checksums, no_checksums,
                block_size, quiet):
-    from .io.writer import parse_mergekit_size
-    from .merge import merge
+    if write_model_card and not (no_checksums or checksums == "none"):
+        # hash the inputs on the idle cores while torch is imported (io/prehash.py)
+        from .io import prehash
+        from .io.checksums import default_algorithm
+
+        prehash.start(recipe, checksums or default_algorithm(), threads)
+    import gc
+
+    gc.disable()  # importing torch makes few cycles: the collector's passes cost ~0.3 s of it
+    try:
+        from .io.writer import parse_mergekit_size
+        from .merge import merge
+    finally:
+        gc.enable()
 
     if shard_size is not None and out_shard_size is not None:
         raise MergelabError("--shard-size and --out-shard-size both given; use one")

@@ -6,9 +6,10 @@ removes the temporary output folder (nothing is written before every check passe
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from ..progress import progress
 
 from ..errors import MergelabError
 from ..io.outputs import Output
-from ..io.checksums import file_digest, resolve_checksums
+from ..io import prehash
+from ..io.checksums import Cancelled, file_digest, resolve_checksums
 from ..io.writer import DEFAULT_SHARD_SIZE, TensorSpec, check_shard_size, parse_size
 from ..recipe import Recipe
 from . import stages
@@ -112,17 +114,29 @@ class _Checksums:
         unique = {os.path.realpath(f): f for fl in files.values() for f in fl}
         self.files, self.pool, self.futs, self.algorithm = files, None, {}, algorithm
         if algorithm is not None and unique:
+            # the command may have started some before importing torch (io/prehash.py)
+            self.futs = {k: f for k in unique if (f := prehash.take(unique[k], algorithm)) is not None}
             # largest first: the longest hash starts at once
-            order = sorted(unique, key=lambda k: -_size(unique[k]))
-            self.pool = ThreadPoolExecutor(max(1, min(threads, len(order))), thread_name_prefix=f"mergelab-{algorithm}")
-            self.futs = {k: self.pool.submit(file_digest, unique[k], algorithm) for k in order}
+            order = sorted((k for k in unique if k not in self.futs), key=lambda k: -_size(unique[k]))
+            if order:
+                self.pool = ThreadPoolExecutor(max(1, min(threads, len(order))), thread_name_prefix=f"mergelab-{algorithm}")
+                self.futs.update({k: self.pool.submit(file_digest, unique[k], algorithm) for k in order})
+        prehash.discard()  # started for a file the plan does not read: stop it
+        self.unique = unique
+
+    def _digest(self, key: str) -> str:
+        try:
+            return self.futs[key].result()
+        except (Cancelled, CancelledError):  # a started hash stopped early: hash it here
+            return file_digest(self.unique[key], self.algorithm)
 
     def result(self) -> dict:
-        if self.pool is None:
+        if not self.futs:
             return {}
-        return {lab: {f.name: self.futs[os.path.realpath(f)].result() for f in fl} for lab, fl in self.files.items()}
+        return {lab: {f.name: self._digest(os.path.realpath(f)) for f in fl} for lab, fl in self.files.items()}
 
     def close(self) -> None:
+        prehash.discard(everything=True)
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -218,7 +232,7 @@ def _merge(recipe: Any, out: str | os.PathLike, team: Team, *, force: bool, dtyp
         nbytes = {n: numel(p.shape(n)) * p.out_dtype[n].itemsize for n in p.names}
         mine = set(partition(p.names, nbytes, team.world)[team.rank])
         jobs = [j for j in jobs if j.name in mine]
-    sums = _Checksums(p, checksums if team.lead else None, nthreads)
+    sums = _Checksums(p, checksums if team.lead and model_card else None, nthreads)  # the card records them
     old_threads = torch.get_num_threads()
     # blocks are small: the worker threads use the cores, one intra-op thread each
     torch.set_num_threads(1 if d.blockable else max(1, min(nthreads, os.cpu_count() or 1)))
@@ -226,6 +240,9 @@ def _merge(recipe: Any, out: str | os.PathLike, team: Team, *, force: bool, dtyp
     bar = progress(total=len(jobs) + len(unmerged), disable=quiet or not team.lead, unit="job",
                desc=f"merge {p.method.name}", leave=False)
     outs = None
+    # the objects alive now (torch's modules, the plan) are not garbage: the collector's full
+    # passes skip them for the merge (they took ~3% of a 1.1B task-arithmetic merge's CPU)
+    gc.freeze()
     try:
         with folder as tmp:
             prepass = d.prepass()
@@ -246,6 +263,7 @@ def _merge(recipe: Any, out: str | os.PathLike, team: Team, *, force: bool, dtyp
             team.barrier()            # the merged folder is complete: the stages read it
             stages.after_merge(p, tmp, shard_size=size, quiet=quiet or not team.lead)
     finally:
+        gc.unfreeze()
         if outs is not None:
             outs.abort()
         bar.close()

@@ -55,8 +55,13 @@ def resolve_checksums(value, option: str = "--checksums") -> str | None:
     raise MergelabError(f"{option}: expected blake3, sha256 or none, found {value!r}")
 
 
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 24) -> str:
-    """Hex digest of every byte of the file ``path``."""
+class Cancelled(Exception):
+    """A hash stopped by its ``stop`` event before the end of the file."""
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 24, stop=None) -> str:
+    """Hex digest of every byte of the file ``path``.  ``stop`` (a ``threading.Event``,
+    optional) is checked before each 16 MiB window: once set, :class:`Cancelled` is raised."""
     if algorithm == "blake3":
         b3 = _blake3()
         if b3 is None:
@@ -65,6 +70,8 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int =
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             for off in range(0, size, MAP_WINDOW):  # mapped window by window: no copy out of the
+                if stop is not None and stop.is_set():
+                    raise Cancelled(str(path))
                 n = min(MAP_WINDOW, size - off)      # page cache, and resident/address space bounded
                 with mmap.mmap(f.fileno(), n, offset=off, access=mmap.ACCESS_READ) as m:
                     h.update(m)
@@ -76,6 +83,8 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int =
         buf = bytearray(chunk)
         mv = memoryview(buf)
         while True:
+            if stop is not None and stop.is_set():
+                raise Cancelled(str(path))
             k = f.readinto(buf)
             if not k:
                 break
@@ -87,4 +96,4 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
     return file_digest(path, "sha256", chunk)
 
 
-__all__ = ["ALGORITHMS", "TOOLS", "default_algorithm", "resolve_checksums", "file_digest", "sha256_file"]
+__all__ = ["ALGORITHMS", "Cancelled", "TOOLS", "default_algorithm", "resolve_checksums", "file_digest", "sha256_file"]
