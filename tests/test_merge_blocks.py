@@ -110,14 +110,14 @@ def test_elementwise_methods_give_the_same_bytes_on_any_blocks(method, params):
 
 
 def test_dare_keep_of_a_range_is_a_slice_of_the_whole_mask():
-    whole = sparse.dare_keep(0, 3 * sparse.CHUNK + 5, 0.3, 11)
-    for a, b in ((0, 10), (sparse.CHUNK - 3, sparse.CHUNK + 4), (2 * sparse.CHUNK + 1, 3 * sparse.CHUNK + 5)):
+    whole = sparse.dare_keep(0, 3 * sparse.DRAW_CHUNK + 5, 0.3, 11)
+    for a, b in ((0, 10), (sparse.DRAW_CHUNK - 3, sparse.DRAW_CHUNK + 4), (2 * sparse.DRAW_CHUNK + 1, 3 * sparse.DRAW_CHUNK + 5)):
         assert torch.equal(sparse.dare_keep(a, b, 0.3, 11), whole[a:b])
     assert abs(float(whole.float().mean()) - 0.3) < 0.01
 
 
 @settings(max_examples=30, deadline=None)
-@given(total=st.integers(1, 3 * sparse.CHUNK + 7), cuts=st.lists(st.floats(0, 1), max_size=6),
+@given(total=st.integers(1, 3 * sparse.DRAW_CHUNK + 7), cuts=st.lists(st.floats(0, 1), max_size=6),
        seed=st.integers(0, 2**63 - 1), density=st.sampled_from([0.1, 0.5, 0.9]))
 def test_dare_keep_with_the_chunk_cache_draws_the_same_mask(total, cuts, seed, density):
     """dare_keep(..., total=n) (whole chunks drawn once, cached) gives the same entries as the
@@ -270,3 +270,43 @@ def test_blocks_of_one_tensor_run_on_every_worker(tmp_path):
     assert sorted(o for _, o in seen) == list(range(0, 640, 40))
     assert max(n for n, _ in seen) == 2  # two blocks in flight at once, never more
     assert torch.equal(open_checkpoint(res.outputs[0]).get("w"), open_checkpoint(tmp_path / "m").get("w"))
+
+
+def test_chunk_cache_draws_a_chunk_once_for_racing_threads():
+    """Two row blocks of one draw chunk, merged at the same time by two workers: the chunk is
+    drawn once and the other waits for it (racing threads used to draw it twice); a failed
+    draw reaches every waiter and is not cached."""
+    import threading
+    import time as _time
+
+    cache = sparse._ChunkCache(4)
+    calls = []
+
+    def make():
+        calls.append(1)
+        _time.sleep(0.2)
+        return torch.arange(5)
+
+    got = []
+    ths = [threading.Thread(target=lambda: got.append(cache.get(("k",), make))) for _ in range(4)]
+    [t.start() for t in ths]
+    [t.join() for t in ths]
+    assert len(calls) == 1 and len(got) == 4 and all(torch.equal(g, torch.arange(5)) for g in got)
+
+    def bad():
+        _time.sleep(0.1)
+        raise RuntimeError("draw failed")
+
+    errs = []
+
+    def take():
+        try:
+            cache.get(("bad",), bad)
+        except RuntimeError as e:
+            errs.append(str(e))
+
+    ths = [threading.Thread(target=take) for _ in range(3)]
+    [t.start() for t in ths]
+    [t.join() for t in ths]
+    assert errs == ["draw failed"] * 3
+    assert torch.equal(cache.get(("bad",), lambda: torch.ones(1)), torch.ones(1))

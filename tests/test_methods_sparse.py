@@ -63,8 +63,9 @@ _EXTREMES = [0.0, 1e-45, 1.17549435e-38, 3.4028235e38, 1.0, 65504.0]  # zero, su
 def test_kth_largest_many_one_pass_window_is_exact(data):
     """With the streams' lengths (the one-pass window of the first chunk's estimate, else the
     second pass): the same value and count of greater values as torch.kthvalue, on values
-    with many ties, zeros, subnormals and the float32 extremes, for any chunking, also when
-    the first chunk misleads the estimate (another scale than the rest)."""
+    with many ties, zeros, subnormals and the float32 extremes, for any chunking and any
+    batch of counted bins, also when the first chunk misleads the estimate (another scale
+    than the rest)."""
     S = data.draw(st.integers(1, 3))
     xs, ranks = [], []
     for _ in range(S):
@@ -85,7 +86,12 @@ def test_kth_largest_many_one_pass_window_is_exact(data):
         for j in range(nchunks):
             yield [c[j] if j < len(c) else torch.empty(0) for c in chunked]
 
-    got = sparse.kth_largest_many(chunks, ranks, [x.numel() for x in xs])
+    batch = sparse.KEY_BATCH  # window bins counted every few values (the engine: every 2^21)
+    sparse.KEY_BATCH = data.draw(st.integers(1, 500))
+    try:
+        got = sparse.kth_largest_many(chunks, ranks, [x.numel() for x in xs])
+    finally:
+        sparse.KEY_BATCH = batch
     two = sparse.kth_largest_many(chunks, ranks)
     for x, r, g, t in zip(xs, ranks, got, two):
         if r is None:

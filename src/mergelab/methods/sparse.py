@@ -23,6 +23,7 @@ import struct
 import threading
 import warnings
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Annotated, Callable, Iterable, Iterator, Literal, Sequence
 
@@ -35,6 +36,11 @@ from .registry import Range, TensorContext, merge_method
 from .seeds import derive_seed, tensor_seed  # noqa: F401  (tensor_seed: re-exported)
 
 CHUNK = 1 << 20
+# Random draws (DARE, DELLA) come from one generator per DRAW_CHUNK flat entries: the row blocks
+# of the engine (2^18 values) then hold whole draw chunks and share at most the two at their
+# ends (a Mersenne twister cannot skip ahead: with 2^20-entry chunks the 4 blocks of a chunk
+# all waited for, or raced to redo, the whole chunk's draws).  Seeding costs ~3 us a chunk.
+DRAW_CHUNK = 1 << 16
 Density = Annotated[list[float], Range(0, 1, lo_open=True)]
 
 
@@ -53,6 +59,7 @@ def _bits(x: Tensor) -> Tensor:
 
 
 WINDOW = 2  # high-16-bit buckets on each side of the first chunk's estimate (about ±1.5% in value)
+KEY_BATCH = 1 << 21  # values whose window bins are counted by one bincount (8 MiB of int32 bins)
 
 
 def kth_largest_many(chunks: Callable[[], Iterable[Sequence[Tensor]]],
@@ -61,74 +68,113 @@ def kth_largest_many(chunks: Callable[[], Iterable[Sequence[Tensor]]],
     """For S streams at once: the ``ranks[s]``-th largest (1-based) non-negative float32 value
     of stream s and how many values are strictly greater; ``None`` ranks are skipped.
 
-    ``chunks()`` (called once or twice: streaming passes) yields, per step, one chunk of every
-    stream (``None`` for a skipped stream).  Non-negative IEEE floats order like their bit
-    patterns read as integers, so pass 1 histograms the high 16 bits, pass 2 the low 16 bits
-    of the values in the selected high bucket; the result is exact.  A rank of 0 or larger
-    than the stream's length is an error.
+    ``chunks()`` (called once, twice or three times: streaming passes) yields, per step, one
+    chunk of every stream (``None`` for a skipped stream).  Non-negative IEEE floats order
+    like their bit patterns read as integers, so a 65,536-bin histogram of the high 16 bits
+    finds the bucket of the value, and a histogram of the low 16 bits of the values in that
+    bucket the value itself; the result is exact.  A rank of 0 or larger than the stream's
+    length is an error.
 
-    ``sizes[s]`` (the stream's length, optional) saves pass 2 in the common case: pass 1 also
-    histograms the low 16 bits of the values whose high bucket lies within ``WINDOW`` buckets
-    of the bucket the FIRST chunk puts at the same relative rank; when the whole stream's
-    bucket falls inside that window, its low histogram is already complete (every value of
-    the bucket was counted) and the stream needs no second pass.  Exact either way.
+    ``sizes[s]`` (the stream's length, optional) makes it usually ONE pass: the first chunk's
+    high-bit histogram places a window of ``2·WINDOW + 1`` high buckets around the bucket it
+    puts at the same relative rank, and every value is then counted in one histogram of the
+    window's bit patterns, with one bin for all values below it and one for all above
+    (:func:`_window_pass`).  When the value falls inside the window, that histogram holds it;
+    otherwise (the first chunk misled the estimate) the stream takes the two passes above.
+    Without ``sizes``, two passes.  Exact either way.
     """
     S = len(ranks)
     live = [s for s in range(S) if ranks[s] is not None]
-    hi_counts: dict[int, Tensor] = {}  # on the values' device (made by bincount)
-    win_lo: dict[int, int] = {}        # first high bucket of the window
-    win_acc: dict[int, Tensor] = {}    # low-16 counts of the window's buckets, bucket-major
+    out: list[tuple[float, int] | None] = [None] * S
+    again = live
+    if sizes is not None:
+        again = _window_pass(chunks, ranks, sizes, live, out)
+    if again:
+        _two_passes(chunks, ranks, again, out)
+    return out
+
+
+def _window_pass(chunks, ranks, sizes, live: list[int], out: list) -> list[int]:
+    """The one-pass select of :func:`kth_largest_many` for the streams ``live``; fills ``out``
+    and returns the streams it could not settle (their value lies outside the window, or
+    their size is unknown).  Per value: one subtraction, one clamp and one bincount into
+    ``span·2^16 + 2`` bins (bin 0: below the window, the last bin: above)."""
     span = 2 * WINDOW + 1
-    n = [0] * S
+    width = span << 16
+    lo: dict[int, int] = {}          # first high bucket of the window
+    acc: dict[int, Tensor] = {}      # the window's histogram, bins 1..width, on the values' device
+    keys: dict[int, list] = {}       # bins of the values not yet counted (a bincount makes and adds a
+    held = {s: 0 for s in live}      # table of width + 2 bins: one per KEY_BATCH values, not per chunk)
+    n = {s: 0 for s in live}
+    todo = [s for s in live if sizes[s]]
+
+    def count(s: int) -> None:
+        ks = keys.pop(s, [])
+        if ks:
+            acc[s] += torch.bincount(ks[0] if len(ks) == 1 else torch.cat(ks), minlength=width + 2)
+        held[s] = 0
+
+    for xs in chunks():
+        for s in todo:
+            bits = _bits(xs[s])
+            if not bits.numel():
+                continue
+            if s not in lo:  # the first non-empty chunk places the window
+                c = torch.bincount(bits >> 16, minlength=1 << 16)
+                r = min(bits.numel(), max(1, round(ranks[s] / sizes[s] * bits.numel())))
+                lo[s] = max(0, _bucket(c, r)[0] - WINDOW)
+                acc[s] = torch.zeros(width + 2, dtype=torch.int64, device=bits.device)
+            keys.setdefault(s, []).append(torch.sub(bits, (lo[s] << 16) - 1).clamp_(0, width + 1))
+            held[s] += bits.numel()
+            n[s] += bits.numel()
+            if held[s] >= KEY_BATCH:
+                count(s)
+    for s in list(keys):
+        count(s)
+    again = [s for s in live if s not in acc]
+    for s in acc:
+        if not 1 <= ranks[s] <= n[s]:
+            raise ValueError(f"rank {ranks[s]} outside 1..{n[s]}")
+        above = int(acc[s][-1])
+        inside = acc[s][1:-1]
+        r = ranks[s] - above
+        if r < 1 or r > int(inside.sum()):
+            again.append(s)
+            continue
+        j, _ = _bucket(inside, r)
+        value = struct.unpack("<f", struct.pack("<I", (lo[s] << 16) + j))[0]
+        out[s] = (value, above + int(inside[j + 1:].sum()))
+    return sorted(again)
+
+
+def _two_passes(chunks, ranks, live: list[int], out: list) -> None:
+    """The two-pass select of :func:`kth_largest_many` for the streams ``live``: the high-16-bit
+    histogram, then the low 16 bits of the values in the selected high bucket."""
+    hi_counts: dict[int, Tensor] = {}  # on the values' device (made by bincount)
+    n = {s: 0 for s in live}
     for xs in chunks():
         for s in live:
             bits = _bits(xs[s])
-            hb = bits >> 16
-            c = torch.bincount(hb, minlength=1 << 16)
-            if s in hi_counts:
-                hi_counts[s] += c
-            else:
-                hi_counts[s] = c
-                if sizes is not None and sizes[s] and bits.numel():  # place the window
-                    r = min(bits.numel(), max(1, round(ranks[s] / sizes[s] * bits.numel())))
-                    win_lo[s] = max(0, _bucket(c, r)[0] - WINDOW)
-                    # int32 counts (1.25 MiB) unless a bucket could hold 2^31 values
-                    wide = torch.int64 if sizes[s] >= 2**31 else torch.int32
-                    win_acc[s] = torch.zeros(span << 16, dtype=wide, device=bits.device)
+            c = torch.bincount(bits >> 16, minlength=1 << 16)
+            hi_counts[s] = hi_counts[s] + c if s in hi_counts else c
             n[s] += bits.numel()
-            if s in win_lo:
-                sel = bits[(hb >= win_lo[s]) & (hb < win_lo[s] + span)]
-                if sel.numel():
-                    key = (sel - (win_lo[s] << 16)).long()
-                    win_acc[s].index_add_(0, key, torch.ones(key.numel(), dtype=win_acc[s].dtype, device=key.device))
     hi, rank2 = {}, {}
     for s in live:
         if not 1 <= ranks[s] <= n[s]:
             raise ValueError(f"rank {ranks[s]} outside 1..{n[s]}")
         hi[s], rank2[s] = _bucket(hi_counts[s], ranks[s])
-    lo_counts = {}
-    for s in live:
-        if s in win_lo and win_lo[s] <= hi[s] < win_lo[s] + span:
-            k = hi[s] - win_lo[s]
-            lo_counts[s] = win_acc[s][k << 16:(k + 1) << 16]
-    del win_acc
-    again = [s for s in live if s not in lo_counts]
-    if again:
-        for s in again:
-            lo_counts[s] = torch.zeros_like(hi_counts[s])
-        for xs in chunks():
-            for s in again:
-                bits = _bits(xs[s])
-                sel = bits[(bits >> 16) == hi[s]]
-                if sel.numel():
-                    lo_counts[s] += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
-    out: list[tuple[float, int] | None] = [None] * S
+    lo_counts = {s: torch.zeros_like(hi_counts[s]) for s in live}
+    for xs in chunks():
+        for s in live:
+            bits = _bits(xs[s])
+            sel = bits[(bits >> 16) == hi[s]]
+            if sel.numel():
+                lo_counts[s] += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
     for s in live:
         lo, _ = _bucket(lo_counts[s], rank2[s])
         value = struct.unpack("<f", struct.pack("<I", (hi[s] << 16) | lo))[0]
         greater = int(hi_counts[s][hi[s] + 1:].sum()) + int(lo_counts[s][lo + 1:].sum())
         out[s] = (value, greater)
-    return out
 
 
 def kth_largest(chunks: Callable[[], Iterable[Tensor]], rank: int) -> float:
@@ -294,8 +340,8 @@ def dare_keep(start: int, stop: int, density: float, seed: int, device: torch.de
               total: int | None = None) -> Tensor:
     """DARE's Bernoulli(density) keep-mask of the flat entries ``start:stop`` of a tensor, on ``device``.
 
-    Entry j is kept when the ``(j mod 2^20)``-th draw of a CPU ``torch.Generator`` (Mersenne
-    twister) seeded with ``derive_seed(seed, j // 2^20)`` is below ``density``: the mask of an
+    Entry j is kept when the ``(j mod 2^16)``-th draw of a CPU ``torch.Generator`` (Mersenne
+    twister) seeded with ``derive_seed(seed, j // 2^16)`` is below ``density``: the mask of an
     entry does not depend on how the tensor is cut into blocks, nor on the device: the draws
     are always made on the CPU and the mask is moved to ``device`` (CUDA's Philox generator
     gives other numbers for the same seed, so drawing there would make GPU merges differ from
@@ -319,33 +365,36 @@ def chunk_draws(start: int, stop: int, total: int, seed: int, cache: "_ChunkCach
                 draw: Callable[[int, int], Tensor], dtype: torch.dtype) -> Tensor:
     """``draw(start, stop)`` (a function of each entry's own draw, see :func:`uniforms`) for the
     flat entries ``start:stop`` of a tensor of ``total`` entries, on the CPU, drawing each
-    2^20-entry chunk that the range only partly covers once, up to the tensor's end, and
+    2^16-entry chunk that the range only partly covers once, up to the tensor's end, and
     keeping it in ``cache`` (key: seed, chunk, length, ``extra``) for the other row blocks of
     the chunk: the generator cannot skip ahead, so without it the k-th block of a chunk redraws
     the k - 1 blocks before it (2.5 times the draws for four blocks).  Same values either way."""
     out = torch.empty(max(0, stop - start), dtype=dtype, device="cpu")
     pos = start
     while pos < stop:
-        c = pos // CHUNK
-        end = min((c + 1) * CHUNK, total)
+        c = pos // DRAW_CHUNK
+        end = min((c + 1) * DRAW_CHUNK, total)
         hi = min(stop, end)
-        if pos == c * CHUNK and hi == end:  # the whole chunk: nothing to share
+        if pos == c * DRAW_CHUNK and hi == end:  # the whole chunk: nothing to share
             out[pos - start:hi - start] = draw(pos, hi)
         else:
-            whole = cache.get((seed, c, end - c * CHUNK) + extra, lambda: draw(c * CHUNK, end))
-            out[pos - start:hi - start] = whole[pos - c * CHUNK:hi - c * CHUNK]
+            whole = cache.get((seed, c, end - c * DRAW_CHUNK) + extra, lambda: draw(c * DRAW_CHUNK, end))
+            out[pos - start:hi - start] = whole[pos - c * DRAW_CHUNK:hi - c * DRAW_CHUNK]
         pos = hi
     return out
 
 
 class _ChunkCache:
     """A small thread-safe LRU cache of whole-chunk draws (at most ``size`` entries): the row
-    blocks of one chunk are merged by neighbouring jobs."""
+    blocks of one chunk are merged by neighbouring jobs, often at the same time on two worker
+    threads, so a chunk being drawn is waited for, not drawn again (two threads racing for
+    each chunk's draws doubled them: 44% of a 1.1B dare_ties merge's CPU went to ``uniforms``)."""
 
     def __init__(self, size: int = 8):
         self.size = size
         self.lock = threading.Lock()
         self.items: OrderedDict[tuple, Tensor] = OrderedDict()
+        self.drawing: dict[tuple, Future] = {}
 
     def get(self, key: tuple, make: Callable[[], Tensor]) -> Tensor:
         with self.lock:
@@ -353,33 +402,47 @@ class _ChunkCache:
             if m is not None:
                 self.items.move_to_end(key)
                 return m
-        m = make()  # outside the lock: draws in parallel
+            fut = self.drawing.get(key)
+            mine = fut is None
+            if mine:
+                fut = self.drawing[key] = Future()
+        if not mine:
+            return fut.result()  # another thread draws it (its error is raised here too)
+        try:
+            m = make()  # outside the lock: different chunks draw in parallel
+        except BaseException as e:
+            with self.lock:
+                del self.drawing[key]
+            fut.set_exception(e)
+            raise
         with self.lock:
+            del self.drawing[key]
             self.items[key] = m
             self.items.move_to_end(key)
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
+        fut.set_result(m)
         return m
 
 
-_KEEP_CACHE = _ChunkCache(8)      # DARE keep-masks: bool, 1 MiB each
-UNIFORM_CACHE = _ChunkCache(6)    # DELLA's uniforms: float32, 4 MiB each
+_KEEP_CACHE = _ChunkCache(16)     # DARE keep-masks: bool, 64 KiB each
+UNIFORM_CACHE = _ChunkCache(16)   # DELLA's uniforms: float32, 256 KiB each
 
 
 def uniforms(start: int, stop: int, seed: int, device=None) -> Tensor:
     """Uniform [0, 1) draws for the flat entries ``start:stop`` of a tensor: entry j takes the
-    ``(j mod 2^20)``-th draw of a CPU generator seeded with ``(seed, j // 2^20)``, so an entry's
+    ``(j mod 2^16)``-th draw of a CPU generator seeded with ``(seed, j // 2^16)``, so an entry's
     draw does not depend on how the tensor is cut into blocks, nor on the device (DARE's and
     DELLA's randomness)."""
     out = torch.empty(max(0, stop - start), dtype=torch.float32, device="cpu")
     g = torch.Generator(device="cpu")
     pos = start
     while pos < stop:
-        c = pos // CHUNK
-        lo, hi = pos - c * CHUNK, min(stop - c * CHUNK, CHUNK)
+        c = pos // DRAW_CHUNK
+        lo, hi = pos - c * DRAW_CHUNK, min(stop - c * DRAW_CHUNK, DRAW_CHUNK)
         g.manual_seed(_chunk_seed(seed, c))
         out[pos - start:pos - start + hi - lo] = torch.rand(hi, generator=g, device="cpu")[lo:]
-        pos = c * CHUNK + hi
+        pos = c * DRAW_CHUNK + hi
     return out if device is None else out.to(device)
 
 

@@ -21,7 +21,7 @@ the weights of the agreeing entries), and ``θ_0 + λ·τ_m`` is returned.
   ``rescaled_masked_tensor``; the paper divides each kept entry by its ``p`` instead, which
   gives a 3–6 % smaller spread of the merged delta than mergekit's).  The draws come from CPU generators
   seeded with (recipe seed, tensor name, model index) (:func:`sparse.tensor_seed`) and the
-  entry's 2^20-entry chunk (:func:`uniforms`), then moved to the tensor's device: the same
+  entry's 2^16-entry chunk (:func:`uniforms`), then moved to the tensor's device: the same
   recipe gives the same bytes on CPU and GPU and for any block size.  Streamed: the ranks
   of a matrix's rows lie inside a row block; for a vector a tensor prepass ranks the whole;
   the L1 factor comes from a tensor prepass that draws the masks (the same draws) and sums
