@@ -310,3 +310,42 @@ def test_chunk_cache_draws_a_chunk_once_for_racing_threads():
     [t.join() for t in ths]
     assert errs == ["draw failed"] * 3
     assert torch.equal(cache.get(("bad",), lambda: torch.ones(1)), torch.ones(1))
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.4}),
+    ("tall_masks", {"base_merge": "ties", "density": 0.5, "lambda": 0.4}),
+    ("della", {"density": 0.5, "epsilon": 0.1}),
+    ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.01}),
+    ("sce", {"select_topk": 0.5}),
+])
+def test_prepass_keeps_its_blocks_for_the_merge_same_bytes(tmp_path, monkeypatch, method, params):
+    """A tensor prepass keeps the raw blocks it read (tensors up to KEEP_BYTES of inputs) and
+    the merge pass takes them instead of reading again: the same bytes as reading twice,
+    fewer bytes read, nothing left kept, and never more than KEEP_BYTES kept at once."""
+    from mergelab.engine import driver as drv
+
+    base, a, b = _family(tmp_path)
+    r = {"models": [{"model": str(a)}, {"model": str(b)}], "base_model": str(base), "merge_method": method,
+         "parameters": params}
+    peak = [0]
+    real = drv.Driver._read
+
+    def spy(self, inp, name, rows=None):
+        t = real(self, inp, name, rows)
+        peak[0] = max(peak[0], sum(x.numel() * x.element_size() for x in list(self._kept.values())))
+        return t
+
+    monkeypatch.setattr(drv.Driver, "_read", spy)
+    runs = {}
+    # the two 300 x 37 tensors are merged in row blocks; their 3 bf16 inputs take 66,600 bytes:
+    # 0 and 60,000 keep nothing, 70,000 keeps each of them (one per worker thread at a time)
+    for keep in (0, 60_000, 70_000):
+        monkeypatch.setattr(drv, "KEEP_BYTES", keep)
+        peak[0] = 0
+        res = merge(r, tmp_path / f"o{keep}", quiet=True, block_size="4KiB", threads=2, checksums=False)
+        runs[keep] = ({v: _digest(o) for v, o in zip(res.variants or [""], res.outputs)}, res.bytes_read, peak[0])
+        assert peak[0] <= 2 * keep, (keep, peak[0])   # 2 worker threads
+    assert runs[0][0] == runs[60_000][0] == runs[70_000][0]
+    assert runs[0][1] == runs[60_000][1] and runs[0][2] == runs[60_000][2] == 0
+    assert runs[70_000][2] > 0 and runs[70_000][1] < runs[0][1]

@@ -89,7 +89,7 @@ def ref_breadcrumbs_sparsify(tau, density, gamma, rescale):
 
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
 @settings(**SETTINGS)
-@given(fam=family(), data=st.data())
+@given(fam=family(min_numel=1), data=st.data())
 def test_breadcrumbs_matches_reference(method, fam, data):
     base, xs = fam
     n = len(xs)
@@ -103,6 +103,17 @@ def test_breadcrumbs_matches_reference(method, fam, data):
     taus = [ref_breadcrumbs_sparsify(np64(x) - np64(base), di, gi, rescale) for x, di, gi in zip(xs, d, gm)]
     ref = np64(base) + lam * ref_combine(taus, w, method == "breadcrumbs_ties", normalize)
     close(out, ref)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_breadcrumbs_of_a_one_entry_tensor_keeps_nothing(method, rescale):
+    """⌊density·n⌋ = 0 entries kept (n = 1, density 0.5): the task vector is dropped, as the
+    reference says (this used to fail with "rank 0 outside 1..1")."""
+    base, xs = torch.tensor([[0.5]]), [torch.tensor([[0.75]]), torch.tensor([[0.25]])]
+    out = run(method, xs, base, g={"rescale": rescale}, m=[{"density": 0.5, "gamma": 0.01}, {"density": 1.0}])
+    taus = [ref_breadcrumbs_sparsify(np64(xs[0]) - np64(base), 0.5, 0.01, rescale), np64(xs[1]) - np64(base)]
+    close(out, np64(base) + ref_combine(taus, [1.0, 1.0], method == "breadcrumbs_ties", False))
 
 
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])

@@ -30,6 +30,11 @@ from ..methods.seeds import context_seed
 from .sources import Input
 
 DEFAULT_BLOCK_SIZE = 2**20
+# a tensor prepass (TIES per tensor, TALL/consensus, DELLA, ...) keeps the raw blocks it read
+# for the merge pass when the tensor's inputs total at most this many stored bytes: the merge
+# then skips the second read and check (1.1B TIES: ~7% of the CPU); memory: one such tensor
+# per worker thread on top of the row blocks (docs/engine.md, "Memory")
+KEEP_BYTES = 128 << 20
 
 
 def numel(shape) -> int:
@@ -59,6 +64,8 @@ class Driver:
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._seeds: dict[tuple[int, str], int] = {}
+        self._kept: dict[tuple, torch.Tensor] = {}   # raw blocks a tensor prepass read, for the merge pass
+        self._keeping = threading.local()            # .name: the tensor whose prepass this thread runs
         # elementwise methods are merged in row blocks when every input (models, base and the
         # statistics files, e.g. Fisher) can be read by rows
         self.blockable = (plan.method.elementwise
@@ -79,9 +86,17 @@ class Driver:
 
     # -- reading -----------------------------------------------------------------------
     def _read(self, inp: Input, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        key = (id(inp.ckpt), name, rows)
+        keep = getattr(self._keeping, "name", None) == name  # in this tensor's prepass: keep
+        with self._lock:  # the prepass keeps (and looks up again) the blocks; the merge takes them
+            raw = self._kept.get(key) if keep else self._kept.pop(key, None)
+        if raw is not None:  # read (and checked) by this tensor's prepass
+            return raw.to(self.device).to(torch.float32)
         raw = inp.ckpt.get(name) if rows is None else inp.ckpt.get_rows(name, *rows)
         with self._lock:
             self.bytes_read += raw.numel() * raw.element_size()
+            if keep:
+                self._kept[key] = raw
         t = raw.to(self.device).to(torch.float32)
         del raw
         if not self.allow and nonfinite(t):
@@ -148,12 +163,30 @@ class Driver:
         if self.p.method.tensor_prepass is None:
             return None
         n0 = self.p.shape(name)[0]
+        keep = self.keep_raw(name)
 
         def blocks():
-            for a in range(0, n0, rows):
-                yield self.inputs(name, (a, min(a + rows, n0)))
+            self._keeping.name = name if keep else None
+            try:
+                for a in range(0, n0, rows):
+                    yield self.inputs(name, (a, min(a + rows, n0)))
+            finally:
+                self._keeping.name = None
 
         return self.p.method.tensor_prepass(self.p.kwargs[name], blocks)
+
+    def keep_raw(self, name: str) -> bool:
+        """Whether the prepass of ``name`` keeps the blocks it read for the merge pass (stored
+        dtype, at most ``KEEP_BYTES`` for all inputs of the tensor)."""
+        if not KEEP_BYTES:
+            return False
+        seen, total = set(), 0
+        for inp in list(self.p.readers):
+            if id(inp.ckpt) in seen or name not in inp.ckpt:
+                continue
+            seen.add(id(inp.ckpt))
+            total += numel(inp.ckpt.shape(name)) * torch.empty(0, dtype=inp.ckpt.dtype(name)).element_size()
+        return total <= KEEP_BYTES
 
     # -- one call ----------------------------------------------------------------------
     def compute(self, name: str, prepass: Any, rows: tuple[int, int] | None = None,

@@ -115,12 +115,16 @@ def breadcrumbs_prepass(params: dict, blocks) -> list[CrumbState | None]:
         return [None] * m
     n = numel[0]
     ranks: list[int | None] = []
+    none_kept: set[int] = set()
     for i in range(m):
         if density[i] >= 1.0 or n == 0:
             ranks += [None, None]
             continue
         bot, top = breadcrumbs_counts(n, density[i], gamma[i])
-        ranks += [n - bot if bot > 0 else None, top if top > 0 else None]
+        # bot == n: ⌊density·n⌋ = 0 entries kept (a tiny tensor): rank 0, no select (below)
+        ranks += [n - bot if 0 < bot < n else None, top if top > 0 else None]
+        if bot == n:
+            none_kept.add(i)
 
     def abs_chunks():
         for ts in taus():
@@ -150,8 +154,8 @@ def breadcrumbs_prepass(params: dict, blocks) -> list[CrumbState | None]:
                 states.append(None)
                 continue
             hi, lo = found[2 * i], found[2 * i + 1]
-            states.append(CrumbState(None if hi is None else Trim(hi[0], ranks[2 * i] - hi[1]),
-                                     None if lo is None else Trim(lo[0], ranks[2 * i + 1] - lo[1])))
+            hi_trim = Trim(math.inf, 0) if i in none_kept else None if hi is None else Trim(hi[0], ranks[2 * i] - hi[1])
+            states.append(CrumbState(hi_trim, None if lo is None else Trim(lo[0], ranks[2 * i + 1] - lo[1])))
     if params.get("rescale"):
         probe = [None if st is None else CrumbState(copy.copy(st.hi), copy.copy(st.lo)) for st in states]
         before: list[list[float]] = [[] for _ in range(m)]
