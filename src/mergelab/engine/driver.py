@@ -185,7 +185,7 @@ class Driver:
             if id(inp.ckpt) in seen or name not in inp.ckpt:
                 continue
             seen.add(id(inp.ckpt))
-            total += numel(inp.ckpt.shape(name)) * torch.empty(0, dtype=inp.ckpt.dtype(name)).element_size()
+            total += numel(inp.ckpt.shape(name)) * inp.ckpt.dtype(name).itemsize
         return total <= KEEP_BYTES
 
     # -- one call ----------------------------------------------------------------------

@@ -241,8 +241,11 @@ def _merge(recipe: Any, out: str | os.PathLike, team: Team, *, force: bool, dtyp
                desc=f"merge {p.method.name}", leave=False)
     outs = None
     # the objects alive now (torch's modules, the plan) are not garbage: the collector's full
-    # passes skip them for the merge (they took ~3% of a 1.1B task-arithmetic merge's CPU)
-    gc.freeze()
+    # passes skip them for the merge (they took ~3% of a 1.1B task-arithmetic merge's CPU);
+    # a caller's own gc.freeze() is left as it is
+    froze = gc.get_freeze_count() == 0
+    if froze:
+        gc.freeze()
     try:
         with folder as tmp:
             prepass = d.prepass()
@@ -263,7 +266,8 @@ def _merge(recipe: Any, out: str | os.PathLike, team: Team, *, force: bool, dtyp
             team.barrier()            # the merged folder is complete: the stages read it
             stages.after_merge(p, tmp, shard_size=size, quiet=quiet or not team.lead)
     finally:
-        gc.unfreeze()
+        if froze:
+            gc.unfreeze()
         if outs is not None:
             outs.abort()
         bar.close()
