@@ -298,8 +298,9 @@ def elect_sign(weighted: Sequence[Tensor], majority: str = "mass", zero_sign: fl
     exactly 0 take ``zero_sign`` (+1 in mergekit; the paper uses the sign of the whole
     model's sum of elected signs, 0 leaves them unmerged)."""
     if majority == "mass":
-        s = weighted[0].clone()
-        for x in weighted[1:]:  # the same sums, in the same order, as stack(...).sum(0)
+        # the same sums, in the same order, as stack(...).sum(0); the first one makes the buffer
+        s = torch.add(weighted[0], weighted[1]) if len(weighted) > 1 else weighted[0].clone()
+        for x in weighted[2:]:
             s += x
     elif majority == "frequency":
         s = torch.zeros_like(weighted[0])
@@ -307,7 +308,7 @@ def elect_sign(weighted: Sequence[Tensor], majority: str = "mass", zero_sign: fl
             s += torch.sign(x)
     else:
         raise MergelabError(f"majority must be 'mass' or 'frequency', found {majority!r}")
-    gamma = torch.sign(s)
+    gamma = s.sign_()
     if zero_sign != 0.0:
         gamma.add_(gamma == 0, alpha=zero_sign)  # 0 -> zero_sign
     return gamma
@@ -482,7 +483,7 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
     dare_seeds = [tensor_seed(seed, name, i) if sparsify == "random" and density[i] < 1.0 else None
                   for i in range(n_models)]
 
-    out = torch.empty(numel, dtype=torch.float32, device=base.device)
+    parts = []  # one chunk's result per CHUNK entries (a row block of the engine is one chunk)
     total = math.fsum(weight)
     for s in range(0, numel, CHUNK):
         e = min(s + CHUNK, numel)
@@ -504,15 +505,17 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
             weighted.append(tau)
         if consensus:
             gamma = elect_sign(weighted, majority, zero_sign)
-            out[s:e] = disjoint_merge(weighted, weight, gamma, normalize)
+            parts.append(disjoint_merge(weighted, weight, gamma, normalize))
         else:
-            acc = weighted[0].clone()
+            acc = weighted[0]  # a fresh temporary (above): summed into in place
             for x in weighted[1:]:
                 acc += x
             if normalize and abs(total) >= 1e-8 and total != 1.0:
                 acc /= total
-            out[s:e] = acc
-    return out.reshape(base.shape)
+            parts.append(acc)
+    if not parts:
+        return torch.empty_like(base, dtype=torch.float32)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(base.shape)
 
 
 def _finish(base: Tensor, tau: Tensor, lam: float) -> Tensor:
