@@ -12,6 +12,9 @@ warm-up, torch and mergelab imported).  The bound of a case (docs/engine.md, "Me
 
 * ``blocks``: methods merged in row blocks (elementwise, with their prepasses streamed in
   blocks too): ``C`` whatever the tensor size;
+* ``prepass``: row-block methods with a tensor prepass (TIES per tensor, SLERP, TALL masks,
+  consensus), which keep the blocks the prepass read for the merge pass when the tensor's
+  inputs total at most ``KEEP_BYTES`` (engine/driver.py): ``C + KEEP_BYTES`` per worker thread;
 * ``whole``: ``(N + 2) x T + C``, N the tensors read for one merged tensor (models, base,
   statistics files), T the largest of them in the bytes the merge holds it in (float32 for a
   model's tensor, the stored dtype for a statistics tensor: the float64 Gram is 128 MiB here);
@@ -27,6 +30,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from mergelab.engine.driver import KEEP_BYTES
 
 ROWS = COLS = 4096
 MiB = 2**20
@@ -70,11 +75,15 @@ class Case:
     def bound(self) -> int:
         if self.kind == "blocks":
             return CONST
+        if self.kind == "prepass":  # one worker thread in these cases
+            return CONST + KEEP_BYTES
         return (self.n + (3 if self.kind == "whole+1" else 2)) * self.t + CONST
 
     def bound_text(self) -> str:
         if self.kind == "blocks":
             return "C"
+        if self.kind == "prepass":
+            return f"C + KEEP_BYTES ({KEEP_BYTES // MiB} MiB)"
         return f"({'N + 3' if self.kind == 'whole+1' else 'N + 2'}) T + C, T = {self.t // MiB} MiB"
 
 
@@ -93,12 +102,12 @@ def cases(root: Path) -> list[Case]:
     R = lambda *a, **k: _recipe(root, *a, **k)  # noqa: E731
     return [
         Case("task_arithmetic", R("task_arithmetic", {"lambda": 0.8}), 4, "blocks"),
-        Case("ties", R("ties", {"density": 0.5}), 4, "blocks"),
+        Case("ties", R("ties", {"density": 0.5}), 4, "prepass"),
         Case("dare_ties", R("dare_ties", {"density": 0.5}), 4, "blocks"),
         Case("ties_global", R("ties", {"density": 0.5, "scope": "global"}), 4, "blocks"),
-        Case("slerp", R("slerp", {"t": 0.3}, base=False, experts=("a", "b")), 2, "blocks"),
-        Case("consensus", R("consensus", {"base_merge": "ties", "density": 0.5, "k": 2}), 4, "blocks"),
-        Case("tall_masks", R("tall_masks", {"base_merge": "ties", "density": 0.5, "lambda": 0.4}), 4, "blocks"),
+        Case("slerp", R("slerp", {"t": 0.3}, base=False, experts=("a", "b")), 2, "prepass"),
+        Case("consensus", R("consensus", {"base_merge": "ties", "density": 0.5, "k": 2}), 4, "prepass"),
+        Case("tall_masks", R("tall_masks", {"base_merge": "ties", "density": 0.5, "lambda": 0.4}), 4, "prepass"),
         Case("fisher", R("fisher", {"normalize": True}, base=False, per_model=fisher), 6, "blocks"),
         Case("regmean", R("regmean", {"alpha": 0.7, "normalize_gram": True}, base=False, per_model=gram),
              6, "whole", T64),

@@ -187,12 +187,14 @@ def _worker(threads, cache, *extra, hashseed="0"):
 # The smoke expert (nonlocal-vision, fmnist-0-4 fine-tuned from foundation A, seed 0) under
 # torch 2.13.0 with the pinned AVX2 kernels. A machine giving another hash trains differently:
 # report it with `torch.__config__.show()` and the CPU model.
-SMOKE_EXPERT_SHA256 = "7965344e62b60d96be1c089140664db886efc273305d06e9c3f580f812c92d16"
+# Per CPU vendor (suite_helpers.check_recorded): an AMD EPYC VM gives other last bits.
+SMOKE_EXPERT_SHA256 = {"GenuineIntel": "7965344e62b60d96be1c089140664db886efc273305d06e9c3f580f812c92d16",
+                       "AuthenticAMD": "5693d2713bd620e39bc8abae8b1041ef26b3ee66efb15f83b71bad1efcfe0269"}
 
 
 @pytest.mark.slow
 def test_expert_weights_do_not_depend_on_threads_or_hash_seed(tmp_path):
-    from suite_helpers import ensure_data
+    from suite_helpers import check_recorded, ensure_data
 
     ensure_data(["fashion-mnist", "mnist10k", "animal-mnist"])
     h1, cap1 = _worker(1, tmp_path / "c1", hashseed="1")
@@ -201,4 +203,4 @@ def test_expert_weights_do_not_depend_on_threads_or_hash_seed(tmp_path):
     assert h1 == h2
     import torch
     if torch.__version__.split("+")[0] == "2.13.0":
-        assert h1 == SMOKE_EXPERT_SHA256
+        check_recorded(h1, SMOKE_EXPERT_SHA256, "smoke expert sha256")

@@ -6,9 +6,13 @@ The fixture and the cases are in ``tests/_mem_cases.py`` (shared with
 own child (``tests/_mem_worker.py``: a warm-up merge of a tiny twin, then the baseline and the
 peak from the same counter, VmHWM), one child at a time.  Bounds (docs/engine.md, "Memory"):
 
-* methods merged in row blocks (task arithmetic, TIES per tensor and global, DARE, SLERP,
-  consensus, TALL masks, Fisher): ``C`` = 48 MiB, whatever the tensor size (less than one
-  copy of the 64 MiB tensor), so within ``(N + 2) x T + C`` too;
+* methods merged in row blocks (task arithmetic, TIES global, DARE, Fisher): ``C`` = 48 MiB,
+  whatever the tensor size (less than one copy of the 64 MiB tensor), so within
+  ``(N + 2) x T + C`` too;
+* row-block methods with a tensor prepass (TIES per tensor, SLERP, consensus, TALL masks):
+  ``C + KEEP_BYTES`` (96 MiB: the prepass keeps a tensor's raw blocks for the merge pass
+  when its inputs total at most that; the 64 MiB tensor's 2 or 4 inputs are not kept), also
+  within ``(N + 2) x T + C``;
 * RegMean (whole tensors): ``(N + 2) x T + C`` with T the largest input tensor in the bytes the
   merge holds it in (its float64 Gram files: 128 MiB); ``(N + 3) x T + C`` with float32 Gram
   files (T = 64 MiB), whose float64 sum is 2 T.

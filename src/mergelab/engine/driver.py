@@ -34,7 +34,7 @@ DEFAULT_BLOCK_SIZE = 2**20
 # for the merge pass when the tensor's inputs total at most this many stored bytes: the merge
 # then skips the second read and check (1.1B TIES: ~7% of the CPU); memory: one such tensor
 # per worker thread on top of the row blocks (docs/engine.md, "Memory")
-KEEP_BYTES = 128 << 20
+KEEP_BYTES = 96 << 20
 
 
 def numel(shape) -> int:

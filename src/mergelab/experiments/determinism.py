@@ -1,5 +1,6 @@
 """Same seed, same profile, same torch version: the same expert weights and report numbers on
-any x86-64 machine with AVX2.
+any x86-64 machine with AVX2 of the same CPU vendor (an AMD EPYC and an Intel Xeon give other
+last bits with the same pinned kernels: docs/reproduce.md).
 
 What made two machines differ, and what pins it here:
 

@@ -59,7 +59,7 @@ def _bits(x: Tensor) -> Tensor:
 
 
 WINDOW = 2  # high-16-bit buckets on each side of the first chunk's estimate (about ±1.5% in value)
-KEY_BATCH = 1 << 21  # values whose window bins are counted by one bincount (8 MiB of int32 bins)
+KEY_BATCH = 1 << 20  # values whose window bins are counted by one bincount (4 MiB of int32 bins a stream)
 
 
 def kth_largest_many(chunks: Callable[[], Iterable[Sequence[Tensor]]],
@@ -103,15 +103,14 @@ def _window_pass(chunks, ranks, sizes, live: list[int], out: list) -> list[int]:
     width = span << 16
     lo: dict[int, int] = {}          # first high bucket of the window
     acc: dict[int, Tensor] = {}      # the window's histogram, bins 1..width, on the values' device
-    keys: dict[int, list] = {}       # bins of the values not yet counted (a bincount makes and adds a
-    held = {s: 0 for s in live}      # table of width + 2 bins: one per KEY_BATCH values, not per chunk)
-    n = {s: 0 for s in live}
+    keys: dict[int, Tensor] = {}     # bins of the values not yet counted, KEY_BATCH of them at most:
+    held = {s: 0 for s in live}      # a bincount makes and adds a table of width + 2 bins, so it
+    n = {s: 0 for s in live}         # runs once per batch, not once per chunk
     todo = [s for s in live if sizes[s]]
 
     def count(s: int) -> None:
-        ks = keys.pop(s, [])
-        if ks:
-            acc[s] += torch.bincount(ks[0] if len(ks) == 1 else torch.cat(ks), minlength=width + 2)
+        if held[s]:
+            acc[s] += torch.bincount(keys[s][:held[s]], minlength=width + 2)
         held[s] = 0
 
     for xs in chunks():
@@ -124,13 +123,18 @@ def _window_pass(chunks, ranks, sizes, live: list[int], out: list) -> list[int]:
                 r = min(bits.numel(), max(1, round(ranks[s] / sizes[s] * bits.numel())))
                 lo[s] = max(0, _bucket(c, r)[0] - WINDOW)
                 acc[s] = torch.zeros(width + 2, dtype=torch.int64, device=bits.device)
-            keys.setdefault(s, []).append(torch.sub(bits, (lo[s] << 16) - 1).clamp_(0, width + 1))
-            held[s] += bits.numel()
+                keys[s] = torch.empty(min(KEY_BATCH, sizes[s]), dtype=torch.int32, device=bits.device)
+            for a in range(0, bits.numel(), keys[s].numel()):  # a chunk larger than the batch: in parts
+                part = bits[a:a + keys[s].numel()]
+                if held[s] + part.numel() > keys[s].numel():
+                    count(s)
+                k = keys[s][held[s]:held[s] + part.numel()]
+                torch.sub(part, (lo[s] << 16) - 1, out=k).clamp_(0, width + 1)
+                held[s] += part.numel()
             n[s] += bits.numel()
-            if held[s] >= KEY_BATCH:
-                count(s)
-    for s in list(keys):
+    for s in acc:
         count(s)
+    keys.clear()
     again = [s for s in live if s not in acc]
     for s in acc:
         if not 1 <= ranks[s] <= n[s]:
