@@ -5,7 +5,8 @@ replaced (written out here), on one thread, and whether both give the same value
 
 Blocks are the engine's size (2^18 float32 values, rows of 2048): SCE's variance across 2
 models, DELLA's row ranks, the TIES trim's threshold ties, the two-model linear merge and model
-stock's combination.  Prints milliseconds per block (median of ``--repeat``) and ``same``
+stock's combination; and the TIES threshold of a whole 11.5M-value tensor of 2 models streamed
+in such blocks, by the two exact radix passes and by the one window pass.  Prints milliseconds per block (median of ``--repeat``) and ``same``
 (bit-identical) or the largest difference.  Numbers depend on the machine and its load.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mergelab.methods.select import _sce_var  # noqa: E402
-from mergelab.methods.sparse import Trim, trim_keep  # noqa: E402
+from mergelab.methods.sparse import Trim, kth_largest_many, trim_keep  # noqa: E402
 from mergelab.methods.sparsify import _row_ranks  # noqa: E402
 
 
@@ -89,6 +90,17 @@ def main() -> None:
     t32 = torch.tensor(t, dtype=torch.float32)
     new_ms = lambda: ((x1 + x2) / 2).mul_(t32).add_(base * (1 - t32))  # noqa: E731
     rows.append(("model stock combination", ms(old_ms, args.repeat), ms(new_ms, args.repeat), compare(old_ms(), new_ms())))
+
+    # the TIES threshold of a whole 5632 x 2048 tensor (11.5M values, 2 models) streamed in 44
+    # blocks of 2^18: the two exact radix passes vs the one window pass (values must agree)
+    big_taus = [bf(5632, 2048).reshape(-1) - bf(5632, 2048).reshape(-1) for _ in range(2)]
+    n = big_taus[0].numel()
+    chunks = lambda: ([t[a:a + (1 << 18)].abs() for t in big_taus] for a in range(0, n, 1 << 18))  # noqa: E731
+    ranks = [n // 2, n // 2]
+    two = lambda: kth_largest_many(chunks, ranks)  # noqa: E731
+    one = lambda: kth_largest_many(chunks, ranks, [n, n])  # noqa: E731
+    rows.append(("TIES threshold, 2 x 11.5M values in 2^18 blocks (whole tensor)", ms(two, max(3, args.repeat // 10)),
+                 ms(one, max(3, args.repeat // 10)), "same" if two() == one() else "DIFFERENT"))
 
     print("| kernel (per 2^18-value block, 1 thread) | before (ms) | now (ms) | values |")
     print("|---|---|---|---|")
