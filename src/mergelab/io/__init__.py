@@ -7,6 +7,16 @@ from __future__ import annotations
 
 import importlib
 
+# The weight files of a model folder, in the order the reader looks for them: (file name, kind,
+# is an index).  Without any of them, a folder's single ``*.safetensors`` file.  Shared by the
+# reader (io/reader.py) and the checksums started before torch is imported (io/prehash.py).
+WEIGHT_FILES = (
+    ("model.safetensors.index.json", "safetensors", True),
+    ("model.safetensors", "safetensors", False),
+    ("pytorch_model.bin.index.json", "torch", True),
+    ("pytorch_model.bin", "torch", False),
+)
+
 _LAZY = {
     **dict.fromkeys(["Checkpoint", "LazyState", "SafetensorsFile", "load_state", "open_checkpoint"],
                     ".reader"),

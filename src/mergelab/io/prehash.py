@@ -24,6 +24,7 @@ import threading
 from concurrent.futures import Future
 from pathlib import Path
 
+from . import WEIGHT_FILES
 from .checksums import Cancelled, file_digest
 
 _LOCK = threading.Lock()
@@ -59,8 +60,7 @@ def weight_files(ref: Path) -> list[Path]:
     """The weight files :func:`~mergelab.io.reader.open_checkpoint` would read for ``ref`` (a
     folder or a file), or [] when that is not plain (it then decides, and errs, itself)."""
     if ref.is_dir():
-        for fn, is_index in (("model.safetensors.index.json", True), ("model.safetensors", False),
-                             ("pytorch_model.bin.index.json", True), ("pytorch_model.bin", False)):
+        for fn, _kind, is_index in WEIGHT_FILES:
             f = ref / fn
             if f.exists():
                 if not _regular(f):

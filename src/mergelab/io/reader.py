@@ -37,6 +37,7 @@ from typing import Iterator
 import torch
 
 from ..errors import CheckpointError
+from . import WEIGHT_FILES
 from .validate import check_tensor, describe
 
 # safetensors dtype code <-> torch dtype
@@ -652,13 +653,7 @@ def open_checkpoint(path: str | os.PathLike, select: str | None = None) -> Check
         cfg = p / "config.json"
         if _stat(cfg) is not None:
             config = read_config(cfg)
-        candidates = [
-            ("model.safetensors.index.json", "safetensors", True),
-            ("model.safetensors", "safetensors", False),
-            ("pytorch_model.bin.index.json", "torch", True),
-            ("pytorch_model.bin", "torch", False),
-        ]
-        for fn, kind, is_index in candidates:
+        for fn, kind, is_index in WEIGHT_FILES:
             f = p / fn
             if _stat(f) is not None:
                 if is_index:
