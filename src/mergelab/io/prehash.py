@@ -107,8 +107,8 @@ def recipe_models(recipe: str | os.PathLike) -> list[Path]:
 
 def start(recipe: str | os.PathLike, algorithm: str | None, threads: int | None = None) -> int:
     """Start hashing the weight files of the models ``recipe`` names with ``algorithm``
-    (None: nothing) on up to ``threads`` daemon threads (default: the cores, at most 4),
-    largest file first.  Under torchrun only rank 0 hashes.  Returns the number of files
+    (None: nothing) on ``threads - 1`` daemon threads, at least one (default ``threads``: the
+    cores, at most 4; the import of torch takes the other core), largest file first.  Under torchrun only rank 0 hashes.  Returns the number of files
     started; never raises."""
     if algorithm is None or os.environ.get("RANK", "0") != "0":
         return 0
@@ -152,7 +152,8 @@ def start(recipe: str | os.PathLike, algorithm: str | None, threads: int | None 
                 with _LOCK:
                     _STOPS.pop(id(fut), None)
 
-    n = max(1, min(threads or min(4, os.cpu_count() or 1), len(todo)))
+    # the cores the import leaves idle: one fewer than the merge's threads (at least one)
+    n = max(1, min((threads or min(4, os.cpu_count() or 1)) - 1, len(todo)))
     for i in range(n):
         threading.Thread(target=work, name=f"mergelab-prehash-{i}", daemon=True).start()
     return len(todo)
