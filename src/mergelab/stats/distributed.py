@@ -20,11 +20,17 @@ the same script runs on one process or many::
   round-off (only the order of the additions differs).
 * The process group times out after ``MERGELAB_DIST_TIMEOUT`` seconds (default 1800) in any
   collective, so a rank that died or hangs fails the run instead of blocking the others.
+* A group that :func:`init` started is destroyed at exit (:func:`shutdown`, an ``atexit``
+  handler), while the interpreter is still whole.  Left to the interpreter's teardown, gloo's
+  C++ worker threads can outlive it and the process aborts ("terminate called without an
+  active exception", SIGABRT) after its work is done, failing the whole torchrun job.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import sys
 import threading
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -45,7 +51,28 @@ def init(backend: str | None = None) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s()))
+    atexit.register(shutdown)
     return True
+
+
+def shutdown(wait_s: float = 30.0) -> None:
+    """Destroy the default process group, if one exists (no-op otherwise; safe to call twice).
+
+    :func:`init` registers this to run at exit.  The destruction runs on a helper thread and is
+    waited for at most ``wait_s`` seconds, so a collective still in flight (a barrier left by
+    Ctrl-C) cannot hold the exit forever."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+
+    def destroy() -> None:
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 - at exit: say it, the process ends anyway
+            print(f"mergelab: destroying the process group at exit failed: {e}", file=sys.stderr)
+
+    th = threading.Thread(target=destroy, name="mergelab-shutdown", daemon=True)
+    th.start()
+    th.join(wait_s)
 
 
 def timeout_s() -> float:
