@@ -3,6 +3,7 @@ ends WITHOUT destroying it, as a user's script does.  An ``atexit`` check regist
 ``init`` runs after mergelab's handler (atexit is last-in, first-out) and writes, per rank,
 whether the group was still alive at that point."""
 import atexit
+import os
 import pathlib
 import sys
 
@@ -15,7 +16,7 @@ OUT = pathlib.Path(sys.argv[1])
 
 
 def check() -> None:
-    rank = int(__import__("os").environ["RANK"])
+    rank = int(os.environ["RANK"])
     (OUT / f"rank{rank}.txt").write_text("alive" if dist.is_initialized() else "destroyed")
 
 
