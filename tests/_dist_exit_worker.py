@@ -1,7 +1,9 @@
-"""Run by test_stats_distributed under torchrun: starts the group with ``distributed.init`` and
-ends WITHOUT destroying it, as a user's script does.  An ``atexit`` check registered before
-``init`` runs after mergelab's handler (atexit is last-in, first-out) and writes, per rank,
-whether the group was still alive at that point."""
+"""Run by test_stats_distributed under torchrun: starts the group with ``distributed.init``,
+reduces, waits at a barrier and ends.  ``implicit``: it never destroys its group, as a user's
+script does; ``explicit``: it calls ``distributed.shutdown()`` itself, and the one at exit has
+nothing left to do.  An ``atexit`` check registered before ``init`` runs after mergelab's
+handler (atexit is last-in, first-out) and writes, per rank, whether the group was still
+alive at that point."""
 import atexit
 import os
 import pathlib
@@ -12,12 +14,11 @@ import torch.distributed as dist
 
 from mergelab.stats import distributed
 
-OUT = pathlib.Path(sys.argv[1])
+OUT, MODE = pathlib.Path(sys.argv[1]), sys.argv[2]
 
 
 def check() -> None:
-    rank = int(os.environ["RANK"])
-    (OUT / f"rank{rank}.txt").write_text("alive" if dist.is_initialized() else "destroyed")
+    (OUT / f"rank{os.environ['RANK']}.txt").write_text("alive" if dist.is_initialized() else "destroyed")
 
 
 if __name__ == "__main__":
@@ -26,8 +27,9 @@ if __name__ == "__main__":
     assert distributed.init()
     sums = [torch.full((64,), float(distributed.rank_world()[0]), dtype=torch.float64)]
     distributed.reduce_partial(sums)
+    assert float(sums[0][0]) == sum(range(distributed.rank_world()[1]))
     distributed.barrier()
-    distributed.shutdown()          # a second call at exit is a no-op
-    assert not dist.is_initialized()
-    assert distributed.init()       # a second group in the same process is destroyed at exit too
-    distributed.barrier()
+    if MODE == "explicit":
+        distributed.shutdown()
+        assert not dist.is_initialized()
+        distributed.shutdown()      # nothing left: a no-op

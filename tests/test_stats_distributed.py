@@ -96,12 +96,14 @@ def test_gram_equals_brute_force_sum(runs):
     torch.testing.assert_close(g, x.T @ x, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.slow      # one torchrun launch (3 fresh torch processes)
-def test_group_destroyed_before_the_interpreter_ends(tmp_path):
-    """A script that never destroys its group exits 0 on every rank, with the group destroyed by
-    the time later atexit handlers run.  Left to interpreter teardown, gloo's worker threads
-    sometimes abort the process (SIGABRT, "terminate called without an active exception")."""
-    r = torchrun(HERE / "_dist_exit_worker.py", 3, tmp_path)
+@pytest.mark.slow      # one torchrun launch each (3 fresh torch processes)
+@pytest.mark.parametrize("mode", ["implicit", "explicit"])
+def test_group_destroyed_before_the_interpreter_ends(tmp_path, mode):
+    """A script that never destroys its group (or destroys it itself) exits 0 on every rank,
+    with the group destroyed by the time later atexit handlers run.  Left to interpreter
+    teardown, gloo's worker threads sometimes abort the process (SIGABRT, "terminate called
+    without an active exception")."""
+    r = torchrun(HERE / "_dist_exit_worker.py", 3, tmp_path, mode)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "terminate called" not in r.stderr
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
