@@ -86,7 +86,7 @@ def test_kth_largest_many_one_pass_window_is_exact(data):
         for j in range(nchunks):
             yield [c[j] if j < len(c) else torch.empty(0) for c in chunked]
 
-    batch = sparse.KEY_BATCH  # window bins counted every few values (the engine: every 2^21)
+    batch = sparse.KEY_BATCH  # window bins counted every few values (the engine: every 2^20)
     sparse.KEY_BATCH = data.draw(st.integers(1, 500))
     try:
         got = sparse.kth_largest_many(chunks, ranks, [x.numel() for x in xs])
@@ -373,3 +373,19 @@ def test_tall_masks_variant_names_and_ties_base_merge():
     tau_mtl = run("ties", xs, base, g={"density": 0.5, "normalize": False}) - base
     for name, x in zip(out, xs):
         assert torch.equal(out[name], (x - base).abs() >= (tau_mtl - (x - base)).abs())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("sparsify,consensus", [("magnitude", True), ("random", False), ("none", False)])
+def test_sparse_task_merge_returns_float32_for_any_input_dtype(dtype, sparsify, consensus):
+    """τ_m is float32 whatever the inputs' dtype, and equals the float32 merge of the same
+    values (inputs that float32 holds exactly)."""
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(3, 5, generator=g) * 8).round() / 8
+    xs = [base + (torch.randn(3, 5, generator=g) * 8).round() / 8 for _ in range(2)]
+    kw = dict(weight=[1.0, 0.5], density=[0.5, 0.5], sparsify=sparsify, consensus=consensus,
+              normalize=False, name="w", seed=1)
+    got = sparse.sparse_task_merge([x.to(dtype) for x in xs], base.to(dtype), **kw)
+    assert got.dtype == torch.float32
+    if dtype != torch.bfloat16:   # eighths, halved or doubled: exact in float64 and float32
+        torch.testing.assert_close(got, sparse.sparse_task_merge(xs, base, **kw), rtol=0, atol=0)

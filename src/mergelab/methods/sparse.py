@@ -103,9 +103,11 @@ def _window_pass(chunks, ranks, sizes, live: list[int], out: list) -> list[int]:
     width = span << 16
     lo: dict[int, int] = {}          # first high bucket of the window
     acc: dict[int, Tensor] = {}      # the window's histogram, bins 1..width, on the values' device
-    keys: dict[int, Tensor] = {}     # bins of the values not yet counted, KEY_BATCH of them at most:
-    held = {s: 0 for s in live}      # a bincount makes and adds a table of width + 2 bins, so it
-    n = {s: 0 for s in live}         # runs once per batch, not once per chunk
+    # the bins of values not yet counted (KEY_BATCH at most, the first ``held`` of ``keys``): a
+    # bincount makes and adds a table of width + 2 bins, so it runs once per batch, not per chunk
+    keys: dict[int, Tensor] = {}
+    held = {s: 0 for s in live}
+    n = {s: 0 for s in live}         # values seen
     todo = [s for s in live if sizes[s]]
 
     def count(s: int) -> None:
@@ -519,7 +521,8 @@ def sparse_task_merge(tensors: list[Tensor], base: Tensor, *, weight: list[float
             parts.append(acc)
     if not parts:
         return torch.empty_like(base, dtype=torch.float32)
-    return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(base.shape)
+    # float32 whatever the inputs' dtype (a no-op for the engine's float32 blocks)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(base.shape).to(torch.float32)
 
 
 def _finish(base: Tensor, tau: Tensor, lam: float) -> Tensor:
