@@ -108,8 +108,8 @@ def recipe_models(recipe: str | os.PathLike) -> list[Path]:
 def start(recipe: str | os.PathLike, algorithm: str | None, threads: int | None = None) -> int:
     """Start hashing the weight files of the models ``recipe`` names with ``algorithm``
     (None: nothing) on ``threads - 1`` daemon threads, at least one (default ``threads``: the
-    cores, at most 4; the import of torch takes the other core), largest file first.  Under torchrun only rank 0 hashes.  Returns the number of files
-    started; never raises."""
+    cores, at most 4; the import of torch takes the other core), largest file first.  Under
+    torchrun only rank 0 hashes.  Returns the number of files started; never raises."""
     if algorithm is None or os.environ.get("RANK", "0") != "0":
         return 0
     try:
@@ -133,6 +133,8 @@ def start(recipe: str | os.PathLike, algorithm: str | None, threads: int | None 
                 _STARTED[k] = (files[k][1], algorithm, fut)
                 _STOPS[id(fut)] = threading.Event()
                 todo.append((k, fut))
+    if not todo:  # all started by an earlier call
+        return 0
     queue = list(reversed(todo))  # pop() takes the largest first
 
     def work() -> None:

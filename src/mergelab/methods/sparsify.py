@@ -154,7 +154,10 @@ def breadcrumbs_prepass(params: dict, blocks) -> list[CrumbState | None]:
                 states.append(None)
                 continue
             hi, lo = found[2 * i], found[2 * i + 1]
-            hi_trim = Trim(math.inf, 0) if i in none_kept else None if hi is None else Trim(hi[0], ranks[2 * i] - hi[1])
+            if i in none_kept:     # keep nothing: no value reaches +inf
+                hi_trim = Trim(math.inf, 0)
+            else:
+                hi_trim = None if hi is None else Trim(hi[0], ranks[2 * i] - hi[1])
             states.append(CrumbState(hi_trim, None if lo is None else Trim(lo[0], ranks[2 * i + 1] - lo[1])))
     if params.get("rescale"):
         probe = [None if st is None else CrumbState(copy.copy(st.hi), copy.copy(st.lo)) for st in states]
